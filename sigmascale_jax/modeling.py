@@ -1,0 +1,186 @@
+"""The decoder as pure functions of a params pytree, and a Flax NNX module around them.
+
+Params pytree (HF layout, `w: [out, in]`)::
+
+    {"embed": [V, D],
+     "blocks": [ {"attn_norm": [D],
+                  "q": P, "k": P, "v": P, "o": P,        # P: a projection, see `project`
+                  "q_norm": [hd], "k_norm": [hd],        # Qwen3 only
+                  "mlp_norm": [D], "gate": P, "up": P, "down": P}, ... ],
+     "final_norm": [D],
+     "lm_head": [V, D]}                                  # absent with tied embeddings
+
+Each projection decides its own form by its keys, so one code path runs dense,
+compressed and mixed models. Blocks are a list, not a stacked array: compressed
+blocks have per-matrix ranks, so their shapes differ.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sigmascale_jax.config import ModelConfig, rope_inv_freq
+
+Params = dict[str, Any]
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def project(p: Params, x: jax.Array) -> jax.Array:
+    """Apply one projection to `x: [..., in]`, giving `[..., out]`.
+
+    `p` is dense `{"w": [out, in]}` or factored `{"b": [out, k], "c": [k, in]}`,
+    either with an optional `"bias": [out]`.
+    """
+    if "w" in p:
+        y = x @ p["w"].T.astype(x.dtype)
+    elif "b" in p and "c" in p:
+        y = (x @ p["c"].T.astype(x.dtype)) @ p["b"].T.astype(x.dtype)
+    else:
+        raise ValueError(f"projection params need 'w' or 'b'+'c', got keys {sorted(p)}")
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    return y
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, statistics in float32 (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin `[T, head_dim]` for integer `positions: [T]`, in the rotate-half layout."""
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    freqs = positions.astype(jnp.float32)[:, None] * inv[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x: [B, T, H, hd]` by `cos, sin: [T, hd]`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :].astype(x.dtype) + rotated * sin[:, None, :].astype(x.dtype)
+
+
+def attention_mask(cfg: ModelConfig, t: int) -> jax.Array:
+    """Boolean `[T, T]`: query i may see key j (causal, and inside Mistral's sliding window)."""
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    mask = j <= i
+    if cfg.sliding_window is not None:
+        mask = mask & (i - j < cfg.sliding_window)
+    return mask
+
+
+def attention(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Grouped-query self-attention of normed `x: [B, T, D]`; returns `[B, T, D]` before the residual."""
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    q = project(block["q"], x).reshape(b, t, cfg.num_heads, hd)
+    k = project(block["k"], x).reshape(b, t, cfg.num_kv_heads, hd)
+    v = project(block["v"], x).reshape(b, t, cfg.num_kv_heads, hd)
+    if cfg.qk_norm:
+        q = rms_norm(q, block["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, block["k_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    # [B, T, Hkv, G, hd]: each KV head serves a group of consecutive query heads.
+    q = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, hd)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) * (hd**-0.5)
+    scores = jnp.where(attention_mask(cfg, t), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, cfg.num_heads * hd)
+    return project(block["o"], out)
+
+
+def mlp(block: Params, x: jax.Array) -> jax.Array:
+    """SwiGLU MLP of normed `x: [B, T, D]`."""
+    return project(block["down"], jax.nn.silu(project(block["gate"], x)) * project(block["up"], x))
+
+
+def block_forward(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """One decoder block: `x: [B, T, D] -> [B, T, D]` (pre-norm, residuals)."""
+    x = x + attention(block, rms_norm(x, block["attn_norm"], cfg.rms_norm_eps), cfg, cos, sin)
+    return x + mlp(block, rms_norm(x, block["mlp_norm"], cfg.rms_norm_eps))
+
+
+def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final normed hidden states `[B, T, D]` of `tokens: [B, T]` (int)."""
+    x = params["embed"][tokens]
+    cos, sin = rope_cos_sin(cfg, jnp.arange(tokens.shape[1]))
+    for block in params["blocks"]:
+        x = block_forward(block, x, cfg, cos, sin)
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def lm_head(params: Params) -> jax.Array:
+    """`[V, D]`: the output embedding (the input one when tied)."""
+    return params["lm_head"] if "lm_head" in params else params["embed"]
+
+
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits `[B, T, V]` (float32) of `tokens: [B, T]`."""
+    h = hidden_states(params, tokens, cfg)
+    return (h @ lm_head(params).T.astype(h.dtype)).astype(jnp.float32)
+
+
+def token_nll(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Negative log-likelihood `[B, T-1]` of each token given those before it."""
+    logits = forward(params, tokens[:, :-1], cfg)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+forward_jit = jax.jit(forward, static_argnames="cfg")
+token_nll_jit = jax.jit(token_nll, static_argnames="cfg")
+
+
+def cast_params(params: Params, dtype: Any) -> Params:
+    """Cast every floating leaf to `dtype`."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+
+def param_count(tree: Any) -> int:
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
+
+
+class Decoder(nnx.Module):
+    """Flax NNX decoder holding a params pytree as `nnx.Param`s.
+
+    The computation is `forward`; this module is the stateful face of it for
+    NNX code (``nnx.split`` / ``nnx.merge``, ``nnx.jit``, optimizers over its
+    params). Dense and factored projections coexist, as in the pytree.
+
+    >>> model = Decoder(cfg, params)
+    >>> logits = model(tokens)            # [B, T, V]
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Params):
+        self.cfg = cfg
+        self.params = nnx.data(jax.tree.map(nnx.Param, params))
+
+    def pytree(self) -> Params:
+        """The params as a plain pytree of arrays (what `forward` takes)."""
+        return jax.tree.map(lambda p: p[...], self.params, is_leaf=lambda x: isinstance(x, nnx.Param))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return forward(self.pytree(), tokens, self.cfg)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _block_jit(block: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    cos, sin = rope_cos_sin(cfg, jnp.arange(x.shape[1]))
+    return block_forward(block, x, cfg, cos, sin)
+
+
+def block_apply(block: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """jit-compiled `block_forward` with RoPE for positions `0..T-1`: `x: [B, T, D] -> [B, T, D]`."""
+    return _block_jit(block, x, cfg)

@@ -1,0 +1,145 @@
+"""Resolve a `--model SRC` to a config, a tensor reader and a tokenizer.
+
+SRC may be a Hugging Face folder, a `.gguf` file (or a folder holding exactly one),
+a hub id (through `huggingface_hub`, which honours its cache and `HF_HUB_OFFLINE`),
+or a folder written by this project's compressor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from sigmascale_jax.config import SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.readers import GGUFReader, SafetensorsReader, TensorReader
+
+COMPRESSED_MARKER = "compression.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclasses.dataclass
+class ModelSource:
+    """A resolved model: its config, a reader of its tensors and where its tokenizer lives."""
+
+    src: str
+    kind: str  # "hf", "gguf" or "compressed"
+    cfg: ModelConfig
+    reader: TensorReader
+    folder: Path
+    gguf_file: str | None = None
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                if self.gguf_file:
+                    tok = AutoTokenizer.from_pretrained(str(self.folder), gguf_file=self.gguf_file)
+                else:
+                    tok = AutoTokenizer.from_pretrained(str(self.folder))
+            except Exception as e:
+                raise UserError(f"cannot load a tokenizer from {self.src}: {' '.join(str(e).split())[:300]}") from None
+        # Evaluation tokenizes whole corpora at once; the model-length warning is noise there.
+        tok.model_max_length = int(1e12)
+        return tok
+
+
+def detect_kind(path: Path) -> str:
+    """'gguf', 'hf' or 'compressed' for a local path; UserError if it is none of them."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise UserError(f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging Face model folder")
+    if (path / COMPRESSED_MARKER).is_file():
+        return "compressed"
+    if (path / "config.json").is_file():
+        return "hf"
+    if len(list(path.glob("*.gguf"))) == 1:
+        return "gguf"
+    raise UserError(
+        f"{path} has no config.json (nor a single .gguf file); a Hugging Face model folder needs "
+        "config.json and model.safetensors"
+    )
+
+
+def resolve(src: str) -> Path:
+    """A local path for SRC: itself if it exists, else a hub snapshot."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    if not _HUB_ID.match(src) or src.startswith((".", "/", "~")):
+        raise UserError(f"model path {src} does not exist; pass a model folder, a .gguf file or a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                src,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+            )
+        )
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the cache)" if offline else ""
+        raise UserError(f"cannot fetch {src} from the Hugging Face hub{hint}: {' '.join(str(e).split())[:200]}") from None
+
+
+def _hf_config(folder: Path) -> ModelConfig:
+    raw = json.loads((folder / "config.json").read_text())
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"unsupported model_type {model_type!r} in {folder / 'config.json'}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    from transformers import AutoConfig
+
+    return config_from_hf(AutoConfig.from_pretrained(str(folder)))
+
+
+def _gguf_config(path: Path) -> ModelConfig:
+    import gguf
+
+    try:
+        arch = str(gguf.GGUFReader(str(path)).fields["general.architecture"].contents())
+    except Exception as e:
+        raise UserError(f"cannot read GGUF file {path}: {' '.join(str(e).split())[:200]}") from None
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"unsupported model_type {arch!r} in {path}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    from transformers import AutoConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return config_from_hf(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+
+
+def open_model(src: str) -> ModelSource:
+    """Resolve SRC and read its config; tensors stay on disk until asked for."""
+    path = resolve(src)
+    kind = detect_kind(path)
+    if kind == "compressed":
+        raise UserError(
+            f"{path} is a compressed checkpoint ({COMPRESSED_MARKER}); loading those arrives with the compressor"
+        )
+    if kind == "gguf":
+        file = path if path.is_file() else next(path.glob("*.gguf"))
+        cfg = _gguf_config(file)
+        reader = GGUFReader(file, cfg.num_heads, cfg.num_kv_heads)
+        return ModelSource(src, "gguf", cfg, reader, file.parent, gguf_file=file.name)
+    cfg = _hf_config(path)
+    return ModelSource(src, "hf", cfg, SafetensorsReader(path), path)
+
+
+def load_model(src: str, dtype: Any = None, progress: bool = False) -> tuple[ModelConfig, dict, ModelSource]:
+    """Config, params pytree and the source (for its tokenizer) of SRC."""
+    import jax.numpy as jnp
+
+    from sigmascale_jax.params import load_params
+
+    source = open_model(src)
+    params = load_params(source.reader, source.cfg, dtype or jnp.float32, progress=progress)
+    return source.cfg, params, source
