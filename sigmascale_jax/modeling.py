@@ -135,8 +135,8 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 def token_nll(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Negative log-likelihood `[B, T-1]` of each token given those before it."""
     logits = forward(params, tokens[:, :-1], cfg)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target
 
 
 forward_jit = jax.jit(forward, static_argnames="cfg")
