@@ -1,0 +1,104 @@
+"""Shared fixtures: the real models in ../shared/models and tiny random transformers models."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260k"
+SMOLLM2_DIR = SHARED / "models" / "smollm2-135m-instruct-q4_1"
+SMOLLM2_GGUF = SMOLLM2_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = SHARED / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def require(path: Path) -> Path:
+    # In CI ../shared is always present; a missing file there is a failure, not a skip.
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} missing: CI needs ../shared beside the repo")
+        pytest.skip(f"{path} not present")
+    return path
+
+
+TINY_COMMON = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+
+TINY_CONFIGS = {
+    "llama": dict(
+        TINY_COMMON,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    "mistral": dict(TINY_COMMON, sliding_window=7, head_dim=32, tie_word_embeddings=False),
+    "qwen2": dict(TINY_COMMON, tie_word_embeddings=True, use_sliding_window=False),
+    "qwen3": dict(TINY_COMMON, head_dim=24, tie_word_embeddings=False, use_sliding_window=False),
+}
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Give every parameter (biases and norms too) a random value, so no path is exercised by zeros or ones."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+def build_tiny(model_type: str, folder: Path):
+    """Save a random `model_type` model with transformers; return the torch model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(torch.float32).eval()
+    randomize_(model, seed=list(TINY_CONFIGS).index(model_type))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{model_type: (folder, torch model)} for every supported architecture."""
+    out = {}
+    for mt in TINY_CONFIGS:
+        folder = tmp_path_factory.mktemp(f"tiny_{mt}")
+        out[mt] = (folder, build_tiny(mt, folder))
+    return out
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(ids, dtype=np.int64))).logits.float().numpy()

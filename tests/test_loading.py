@@ -1,0 +1,111 @@
+"""Loading each checkpoint format into the params pytree."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SMOLLM2_GGUF, STORIES, require, torch_logits
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.modeling import forward_jit
+from sigmascale_jax.params import load_block, load_params
+from sigmascale_jax.readers import unpermute_qk
+from sigmascale_jax.sources import detect_kind, load_model, open_model
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's `convert_hf_to_gguf.py` permutation, written out independently of ours."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (12,)])
+def test_unpermute_inverts_llama_cpp_permutation(shape):
+    w = np.random.default_rng(0).standard_normal(shape)
+    assert np.array_equal(unpermute_qk(llama_cpp_permute(w, 3), 3), w)
+    assert not np.array_equal(llama_cpp_permute(w, 3), w)
+
+
+def test_sharded_safetensors_load_like_single_file(tmp_path, tiny_models):
+    single_folder, torch_model = tiny_models["llama"]
+    sharded = tmp_path / "sharded"
+    torch_model.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    _, a, _ = load_model(str(single_folder))
+    cfg, b, _ = load_model(str(sharded))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_one_block_loads_alone_and_matches_full_load():
+    source = open_model(str(require(STORIES)))
+    full = load_params(source.reader, source.cfg)
+    block3 = load_block(source.reader, source.cfg, 3)
+    assert set(block3) == {"attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down"}
+    assert block3["k"]["w"].shape == (4 * 8, 64)  # GQA: 4 KV heads of 8
+    assert np.array_equal(np.asarray(block3["down"]["w"]), np.asarray(full["blocks"][3]["down"]["w"]))
+
+
+def test_gguf_folder_and_file_resolve_the_same():
+    require(SMOLLM2_GGUF)
+    assert detect_kind(SMOLLM2_GGUF) == "gguf"
+    assert detect_kind(SMOLLM2_GGUF.parent) == "gguf"
+    a, b = open_model(str(SMOLLM2_GGUF)), open_model(str(SMOLLM2_GGUF.parent))
+    assert a.cfg == b.cfg and a.cfg.tie_word_embeddings
+    w = a.reader.get("model.layers.5.self_attn.k_proj.weight")
+    assert w.shape == (192, 576) and w.dtype == np.float32
+    assert np.array_equal(w, b.reader.get("model.layers.5.self_attn.k_proj.weight"))
+
+
+def test_bfloat16_params(tiny_models):
+    folder, torch_model = tiny_models["qwen3"]
+    cfg, params, _ = load_model(str(folder), dtype=jnp.bfloat16)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
+    ids = np.arange(12)[None] % cfg.vocab_size
+    ours = np.asarray(forward_jit(params, jnp.asarray(ids), cfg))
+    ref = torch_logits(torch_model, ids)
+    assert np.isfinite(ours).all()
+    # bf16 keeps ~3 significant digits: close, not equal
+    assert np.abs(ours - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_hub_id_offline_and_uncached_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        open_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_hub_id_resolves_from_the_local_cache(monkeypatch, tmp_path, tiny_models):
+    """A hub id found in the huggingface_hub cache loads with HF_HUB_OFFLINE=1."""
+    folder, _ = tiny_models["qwen2"]
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-qwen2" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snap)
+    (cache / "models--acme--tiny-qwen2" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny-qwen2" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    cfg, params, _ = load_model("acme/tiny-qwen2")
+    assert cfg.model_type == "qwen2" and len(params["blocks"]) == 2
+
+
+def test_compressed_folder_is_detected(tmp_path):
+    (tmp_path / "compression.json").write_text(json.dumps({"method": "svd"}))
+    assert detect_kind(tmp_path) == "compressed"
+
+
+def test_untied_head_is_loaded_and_tied_head_is_not(tiny_models):
+    _, llama, _ = load_model(str(tiny_models["llama"][0]))
+    _, qwen2, _ = load_model(str(tiny_models["qwen2"][0]))
+    assert "lm_head" in llama and "lm_head" not in qwen2
+
