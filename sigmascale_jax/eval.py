@@ -69,7 +69,6 @@ def evaluate(
     """Load `model`, run each task, return the JSON-ready results."""
     import jax.numpy as jnp
 
-    from sigmascale_jax.params import load_params
     from sigmascale_jax.perplexity import make_windows, perplexity
     from sigmascale_jax.sources import open_model
 
@@ -81,7 +80,7 @@ def evaluate(
     if seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
     tok = source.tokenizer()
-    params = load_params(source.reader, cfg, getattr(jnp, dtype), progress=progress)
+    params = source.load_params(getattr(jnp, dtype), progress=progress)
     results: dict = {"model": model}
     for task in tasks:
         ids = np.asarray(tok(texts[task]).input_ids, dtype=np.int32)

@@ -80,8 +80,8 @@ def attention_mask(cfg: ModelConfig, t: int) -> jax.Array:
     return mask
 
 
-def attention(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Grouped-query self-attention of normed `x: [B, T, D]`; returns `[B, T, D]` before the residual."""
+def attention_mix(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Grouped-query self-attention of normed `x: [B, T, D]` up to the o projection: `[B, T, H * hd]`."""
     b, t, _ = x.shape
     hd = cfg.head_dim
     q = project(block["q"], x).reshape(b, t, cfg.num_heads, hd)
@@ -97,19 +97,38 @@ def attention(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) * (hd**-0.5)
     scores = jnp.where(attention_mask(cfg, t), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, cfg.num_heads * hd)
-    return project(block["o"], out)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, cfg.num_heads * hd)
 
 
-def mlp(block: Params, x: jax.Array) -> jax.Array:
-    """SwiGLU MLP of normed `x: [B, T, D]`."""
-    return project(block["down"], jax.nn.silu(project(block["gate"], x)) * project(block["up"], x))
+def mlp_hidden(block: Params, x: jax.Array) -> jax.Array:
+    """SwiGLU hidden activations `[B, T, F]` of normed `x: [B, T, D]` (the down projection's input)."""
+    return jax.nn.silu(project(block["gate"], x)) * project(block["up"], x)
+
+
+# Which recorded input feeds each projection: q/k/v share one, gate/up share one.
+PROJECTION_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
+
+
+def block_forward_taps(
+    block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One decoder block `x: [B, T, D] -> [B, T, D]` and the inputs of its projections.
+
+    Taps: `attn_in` (q/k/v), `o_in`, `mlp_in` (gate/up), `down_in`; see `PROJECTION_INPUT`.
+    Unused taps cost nothing under jit.
+    """
+    attn_in = rms_norm(x, block["attn_norm"], cfg.rms_norm_eps)
+    o_in = attention_mix(block, attn_in, cfg, cos, sin)
+    x = x + project(block["o"], o_in)
+    mlp_in = rms_norm(x, block["mlp_norm"], cfg.rms_norm_eps)
+    down_in = mlp_hidden(block, mlp_in)
+    x = x + project(block["down"], down_in)
+    return x, {"attn_in": attn_in, "o_in": o_in, "mlp_in": mlp_in, "down_in": down_in}
 
 
 def block_forward(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """One decoder block: `x: [B, T, D] -> [B, T, D]` (pre-norm, residuals)."""
-    x = x + attention(block, rms_norm(x, block["attn_norm"], cfg.rms_norm_eps), cfg, cos, sin)
-    return x + mlp(block, rms_norm(x, block["mlp_norm"], cfg.rms_norm_eps))
+    return block_forward_taps(block, x, cfg, cos, sin)[0]
 
 
 def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:

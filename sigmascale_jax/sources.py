@@ -2,7 +2,7 @@
 
 SRC may be a Hugging Face folder, a `.gguf` file (or a folder holding exactly one),
 a hub id (through `huggingface_hub`, which honours its cache and `HF_HUB_OFFLINE`),
-or a folder written by this project's compressor.
+or a folder written by this project's compressor (`compression.json` + Orbax params).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sigmascale_jax.checkpoint import REPORT_FILE as COMPRESSED_MARKER
+from sigmascale_jax.checkpoint import read_report
 from sigmascale_jax.config import SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.readers import GGUFReader, SafetensorsReader, TensorReader
 
-COMPRESSED_MARKER = "compression.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -30,9 +31,21 @@ class ModelSource:
     src: str
     kind: str  # "hf", "gguf" or "compressed"
     cfg: ModelConfig
-    reader: TensorReader
+    reader: TensorReader | None  # None for compressed folders: their params come whole from Orbax
     folder: Path
     gguf_file: str | None = None
+
+    def load_params(self, dtype: Any = None, progress: bool = False) -> dict:
+        """The whole params pytree (dense for checkpoints, factored for compressed folders)."""
+        import jax.numpy as jnp
+
+        from sigmascale_jax.params import load_params
+
+        if self.kind == "compressed":
+            from sigmascale_jax.checkpoint import load_compressed
+
+            return load_compressed(self.folder, dtype)[1]
+        return load_params(self.reader, self.cfg, dtype or jnp.float32, progress=progress)
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -42,6 +55,8 @@ class ModelSource:
             try:
                 if self.gguf_file:
                     tok = AutoTokenizer.from_pretrained(str(self.folder), gguf_file=self.gguf_file)
+                elif self.kind == "compressed":
+                    tok = AutoTokenizer.from_pretrained(str(self.folder / "tokenizer"))
                 else:
                     tok = AutoTokenizer.from_pretrained(str(self.folder))
             except Exception as e:
@@ -122,9 +137,8 @@ def open_model(src: str) -> ModelSource:
     path = resolve(src)
     kind = detect_kind(path)
     if kind == "compressed":
-        raise UserError(
-            f"{path} is a compressed checkpoint ({COMPRESSED_MARKER}); loading those arrives with the compressor"
-        )
+        cfg = ModelConfig.from_dict(read_report(path)["model_config"])
+        return ModelSource(src, "compressed", cfg, None, path)
     if kind == "gguf":
         file = path if path.is_file() else next(path.glob("*.gguf"))
         cfg = _gguf_config(file)
@@ -136,10 +150,5 @@ def open_model(src: str) -> ModelSource:
 
 def load_model(src: str, dtype: Any = None, progress: bool = False) -> tuple[ModelConfig, dict, ModelSource]:
     """Config, params pytree and the source (for its tokenizer) of SRC."""
-    import jax.numpy as jnp
-
-    from sigmascale_jax.params import load_params
-
     source = open_model(src)
-    params = load_params(source.reader, source.cfg, dtype or jnp.float32, progress=progress)
-    return source.cfg, params, source
+    return source.cfg, source.load_params(dtype, progress=progress), source

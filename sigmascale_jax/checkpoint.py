@@ -1,0 +1,66 @@
+"""Orbax checkpoints of params pytrees, and the compressed-model folder format.
+
+A compressed folder holds::
+
+    compression.json     what was done (model config, method, ranks, calibration, timings, ...)
+    params/              Orbax checkpoint of the factored params pytree
+    tokenizer/           the source model's tokenizer (save_pretrained)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from sigmascale_jax.config import ModelConfig
+from sigmascale_jax.errors import UserError
+
+FORMAT_VERSION = 1
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+REPORT_FILE = "compression.json"
+
+
+def save_pytree(path: Path, tree: Any) -> None:
+    """Write `tree` as an Orbax checkpoint at `path` (blocking until it is complete)."""
+    import orbax.checkpoint as ocp
+
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(Path(path).resolve(), tree, force=True)
+    ckpt.wait_until_finished()
+
+
+def load_pytree(path: Path) -> Any:
+    """Restore an Orbax checkpoint written by `save_pytree` (structure from its own metadata)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise UserError(f"no Orbax checkpoint at {path}")
+    try:
+        return ocp.StandardCheckpointer().restore(path)
+    except Exception as e:
+        raise UserError(f"cannot restore the Orbax checkpoint at {path}: {' '.join(str(e).split())[:200]}") from None
+
+
+def read_report(folder: Path) -> dict:
+    try:
+        report = json.loads((folder / REPORT_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {folder / REPORT_FILE}: {e}") from None
+    if report.get("format_version") != FORMAT_VERSION or "model_config" not in report:
+        raise UserError(f"{folder / REPORT_FILE} is not a sigmascale_jax compression report (format {FORMAT_VERSION})")
+    return report
+
+
+def load_compressed(folder: Path, dtype: Any = None) -> tuple[ModelConfig, dict]:
+    """Config and factored params of a compressed folder."""
+    report = read_report(folder)
+    cfg = ModelConfig.from_dict(report["model_config"])
+    params = load_pytree(folder / PARAMS_DIR)
+    if dtype is not None:
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    return cfg, params
