@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sigmascale_jax.errors import UserError, run_cli
+from sigmascale_jax.errors import ArgumentParser, UserError, run_cli
 from sigmascale_jax.fileio import write_json_atomic
 from sigmascale_jax.methods import METHODS
 
@@ -271,7 +271,7 @@ def compress(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m sigmascale_jax.compress",
         description="Compress a decoder LLM's projections with activation-aware truncated SVD.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

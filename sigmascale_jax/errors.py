@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -21,3 +22,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("error: interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors as one `error:` line and exit code 2 (the usage is in --help)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)

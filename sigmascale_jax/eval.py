@@ -13,14 +13,14 @@ import time
 import numpy as np
 
 from sigmascale_jax.data import PERPLEXITY_TASKS, find_data_dir, perplexity_text
-from sigmascale_jax.errors import UserError, run_cli
+from sigmascale_jax.errors import ArgumentParser, UserError, run_cli
 from sigmascale_jax.fileio import write_json_atomic
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m sigmascale_jax.eval",
         description="Perplexity of a dense or compressed model (non-overlapping windows, exp of mean token NLL).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

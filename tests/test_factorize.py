@@ -1,0 +1,117 @@
+"""The per-matrix methods against brute-force optima, on random matrices with correlated inputs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sigmascale_jax.factorize import (
+    WHITEN_CHOLESKY,
+    WHITEN_EIGH,
+    WHITEN_SHIFTED,
+    activation_loss,
+    asvd_factors,
+    refit_left,
+    svd_factors,
+    svd_llm_factors,
+    whitening,
+)
+from sigmascale_jax.ranks import achieved_ratio, break_even_rank, uniform_rank
+
+
+def correlated_problem(m=24, n=32, t=400, seed=0):
+    """W: [m, n]; X: [n, t] with correlated features of very unequal scale (as LLM activations are)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((m, n))
+    mix = rng.standard_normal((n, n)) * 0.3 + np.eye(n)
+    scales = np.exp(rng.uniform(-2.0, 2.0, n))
+    x = (mix @ rng.standard_normal((n, t))) * scales[:, None]
+    return w, x
+
+
+def brute_force_optimum(w, x, k):
+    """min over rank-k Ŵ of ‖(W − Ŵ)X‖²: the tail energy of the SVD of W X (Eckart–Young on Y = W X)."""
+    s = np.linalg.svd(w @ x, compute_uv=False)
+    return float(np.sum(s[k:] ** 2))
+
+
+@pytest.mark.parametrize("k", [3, 8, 15])
+def test_svd_llm_reaches_the_optimum_and_beats_asvd_and_svd(k):
+    w, x = correlated_problem()
+    g = x @ x.T
+    absmean = np.abs(x).mean(axis=1)
+    with jax.enable_x64(True):
+        W, G = jnp.asarray(w), jnp.asarray(g)
+        loss = {
+            "svd": activation_loss(W, jnp.matmul(*svd_factors(W, k)), G),
+            "asvd": activation_loss(W, jnp.matmul(*asvd_factors(W, jnp.asarray(absmean), k)), G),
+            "svd-llm": activation_loss(W, jnp.matmul(*svd_llm_factors(W, G, k)), G),
+        }
+    loss = {m: float(v) for m, v in loss.items()}
+    assert loss["svd-llm"] == pytest.approx(brute_force_optimum(w, x, k), rel=1e-8)
+    assert loss["svd-llm"] <= loss["asvd"] <= loss["svd"]
+    assert loss["svd-llm"] < 0.9 * loss["svd"]  # the inputs' correlation really matters here
+
+
+def test_factor_shapes_and_rank():
+    w, x = correlated_problem()
+    b, c = svd_llm_factors(jnp.asarray(w, jnp.float32), jnp.asarray(x @ x.T, jnp.float32), 5)
+    assert b.shape == (24, 5) and c.shape == (5, 32)
+    assert np.linalg.matrix_rank(np.asarray(b @ c, np.float64), tol=1e-4) == 5
+
+
+def test_whitening_fallbacks_stay_finite():
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x = rng.standard_normal((16, 40))
+        s, route = whitening(jnp.asarray(x @ x.T))
+        assert int(route) == WHITEN_CHOLESKY
+        np.testing.assert_allclose(np.asarray(s @ s.T), x @ x.T, rtol=1e-10, atol=1e-10)
+        # fewer tokens than features: singular Gram matrix; Cholesky fails, the shifted one works
+        x = rng.standard_normal((16, 5))
+        s, route = whitening(jnp.asarray(x @ x.T))
+        assert int(route) == WHITEN_SHIFTED and np.isfinite(np.asarray(s)).all()
+        # not a Gram matrix at all (NaN poisons both Choleskys): the eigh route answers
+        bad = np.eye(4)
+        bad[0, 0] = np.nan
+        s, route = whitening(jnp.asarray(bad))
+        assert int(route) == WHITEN_EIGH
+        w, x = correlated_problem(m=6, n=16, t=5)
+        b, c = svd_llm_factors(jnp.asarray(w), jnp.asarray(x @ x.T), 4)
+        assert np.isfinite(np.asarray(b)).all() and np.isfinite(np.asarray(c)).all()
+        # with rank ≥ the data's rank (5), the kept part reproduces W on the data
+        b, c = svd_llm_factors(jnp.asarray(w), jnp.asarray(x @ x.T), 5)
+        np.testing.assert_allclose(np.asarray(b @ c) @ x, w @ x, atol=1e-5 * np.abs(w @ x).max())
+
+
+def test_refit_left_is_the_least_squares_solution():
+    w, x = correlated_problem(seed=3)
+    with jax.enable_x64(True):
+        _, c = svd_factors(jnp.asarray(w), 6)  # a C that is not optimal for this data
+        b = np.asarray(refit_left(jnp.asarray(w), jnp.asarray(x @ x.T), c))
+        c = np.asarray(c)
+    # min_B ‖W X − B (C X)‖ by lstsq, independently
+    b_ls = np.linalg.lstsq((c @ x).T, (w @ x).T, rcond=None)[0].T
+    np.testing.assert_allclose(b, b_ls, rtol=1e-6, atol=1e-8)
+
+
+def test_methods_compose_with_jit_and_vmap():
+    w, x = correlated_problem()
+    ws = jnp.stack([jnp.asarray(w, jnp.float32), 2 * jnp.asarray(w, jnp.float32)])
+    gs = jnp.stack([jnp.asarray(x @ x.T, jnp.float32)] * 2)
+    b, c = jax.jit(jax.vmap(lambda w, g: svd_llm_factors(w, g, 4)))(ws, gs)
+    assert b.shape == (2, 24, 4)
+    np.testing.assert_allclose(np.asarray(b[1] @ c[1]), 2 * np.asarray(b[0] @ c[0]), rtol=1e-3, atol=1e-3)
+
+
+def test_uniform_ranks_follow_each_matrix_shape():
+    # SmolLM2: q 576x576, k/v 192x576 (3 KV heads of 64), gate/up 1536x576
+    assert uniform_rank(576, 576, 0.2) == int(0.8 * 576 * 576 / 1152)
+    assert uniform_rank(192, 576, 0.2) == int(0.8 * 192 * 576 / 768) == 115
+    assert uniform_rank(192, 576, 0.2) < uniform_rank(576, 576, 0.2)
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    triples = [(m, n, uniform_rank(m, n, 0.3)) for m, n in shapes]
+    assert 0.3 <= achieved_ratio(triples) < 0.31
+    assert break_even_rank(576, 576) == 287
