@@ -67,11 +67,18 @@ def whitening(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     return s2, route
 
 
-def unwhiten(a: jax.Array, s: jax.Array, route: jax.Array) -> jax.Array:
+def unwhiten(a: jax.Array, s: jax.Array, triangular: bool = True) -> jax.Array:
     """`a S⁻¹` for `a: [k, n]`: a triangular solve for Cholesky factors, a general one for eigh's root."""
-    tri = lambda _: solve_triangular(s, a.T, trans="T", lower=True).T  # noqa: E731  (Sᵀ Xᵀ = aᵀ)
-    gen = lambda _: jnp.linalg.solve(s.T, a.T).T  # noqa: E731
-    return jax.lax.cond(route == WHITEN_EIGH, gen, tri, None)
+    if triangular:
+        return solve_triangular(s, a.T, trans="T", lower=True).T  # Sᵀ Xᵀ = aᵀ
+    return jnp.linalg.solve(s.T, a.T).T
+
+
+def whitened_factors(w: jax.Array, s: jax.Array, rank: int, triangular: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Truncated SVD of `W S`, mapped back: `B = U_k Σ_k^½`, `C = Σ_k^½ V_kᵀ S⁻¹`."""
+    u, sig, vt = jnp.linalg.svd(w @ s, full_matrices=False)
+    b, c_white = split_sigma(u, sig, vt, rank)
+    return b, unwhiten(c_white, s, triangular)
 
 
 def svd_llm_factors(w: jax.Array, gram: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
@@ -79,16 +86,12 @@ def svd_llm_factors(w: jax.Array, gram: jax.Array, rank: int) -> tuple[jax.Array
 
     The exact minimizer of ‖(W − BC) X‖_F over rank-`rank` matrices.
     """
-    b, c, _ = svd_llm_factors_with_route(w, gram, rank)
-    return b, c
-
-
-def svd_llm_factors_with_route(w: jax.Array, gram: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`svd_llm_factors` plus the whitening route taken (`WHITEN_*`)."""
     s, route = whitening(gram)
-    u, sig, vt = jnp.linalg.svd(w @ s, full_matrices=False)
-    b, c_white = split_sigma(u, sig, vt, rank)
-    return b, unwhiten(c_white, s, route), route
+    return jax.lax.cond(
+        route == WHITEN_EIGH,
+        lambda: whitened_factors(w, s, rank, triangular=False),
+        lambda: whitened_factors(w, s, rank, triangular=True),
+    )
 
 
 def refit_left(w: jax.Array, gram: jax.Array, c: jax.Array) -> jax.Array:

@@ -11,12 +11,15 @@ import numpy as np
 
 from sigmascale_jax.config import ModelConfig
 from sigmascale_jax.factorize import (
+    WHITEN_CHOLESKY,
+    WHITEN_EIGH,
     WHITEN_NAMES,
     asvd_factors,
     refit_left,
     relative_activation_loss,
     svd_factors,
-    svd_llm_factors_with_route,
+    whitened_factors,
+    whitening,
 )
 from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS, Params
 from sigmascale_jax.ranks import uniform_rank
@@ -24,23 +27,51 @@ from sigmascale_jax.ranks import uniform_rank
 METHODS = ("svd", "asvd", "svd-llm")
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "method", "update", "alpha"))
-def _factor_group(w, gram, absmean, *, rank: int, method: str, update: bool, alpha: float):
-    """vmap over a stack of same-shape matrices `w: [G, m, n]`; returns `(B, C, route, rel_loss)`."""
+@functools.partial(jax.jit, static_argnames=("rank", "method", "alpha"))
+def _activation_blind_group(w, gram, absmean, *, rank: int, method: str, alpha: float):
+    """svd / asvd over a stack `w: [G, m, n]`; returns `(B, C, rel_loss)`."""
 
     def one(w, gram, absmean):
-        route = jnp.asarray(-1)
-        if method == "svd":
-            b, c = svd_factors(w, rank)
-        elif method == "asvd":
-            b, c = asvd_factors(w, absmean, rank, alpha)
-        else:
-            b, c, route = svd_llm_factors_with_route(w, gram, rank)
-        if update:
-            b = refit_left(w, gram, c)
-        return b, c, route, relative_activation_loss(w, b @ c, gram)
+        b, c = svd_factors(w, rank) if method == "svd" else asvd_factors(w, absmean, rank, alpha)
+        return b, c, relative_activation_loss(w, b @ c, gram)
 
     return jax.vmap(one)(w, gram, absmean)
+
+
+_cholesky_group = jax.jit(jax.vmap(jnp.linalg.cholesky))
+_whitening_one = jax.jit(whitening)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "triangular", "update"))
+def _whitened_group(w, s, gram, *, rank: int, triangular: bool, update: bool):
+    """SVD-LLM over a stack, given each matrix's whitening `s: [G, n, n]`; returns `(B, C, rel_loss)`."""
+
+    def one(w, s, gram):
+        b, c = whitened_factors(w, s, rank, triangular)
+        if update:
+            b = refit_left(w, gram, c)
+        return b, c, relative_activation_loss(w, b @ c, gram)
+
+    return jax.vmap(one)(w, s, gram)
+
+
+def svd_llm_group(w, gram, rank: int, update: bool):
+    """SVD-LLM for a stack of same-shape matrices: `(B, C, rel_loss, routes)`.
+
+    Cholesky runs batched; the rare matrices whose Cholesky fails get their fallback
+    alone. The fallbacks' branches are not put under vmap: vmap turns `lax.cond`
+    into running every branch, and XLA:CPU's concurrent scheduler was seen to
+    deadlock on such a mix of LAPACK calls (576x576, jax 0.10.2, 2 cores).
+    """
+    chol = np.asarray(_cholesky_group(gram))
+    routes = [WHITEN_CHOLESKY] * len(chol)
+    for j in range(len(chol)):
+        if not np.isfinite(chol[j]).all():
+            s_j, route = _whitening_one(gram[j])
+            chol[j], routes[j] = np.asarray(s_j), int(route)
+    triangular = WHITEN_EIGH not in routes
+    b, c, loss = _whitened_group(w, jnp.asarray(chol), gram, rank=rank, triangular=triangular, update=update)
+    return b, c, loss, routes
 
 
 def block_ranks(cfg: ModelConfig, ratio: float) -> dict[str, int]:
@@ -76,8 +107,12 @@ def compress_block(
             w = jnp.stack([jnp.asarray(np.asarray(block[n]["w"]), jnp.float64) for n in names])
             gram = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64) for n in names])
             absmean = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["absmean"], jnp.float64) for n in names])
-            b, c, route, loss = _factor_group(w, gram, absmean, rank=rank, method=method, update=update, alpha=alpha)
-            b, c, route, loss = np.asarray(b), np.asarray(c), np.asarray(route), np.asarray(loss)
+            if method == "svd-llm":
+                b, c, loss, routes = svd_llm_group(w, gram, rank, update)
+            else:
+                b, c, loss = _activation_blind_group(w, gram, absmean, rank=rank, method=method, alpha=alpha)
+                routes = [None] * len(names)
+            b, c, loss = np.asarray(b), np.asarray(c), np.asarray(loss)
             for j, n in enumerate(names):
                 if not (np.isfinite(b[j]).all() and np.isfinite(c[j]).all()):
                     raise FloatingPointError(f"non-finite factors for projection {n} ({method}, rank {rank})")
@@ -90,6 +125,6 @@ def compress_block(
                     "shape": list(shape),
                     "rank": rank,
                     "rel_loss": float(loss[j]),
-                    "whitening": WHITEN_NAMES.get(int(route[j])),
+                    "whitening": WHITEN_NAMES.get(routes[j]),
                 }
     return new, info

@@ -115,3 +115,21 @@ def test_uniform_ranks_follow_each_matrix_shape():
     triples = [(m, n, uniform_rank(m, n, 0.3)) for m, n in shapes]
     assert 0.3 <= achieved_ratio(triples) < 0.31
     assert break_even_rank(576, 576) == 287
+
+
+def test_batched_svd_llm_on_real_sizes_finishes():
+    """Regression: a vmapped whitening-with-fallbacks + SVD deadlocked XLA:CPU at 576x576 (see methods.svd_llm_group)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, jax, jax.numpy as jnp\n"
+        "from sigmascale_jax.methods import svd_llm_group\n"
+        "x = np.random.default_rng(0).standard_normal((576, 1200))\n"
+        "with jax.enable_x64(True):\n"
+        "    g = jnp.asarray(np.stack([x @ x.T] * 2)); w = jnp.asarray(np.random.default_rng(1).standard_normal((2, 576, 576)))\n"
+        "    b, c, loss, routes = svd_llm_group(w, g, 200, True)\n"
+        "    assert np.isfinite(np.asarray(loss)).all() and routes == [0, 0]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
