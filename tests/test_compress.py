@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sigmascale_jax
-from conftest import DATA, REPO, STORIES, require
+from conftest import DATA, REPO, STORIES, assert_one_line_error, require
 from sigmascale_jax import methods as methods_mod
 from sigmascale_jax.checkpoint import load_pytree, save_pytree
 from sigmascale_jax.methods import block_ranks
@@ -152,12 +152,6 @@ def test_shipped_configs_parse():
         assert args.method in methods_mod.METHODS and 0 < args.ratio < 1
 
 
-def one_line_error(proc, fragment):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
-
-
 @pytest.mark.parametrize(
     "extra,fragment",
     [
@@ -171,19 +165,19 @@ def one_line_error(proc, fragment):
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, fragment):
     out = tmp_path / "out"
     proc = run_compress("--model", str(STORIES), "--out", str(out), *extra)
-    one_line_error(proc, fragment)
+    assert_one_line_error(proc, fragment)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_method_and_yaml_key(tmp_path):
     out = tmp_path / "out"
     proc = run_compress("--model", str(STORIES), "--out", str(out), "--method", "magic", "--ratio", "0.3")
-    one_line_error(proc, "invalid choice: 'magic'")
+    assert_one_line_error(proc, "invalid choice: 'magic'")
     conf = tmp_path / "c.yaml"
     conf.write_text("method: magic\nratio: 0.3\n")
-    one_line_error(run_compress("--config", str(conf), "--model", str(STORIES), "--out", str(out)), "'magic'")
+    assert_one_line_error(run_compress("--config", str(conf), "--model", str(STORIES), "--out", str(out)), "'magic'")
     conf.write_text("method: svd\nratoi: 0.3\n")
-    one_line_error(run_compress("--config", str(conf), "--model", str(STORIES), "--out", str(out)), "'ratoi'")
+    assert_one_line_error(run_compress("--config", str(conf), "--model", str(STORIES), "--out", str(out)), "'ratoi'")
     assert not out.exists()
 
 
@@ -191,7 +185,7 @@ def test_non_empty_out_needs_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    one_line_error(run_compress("--model", str(STORIES), "--method", "svd", "--ratio", "0.3", "--out", str(out)), "--overwrite")
+    assert_one_line_error(run_compress("--model", str(STORIES), "--method", "svd", "--ratio", "0.3", "--out", str(out)), "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "out.partial").exists()
 

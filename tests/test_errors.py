@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import DATA, REPO, STORIES, require
+from conftest import DATA, REPO, STORIES, assert_one_line_error, require
 
 
 def run_eval(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -22,16 +22,6 @@ def run_eval(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         timeout=300,
     )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_missing_path(tmp_path):
