@@ -5,7 +5,18 @@ pipeline; `python -m sigmascale_jax.compress` and `python -m sigmascale_jax.eval
 are the command lines.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# XLA:CPU's concurrency-optimized scheduler deadlocks (all threads asleep, no error)
+# when one computation holds several independent LAPACK calls, as a vmapped SVD
+# with whitening or its gradient does (seen with jax/jaxlib 0.10.2 on 2 cores).
+# The flag only matters on CPU and must be set before JAX starts its backend;
+# a user's own XLA_FLAGS setting of it wins.
+_XLA_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+if _XLA_CPU_FLAG not in _os.environ.get("XLA_FLAGS", ""):
+    _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {_XLA_CPU_FLAG}=false".strip()
 
 
 def __getattr__(name: str):

@@ -53,6 +53,10 @@ class CompressSpec:
     sequential: bool = True
     alpha: float = 0.5
     batch_size: int = 8
+    loss: str = "block"
+    steps: int = 200
+    lr: float = 1e-2
+    holdout: float = 0.125
 
 
 def validate(spec: CompressSpec) -> None:
@@ -69,6 +73,17 @@ def validate(spec: CompressSpec) -> None:
         raise UserError(f"--batch-size must be at least 1, got {spec.batch_size}")
     if spec.update and spec.method != "svd-llm":
         raise UserError("--update is SVD-LLM's parameter update; use it with --method svd-llm")
+    if spec.method == "sigmascale":
+        from sigmascale_jax.sigmascale import LOSS_KINDS
+
+        if spec.loss not in LOSS_KINDS:
+            raise UserError(f"unknown --loss {spec.loss!r}; known: {', '.join(LOSS_KINDS)}")
+        if spec.steps < 0:
+            raise UserError(f"--steps must be at least 0, got {spec.steps}")
+        if not 0.0 < spec.holdout < 1.0:
+            raise UserError(f"--holdout must lie strictly between 0 and 1, got {spec.holdout}")
+        if spec.nsamples < 2:
+            raise UserError("--method sigmascale needs --nsamples of at least 2 (some windows are held out)")
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -146,6 +161,10 @@ def compress(
     sequential: bool = True,
     alpha: float = 0.5,
     batch_size: int = 8,
+    loss: str = "block",
+    steps: int = 200,
+    lr: float = 1e-2,
+    holdout: float = 0.125,
     data_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -158,10 +177,13 @@ def compress(
     from sigmascale_jax.modeling import PROJECTIONS, param_count
     from sigmascale_jax.params import load_block, load_outer
     from sigmascale_jax.ranks import achieved_ratio
+    from sigmascale_jax.sigmascale import sigmascale_block
     from sigmascale_jax.sources import open_model
     from sigmascale_jax.stats import block_stats
 
-    spec = CompressSpec(model, method, float(ratio), calib, nsamples, seq_len, seed, update, sequential, alpha, batch_size)
+    spec = CompressSpec(
+        model, method, float(ratio), calib, nsamples, seq_len, seed, update, sequential, alpha, batch_size, loss, steps, lr, holdout
+    )
     validate(spec)
     out = Path(out)
     check_out(out, overwrite)
@@ -204,7 +226,12 @@ def compress(
         else:
             dense_out, stats = block_stats(dense, xs, cfg, batch_size)
             t = lap("stats", t)
-            comp, info = compress_block(dense, stats, cfg, ranks, method, update=update, alpha=alpha)
+            if method == "sigmascale":
+                comp, info = sigmascale_block(
+                    dense, stats, xs, dense_out, cfg, ranks, kind=loss, steps=steps, lr=lr, holdout=holdout
+                )
+            else:
+                comp, info = compress_block(dense, stats, cfg, ranks, method, update=update, alpha=alpha)
             t = lap("factorize", t)
             save_pytree(ckpt, comp)
             write_json_atomic(info_file, info)
@@ -213,7 +240,10 @@ def compress(
             t = lap("propagate", t)
         blocks.append(comp)
         infos.append(info)
-        bar.set_postfix(rel_loss=f"{np.mean([m['rel_loss'] for m in info.values()]):.4f}")
+        if "_block" in info:
+            bar.set_postfix(hold=f"{info['_block']['holdout_init']:.4f}->{info['_block']['holdout_best']:.4f}")
+        else:
+            bar.set_postfix(rel_loss=f"{np.mean([info[n]['rel_loss'] for n in PROJECTIONS]):.4f}")
         if not np.isfinite(xs).all():
             raise FloatingPointError(f"non-finite activations after block {i}")
 
@@ -233,6 +263,7 @@ def compress(
         "update": update,
         "sequential": sequential,
         "alpha": alpha if method == "asvd" else None,
+        "sigmascale": {"loss": loss, "steps": steps, "lr": lr, "holdout": holdout} if method == "sigmascale" else None,
         "ratio_requested": spec.ratio,
         "ratio_achieved": achieved_ratio(shapes_ranks),
         "whole_model_ratio": 1.0 - compressed_count / dense_count,
@@ -244,6 +275,7 @@ def compress(
         },
         "ranks": {n: {"shape": list(cfg.projection_shapes()[n]), "rank": ranks[n]} for n in PROJECTIONS},
         "matrices": [{"block": i, "name": n, **info[n]} for i, info in enumerate(infos) for n in PROJECTIONS],
+        "blocks": [{"block": i, **info["_block"]} for i, info in enumerate(infos) if "_block" in info],
         "calibration": {
             "source": calib,
             "nsamples": nsamples,
@@ -290,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed block i+1 from the compressed block i")
     p.add_argument("--alpha", type=float, default=0.5, help="asvd: exponent of the activation scaling")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per device call")
+    p.add_argument("--loss", default="block", choices=("block", "layer"), help="sigmascale: loss the scales learn on")
+    p.add_argument("--steps", type=int, default=200, help="sigmascale: Adam steps per block")
+    p.add_argument("--lr", type=float, default=1e-2, help="sigmascale: peak learning rate (cosine decay)")
+    p.add_argument("--holdout", type=float, default=0.125, help="sigmascale: fraction of windows held out to pick the step")
     p.add_argument("--data-dir", default=None, help="data folder (default: $SIGMASCALE_DATA, else ../shared/data)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and an unfinished run)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -328,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     report = compress(
         args.model, args.method, args.ratio, args.out,
         calib=args.calib, nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, update=args.update,
-        sequential=args.sequential, alpha=args.alpha, batch_size=args.batch_size, data_dir=args.data_dir,
+        sequential=args.sequential, alpha=args.alpha, batch_size=args.batch_size, loss=args.loss, steps=args.steps,
+        lr=args.lr, holdout=args.holdout, data_dir=args.data_dir,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(f"{report['method']}{' +update' if report['update'] else ''}: ratio asked {report['ratio_requested']:.3f}, "

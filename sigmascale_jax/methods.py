@@ -24,7 +24,7 @@ from sigmascale_jax.factorize import (
 from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS, Params
 from sigmascale_jax.ranks import uniform_rank
 
-METHODS = ("svd", "asvd", "svd-llm")
+METHODS = ("svd", "asvd", "svd-llm", "sigmascale")
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "method", "alpha"))
@@ -95,7 +95,7 @@ def compress_block(
     block's dtype. Returns the factored block and per-matrix info (rank, whitening
     route, relative activation loss).
     """
-    if method not in METHODS:
+    if method not in METHODS or method == "sigmascale":  # sigmascale.sigmascale_block needs activations
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     groups: dict[tuple, list[str]] = {}
     for name in PROJECTIONS:

@@ -1,0 +1,253 @@
+"""SigmaScale: learned row/column scaling around a fixed whitening, before truncated SVD.
+
+Per matrix (METHODS.md)::
+
+    r = exp(ρ), c = exp(γ)
+    A = diag(r) · W · S · diag(c)               S: Cholesky whitening of the input Gram matrix
+    Ŵ = diag(r)⁻¹ · A_k · diag(c)⁻¹ · S⁻¹        stored as B = diag(r)⁻¹ U_k Σ_k^½,
+                                                 C = Σ_k^½ V_kᵀ diag(c)⁻¹ S⁻¹
+
+ρ = γ = 0 is SVD-LLM's solution. All scale vectors of one block are learned
+jointly by `learn_block_scales`, one jit-compiled pure function (optax Adam with
+cosine decay inside `lax.scan`), keeping the step with the best held-out loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.scipy.linalg import solve_triangular
+
+from sigmascale_jax.config import ModelConfig
+from sigmascale_jax.factorize import relative_activation_loss, split_sigma
+from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS, Params, block_forward, block_forward_taps, rope_cos_sin
+from sigmascale_jax.truncation import truncated_reconstruction
+
+LOSS_KINDS = ("block", "layer")
+
+
+def _unwhiten_rows(y: jax.Array, s: jax.Array) -> jax.Array:
+    """`y S⁻¹` for lower-triangular `s` (a triangular solve, never an inverse)."""
+    return solve_triangular(s, y.T, trans="T", lower=True).T
+
+
+def scaled_reconstruction(w: jax.Array, s: jax.Array, rho: jax.Array, gamma: jax.Array, rank: int) -> jax.Array:
+    """`Ŵ(ρ, γ)`: `w: [m, n]`, `s: [n, n]` lower-triangular, `rho: [m]`, `gamma: [n]` -> `[m, n]`. Differentiable."""
+    r, c = jnp.exp(rho), jnp.exp(gamma)
+    a = r[:, None] * (w @ s) * c[None, :]
+    a_k = truncated_reconstruction(a, rank)
+    return _unwhiten_rows(a_k / r[:, None] / c[None, :], s)
+
+
+def scaled_factors(w: jax.Array, s: jax.Array, rho: jax.Array, gamma: jax.Array, rank: int):
+    """The stored factors `B: [m, k]`, `C: [k, n]` of `scaled_reconstruction`, and `σ(A)`."""
+    r, c = jnp.exp(rho), jnp.exp(gamma)
+    a = r[:, None] * (w @ s) * c[None, :]
+    u, sig, vt = jnp.linalg.svd(a, full_matrices=False)
+    b, c_scaled = split_sigma(u, sig, vt, rank)
+    return b / r[:, None], _unwhiten_rows(c_scaled / c[None, :], s), sig
+
+
+def effective_rank_entropy(sigma: jax.Array) -> jax.Array:
+    """H = −Σ p_i log p_i with p_i = σ_i / Σσ (Roy & Vetterli); the effective rank is exp(H)."""
+    p = sigma / jnp.sum(sigma)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+
+
+def _groups(block: Params, ranks: dict[str, int]) -> list[tuple[str, ...]]:
+    """Projections of equal shape and rank, batched together with vmap."""
+    out: dict[tuple, list[str]] = {}
+    for n in PROJECTIONS:
+        out.setdefault((block[n]["w"].shape, ranks[n]), []).append(n)
+    return [tuple(v) for v in out.values()]
+
+
+def reconstruct_block(block: Params, whitening: dict, scales: dict, ranks: dict[str, int]) -> Params:
+    """The block with every projection replaced by its dense `Ŵ(ρ, γ)` (for the loss)."""
+    new = dict(block)
+    for names in _groups(block, ranks):
+        w = jnp.stack([block[n]["w"] for n in names])
+        s = jnp.stack([whitening[n] for n in names])
+        rho = jnp.stack([scales[n]["rho"] for n in names])
+        gamma = jnp.stack([scales[n]["gamma"] for n in names])
+        w_hat = jax.vmap(scaled_reconstruction, in_axes=(0, 0, 0, 0, None))(w, s, rho, gamma, ranks[names[0]])
+        for j, n in enumerate(names):
+            new[n] = {**block[n], "w": w_hat[j]}
+    return new
+
+
+def block_loss(
+    scales: dict, block: Params, whitening: dict, x: jax.Array, target: jax.Array,
+    cfg: ModelConfig, ranks: dict[str, int], kind: str,
+) -> jax.Array:
+    """`block`: relative MSE of the block's output; `layer`: Σ over its matrices of ‖(W − Ŵ)X‖² / ‖W X‖².
+
+    `x, target: [B, T, D]`: inputs and the original block's outputs. The `layer`
+    loss takes each projection's inputs X from the original block on `x`, so a
+    held-out `x` gives a held-out loss for both kinds.
+    """
+    approx = reconstruct_block(block, whitening, scales, ranks)
+    cos, sin = rope_cos_sin(cfg, jnp.arange(x.shape[1]))
+    if kind == "layer":
+        _, taps = block_forward_taps(block, x, cfg, cos, sin)
+        total = 0.0
+        for n in PROJECTIONS:
+            a = taps[PROJECTION_INPUT[n]].reshape(-1, block[n]["w"].shape[1])
+            total = total + jnp.sum((a @ (block[n]["w"] - approx[n]["w"]).T) ** 2) / jnp.sum((a @ block[n]["w"].T) ** 2)
+        return total
+    out = block_forward(approx, x, cfg, cos, sin)
+    return jnp.sum((out - target) ** 2) / jnp.sum(target**2)
+
+
+def zero_scales(block: Params) -> dict:
+    """ρ = γ = 0 for every projection: the SVD-LLM starting point."""
+    return {
+        n: {"rho": jnp.zeros(block[n]["w"].shape[0], block[n]["w"].dtype), "gamma": jnp.zeros(block[n]["w"].shape[1], block[n]["w"].dtype)}
+        for n in PROJECTIONS
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ranks", "kind", "steps", "lr"))
+def learn_block_scales(
+    block: Params,
+    whitening: dict,
+    x_train: jax.Array,
+    y_train: jax.Array,
+    x_hold: jax.Array,
+    y_hold: jax.Array,
+    *,
+    cfg: ModelConfig,
+    ranks: tuple[tuple[str, int], ...],
+    kind: str = "block",
+    steps: int = 200,
+    lr: float = 1e-2,
+) -> tuple[dict, dict[str, Any]]:
+    """Learn ρ, γ of all seven projections of a block jointly; a pure, jit-compiled function.
+
+    Args:
+      block: dense block params (`w: [out, in]` per projection).
+      whitening: `{projection: S [in, in]}`, lower-triangular with `S Sᵀ = G`.
+      x_train, y_train / x_hold, y_hold: block inputs and original outputs `[B, T, D]`;
+        the held-out pair picks the step.
+      ranks: `((projection, rank), ...)` (a tuple, so it can be static).
+    Returns:
+      the scales of the best held-out step (step 0 = SVD-LLM included, so never worse
+      than the initialization there), and a trace `{"train": [steps], "hold": [steps + 1],
+      "best_step": int}`.
+    """
+    rank_map = dict(ranks)
+    loss = functools.partial(block_loss, block=block, whitening=whitening, cfg=cfg, ranks=rank_map, kind=kind)
+    schedule = optax.cosine_decay_schedule(lr, max(steps, 1))
+    opt = optax.adam(schedule)
+    init = zero_scales(block)
+    hold0 = loss(init, x=x_hold, target=y_hold)
+
+    def step(carry, _):
+        scales, opt_state, best, best_loss, best_step, i = carry
+        train_loss, grads = jax.value_and_grad(loss)(scales, x=x_train, target=y_train)
+        updates, opt_state = opt.update(grads, opt_state, scales)
+        scales = optax.apply_updates(scales, updates)
+        hold = loss(scales, x=x_hold, target=y_hold)
+        better = jnp.isfinite(hold) & (hold < best_loss)
+        best = jax.tree.map(lambda new, old: jnp.where(better, new, old), scales, best)
+        return (scales, opt_state, best, jnp.where(better, hold, best_loss), jnp.where(better, i + 1, best_step), i + 1), (train_loss, hold)
+
+    carry = (init, opt.init(init), init, hold0, jnp.asarray(0), jnp.asarray(0))
+    (_, _, best, _, best_step, _), (train, hold) = jax.lax.scan(step, carry, None, length=steps)
+    return best, {"train": train, "hold": jnp.concatenate([hold0[None], hold]), "best_step": best_step}
+
+
+def triangular_whitening(gram: jax.Array) -> tuple[jax.Array, int]:
+    """A lower-triangular `L` with `L Lᵀ ≈ G` through `factorize.whitening`'s fallbacks.
+
+    The eigh fallback gives a symmetric root `R`; the QR of `Rᵀ` turns it into a
+    triangular factor of the same product, so `Ŵ` can always use a triangular solve.
+    """
+    from sigmascale_jax.factorize import WHITEN_EIGH, whitening
+
+    s, route = whitening(gram)
+    if int(route) == WHITEN_EIGH:
+        r = jnp.linalg.qr(s.T, mode="r")
+        s = (r * jnp.sign(jnp.diagonal(r))[:, None]).T
+    return s, int(route)
+
+
+def sigmascale_block(
+    block: Params,
+    stats: dict,
+    xs: Any,
+    ys: Any,
+    cfg: ModelConfig,
+    ranks: dict[str, int],
+    *,
+    kind: str = "block",
+    steps: int = 200,
+    lr: float = 1e-2,
+    holdout: float = 0.125,
+) -> tuple[Params, dict[str, Any]]:
+    """Factor a dense block with SigmaScale.
+
+    `xs, ys: [N, T, D]` are the block's calibration inputs and original outputs; the
+    last `max(1, round(holdout · N))` windows are held out to pick the step.
+    Whitening is computed in float64, learning runs in float32, and the final
+    factors are computed in float64 from the learned scales.
+    """
+    import numpy as np
+
+    from sigmascale_jax.factorize import WHITEN_NAMES
+
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown SigmaScale loss {kind!r}; known: {', '.join(LOSS_KINDS)}")
+    n_hold = max(1, int(round(holdout * len(xs))))
+    if n_hold >= len(xs):
+        raise ValueError(f"need more than {n_hold} calibration windows to hold {n_hold} out")
+    whitening64, routes = {}, {}
+    with jax.enable_x64(True):
+        for tap in {PROJECTION_INPUT[n] for n in PROJECTIONS}:
+            s, route = triangular_whitening(jnp.asarray(stats[tap]["gram"], jnp.float64))
+            whitening64[tap], routes[tap] = np.asarray(s), route
+    white32 = {n: jnp.asarray(whitening64[PROJECTION_INPUT[n]], jnp.float32) for n in PROJECTIONS}
+    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    scales, trace = learn_block_scales(
+        block, white32, xs[:-n_hold], ys[:-n_hold], xs[-n_hold:], ys[-n_hold:],
+        cfg=cfg, ranks=tuple(sorted(ranks.items())), kind=kind, steps=steps, lr=lr,
+    )
+    new = {k: v for k, v in block.items() if k not in PROJECTIONS}
+    info: dict[str, Any] = {}
+    hold = np.asarray(trace["hold"])
+    with jax.enable_x64(True):
+        for n in PROJECTIONS:
+            w = jnp.asarray(np.asarray(block[n]["w"]), jnp.float64)
+            s = jnp.asarray(whitening64[PROJECTION_INPUT[n]])
+            rho = jnp.asarray(np.asarray(scales[n]["rho"]), jnp.float64)
+            gamma = jnp.asarray(np.asarray(scales[n]["gamma"]), jnp.float64)
+            b, c, sig = scaled_factors(w, s, rho, gamma, ranks[n])
+            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64)
+            if not (np.isfinite(np.asarray(b)).all() and np.isfinite(np.asarray(c)).all()):
+                raise FloatingPointError(f"non-finite SigmaScale factors for projection {n} (rank {ranks[n]})")
+            p = {"b": jnp.asarray(b, block[n]["w"].dtype), "c": jnp.asarray(c, block[n]["w"].dtype)}
+            if "bias" in block[n]:
+                p["bias"] = block[n]["bias"]
+            new[n] = p
+            info[n] = {
+                "shape": list(block[n]["w"].shape),
+                "rank": ranks[n],
+                "rel_loss": float(relative_activation_loss(w, b @ c, gram)),
+                "whitening": WHITEN_NAMES[routes[PROJECTION_INPUT[n]]],
+                "entropy_w": float(effective_rank_entropy(jnp.linalg.svd(w, compute_uv=False))),
+                "entropy_whitened": float(effective_rank_entropy(jnp.linalg.svd(w @ s, compute_uv=False))),
+                "entropy_scaled": float(effective_rank_entropy(sig)),
+            }
+    info["_block"] = {
+        "loss": kind,
+        "holdout_init": float(hold[0]),
+        "holdout_best": float(hold[int(trace["best_step"])]),
+        "best_step": int(trace["best_step"]),
+        "train_first": float(np.asarray(trace["train"])[0]),
+        "train_last": float(np.asarray(trace["train"])[-1]),
+    }
+    return new, info
