@@ -34,6 +34,7 @@ class ModelSource:
     reader: TensorReader | None  # None for compressed folders: their params come whole from Orbax
     folder: Path
     gguf_file: str | None = None
+    _tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def load_params(self, dtype: Any = None, progress: bool = False) -> dict:
         """The whole params pytree (dense for checkpoints, factored for compressed folders)."""
@@ -48,6 +49,12 @@ class ModelSource:
         return load_params(self.reader, self.cfg, dtype or jnp.float32, progress=progress)
 
     def tokenizer(self) -> Any:
+        """The model's tokenizer (loaded once; a GGUF's takes seconds to convert)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._load_tokenizer()
+        return self._tokenizer
+
+    def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         with warnings.catch_warnings():
