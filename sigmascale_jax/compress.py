@@ -170,6 +170,7 @@ def compress(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compress `model` with `method` at `ratio` into the folder `out`; returns the report (compression.json)."""
+    import jax
     from tqdm.auto import tqdm
 
     from sigmascale_jax.checkpoint import FORMAT_VERSION, PARAMS_DIR, REPORT_FILE, TOKENIZER_DIR, load_pytree, save_pytree
@@ -207,8 +208,9 @@ def compress(
     write_json_atomic(staging / "spec.json", spec_key)
     t = lap("calibration", t0)
 
-    outer = load_outer(source.reader, cfg)
-    xs = np.asarray(outer["embed"][windows])  # [N, L, D]
+    # Host copies: only the block being compressed lives on the device.
+    outer = jax.device_get(load_outer(source.reader, cfg))
+    xs = outer["embed"][windows]  # [N, L, D]
     t = lap("load", t)
 
     blocks, infos = [], []
@@ -238,7 +240,7 @@ def compress(
             t = lap("checkpoint", t)
             xs = _apply_in_chunks(comp, xs, cfg, batch_size) if sequential else dense_out
             t = lap("propagate", t)
-        blocks.append(comp)
+        blocks.append(jax.device_get(comp))
         infos.append(info)
         if "_block" in info:
             bar.set_postfix(hold=f"{info['_block']['holdout_init']:.4f}->{info['_block']['holdout_best']:.4f}")
