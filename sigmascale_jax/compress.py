@@ -73,6 +73,8 @@ def validate(spec: CompressSpec) -> None:
         raise UserError(f"--batch-size must be at least 1, got {spec.batch_size}")
     if spec.update and spec.method != "svd-llm":
         raise UserError("--update is SVD-LLM's parameter update; use it with --method svd-llm")
+    if spec.update and not spec.sequential:
+        raise UserError("--update refits on the compressed model's activations; it needs --sequential")
     if spec.method == "sigmascale":
         from sigmascale_jax.sigmascale import LOSS_KINDS
 
@@ -211,6 +213,9 @@ def compress(
     # Host copies: only the block being compressed lives on the device.
     outer = jax.device_get(load_outer(source.reader, cfg))
     xs = outer["embed"][windows]  # [N, L, D]
+    # --update: C comes from the original model's activations (a dense stream kept
+    # beside the compressed one), B is refit on the compressed model's.
+    xs_ref = xs if update else None
     t = lap("load", t)
 
     blocks, infos = [], []
@@ -224,16 +229,24 @@ def compress(
         if info_file.is_file():  # finished before an interruption
             comp, info = load_pytree(ckpt), json.loads(info_file.read_text())
             xs = _apply_in_chunks(comp if sequential else dense, xs, cfg, batch_size)
+            if xs_ref is not None:
+                xs_ref = _apply_in_chunks(dense, xs_ref, cfg, batch_size)
             t = lap("propagate", t)
         else:
             dense_out, stats = block_stats(dense, xs, cfg, batch_size)
+            ref_stats = None
+            if xs_ref is not None:
+                xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, batch_size)
             t = lap("stats", t)
             if method == "sigmascale":
                 comp, info = sigmascale_block(
                     dense, stats, xs, dense_out, cfg, ranks, kind=loss, steps=steps, lr=lr, holdout=holdout
                 )
             else:
-                comp, info = compress_block(dense, stats, cfg, ranks, method, update=update, alpha=alpha)
+                if ref_stats is not None:  # whiten on the original activations, refit on the compressed ones
+                    comp, info = compress_block(dense, ref_stats, cfg, ranks, method, refit_stats=stats)
+                else:
+                    comp, info = compress_block(dense, stats, cfg, ranks, method, alpha=alpha)
             t = lap("factorize", t)
             save_pytree(ckpt, comp)
             write_json_atomic(info_file, info)
@@ -319,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
-    p.add_argument("--update", action="store_true", help="svd-llm: closed-form refit of the left factor")
+    p.add_argument("--update", action="store_true",
+                   help="svd-llm: whiten on the original model's activations, then refit the left factor in closed form "
+                        "on the compressed model's (with --sequential)")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="feed block i+1 from the compressed block i")
     p.add_argument("--alpha", type=float, default=0.5, help="asvd: exponent of the activation scaling")

@@ -43,20 +43,27 @@ _whitening_one = jax.jit(whitening)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "triangular", "update"))
-def _whitened_group(w, s, gram, *, rank: int, triangular: bool, update: bool):
-    """SVD-LLM over a stack, given each matrix's whitening `s: [G, n, n]`; returns `(B, C, rel_loss)`."""
+def _whitened_group(w, s, refit_gram, *, rank: int, triangular: bool, update: bool):
+    """SVD-LLM over a stack, given each matrix's whitening `s: [G, n, n]`; returns `(B, C, rel_loss)`.
 
-    def one(w, s, gram):
+    With `update`, B is refit on `refit_gram`; the loss is measured on `refit_gram`.
+    """
+
+    def one(w, s, refit_gram):
         b, c = whitened_factors(w, s, rank, triangular)
         if update:
-            b = refit_left(w, gram, c)
-        return b, c, relative_activation_loss(w, b @ c, gram)
+            b = refit_left(w, refit_gram, c)
+        return b, c, relative_activation_loss(w, b @ c, refit_gram)
 
-    return jax.vmap(one)(w, s, gram)
+    return jax.vmap(one)(w, s, refit_gram)
 
 
-def svd_llm_group(w, gram, rank: int, update: bool):
+def svd_llm_group(w, gram, rank: int, refit_gram=None):
     """SVD-LLM for a stack of same-shape matrices: `(B, C, rel_loss, routes)`.
+
+    `gram: [G, n, n]` decides the whitening (and so C). With `refit_gram`, B is
+    refit on it (SVD-LLM's parameter update); refitting on `gram` itself would
+    change nothing, since the whitened truncation is already optimal there.
 
     Cholesky runs batched; the rare matrices whose Cholesky fails get their fallback
     alone. The fallbacks' branches are not put under vmap: vmap turns `lax.cond`
@@ -70,7 +77,10 @@ def svd_llm_group(w, gram, rank: int, update: bool):
             s_j, route = _whitening_one(gram[j])
             chol[j], routes[j] = np.asarray(s_j), int(route)
     triangular = WHITEN_EIGH not in routes
-    b, c, loss = _whitened_group(w, jnp.asarray(chol), gram, rank=rank, triangular=triangular, update=update)
+    update = refit_gram is not None
+    b, c, loss = _whitened_group(
+        w, jnp.asarray(chol), refit_gram if update else gram, rank=rank, triangular=triangular, update=update
+    )
     return b, c, loss, routes
 
 
@@ -85,12 +95,14 @@ def compress_block(
     cfg: ModelConfig,
     ranks: dict[str, int],
     method: str,
-    update: bool = False,
     alpha: float = 0.5,
+    refit_stats: dict | None = None,
 ) -> tuple[Params, dict[str, Any]]:
     """Factor every projection of a dense `block`.
 
     `stats`: `{tap: {"gram": [n, n], "absmean": [n]}}` from `stats.block_stats`.
+    `refit_stats` (svd-llm only): statistics of other inputs to refit B on (SVD-LLM's
+    update: C from the original model's activations, B from the compressed one's).
     Computation is float64 (whitening, SVD, refit); factors are stored in the
     block's dtype. Returns the factored block and per-matrix info (rank, whitening
     route, relative activation loss).
@@ -108,7 +120,10 @@ def compress_block(
             gram = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64) for n in names])
             absmean = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["absmean"], jnp.float64) for n in names])
             if method == "svd-llm":
-                b, c, loss, routes = svd_llm_group(w, gram, rank, update)
+                refit = None
+                if refit_stats is not None:
+                    refit = jnp.stack([jnp.asarray(refit_stats[PROJECTION_INPUT[n]]["gram"], jnp.float64) for n in names])
+                b, c, loss, routes = svd_llm_group(w, gram, rank, refit)
             else:
                 b, c, loss = _activation_blind_group(w, gram, absmean, rank=rank, method=method, alpha=alpha)
                 routes = [None] * len(names)
