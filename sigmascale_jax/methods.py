@@ -70,7 +70,7 @@ def svd_llm_group(w, gram, rank: int, refit_gram=None):
     into running every branch, and XLA:CPU's concurrent scheduler was seen to
     deadlock on such a mix of LAPACK calls (576x576, jax 0.10.2, 2 cores).
     """
-    chol = np.asarray(_cholesky_group(gram))
+    chol = np.array(_cholesky_group(gram))  # a writable copy: failed rows are replaced below
     routes = [WHITEN_CHOLESKY] * len(chol)
     for j in range(len(chol)):
         if not np.isfinite(chol[j]).all():

@@ -128,8 +128,24 @@ def test_batched_svd_llm_on_real_sizes_finishes():
         "x = np.random.default_rng(0).standard_normal((576, 1200))\n"
         "with jax.enable_x64(True):\n"
         "    g = jnp.asarray(np.stack([x @ x.T] * 2)); w = jnp.asarray(np.random.default_rng(1).standard_normal((2, 576, 576)))\n"
-        "    b, c, loss, routes = svd_llm_group(w, g, 200, True)\n"
+        "    b, c, loss, routes = svd_llm_group(w, g, 200, g)\n"
         "    assert np.isfinite(np.asarray(loss)).all() and routes == [0, 0]\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_batched_svd_llm_falls_back_per_matrix():
+    """One singular Gram matrix in a batch: that matrix takes the shifted Cholesky, the other stays plain."""
+    from sigmascale_jax.methods import svd_llm_group
+
+    rng = np.random.default_rng(5)
+    full, thin = rng.standard_normal((16, 80)), rng.standard_normal((16, 6))  # 6 tokens < 16 features
+    with jax.enable_x64(True):
+        w = jnp.asarray(rng.standard_normal((2, 12, 16)))
+        g = jnp.asarray(np.stack([full @ full.T, thin @ thin.T]))
+        b, c, loss, routes = svd_llm_group(w, g, 5)
+        assert routes == [WHITEN_CHOLESKY, WHITEN_SHIFTED]
+        assert np.isfinite(np.asarray(b)).all() and np.isfinite(np.asarray(c)).all()
+        b0, c0 = svd_llm_factors(w[0], g[0], 5)
+        np.testing.assert_allclose(np.asarray(b[0] @ c[0]), np.asarray(b0 @ c0), atol=1e-8)
