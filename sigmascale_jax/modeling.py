@@ -70,10 +70,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, None, :].astype(x.dtype) + rotated * sin[:, None, :].astype(x.dtype)
 
 
-def attention_mask(cfg: ModelConfig, t: int) -> jax.Array:
-    """Boolean `[T, T]`: query i may see key j (causal, and inside Mistral's sliding window)."""
-    i = jnp.arange(t)[:, None]
-    j = jnp.arange(t)[None, :]
+# Queries per attention chunk: each chunk scores only the keys it may see (causal),
+# which halves the work and keeps the scores cache-sized. Measured on 2 CPU cores
+# (SmolLM2, T=2048): 0.45 s per block unchunked, 0.067 s with 128.
+ATTENTION_CHUNK = 128
+
+
+def chunk_mask(cfg: ModelConfig, start: int, stop: int) -> jax.Array:
+    """Boolean `[stop - start, stop]`: query i (absolute) may see key j (causal, and inside Mistral's window)."""
+    i = jnp.arange(start, stop)[:, None]
+    j = jnp.arange(stop)[None, :]
     mask = j <= i
     if cfg.sliding_window is not None:
         mask = mask & (i - j < cfg.sliding_window)
@@ -83,21 +89,29 @@ def attention_mask(cfg: ModelConfig, t: int) -> jax.Array:
 def attention_mix(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Grouped-query self-attention of normed `x: [B, T, D]` up to the o projection: `[B, T, H * hd]`."""
     b, t, _ = x.shape
-    hd = cfg.head_dim
+    hd, hk, g = cfg.head_dim, cfg.num_kv_heads, cfg.group_size
     q = project(block["q"], x).reshape(b, t, cfg.num_heads, hd)
-    k = project(block["k"], x).reshape(b, t, cfg.num_kv_heads, hd)
-    v = project(block["v"], x).reshape(b, t, cfg.num_kv_heads, hd)
+    k = project(block["k"], x).reshape(b, t, hk, hd)
+    v = project(block["v"], x).reshape(b, t, hk, hd)
     if cfg.qk_norm:
         q = rms_norm(q, block["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, block["k_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    # [B, T, Hkv, G, hd]: each KV head serves a group of consecutive query heads.
-    q = q.reshape(b, t, cfg.num_kv_heads, cfg.group_size, hd)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) * (hd**-0.5)
-    scores = jnp.where(attention_mask(cfg, t), scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, cfg.num_heads * hd)
+    # Heads first, so scores are plain batched matmuls; each KV head serves a
+    # group of g consecutive query heads.
+    q = q.reshape(b, t, hk, g, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, hd]
+    k = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
+    v = v.transpose(0, 2, 1, 3)
+    outs = []
+    for start in range(0, t, ATTENTION_CHUNK):
+        stop = min(start + ATTENTION_CHUNK, t)
+        scores = jnp.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:stop], k[:, :, :stop]).astype(jnp.float32)
+        scores = jnp.where(chunk_mask(cfg, start, stop), scores * (hd**-0.5), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bhgqk,bhkd->bhgqd", probs, v[:, :, :stop]))
+    out = jnp.concatenate(outs, axis=3)  # [B, Hkv, G, T, hd]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * hd)
 
 
 def mlp_hidden(block: Params, x: jax.Array) -> jax.Array:
