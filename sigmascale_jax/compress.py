@@ -57,6 +57,8 @@ class CompressSpec:
     steps: int = 200
     lr: float = 1e-2
     holdout: float = 0.125
+    step_windows: int = 8
+    eval_every: int = 10
 
 
 def validate(spec: CompressSpec) -> None:
@@ -86,6 +88,10 @@ def validate(spec: CompressSpec) -> None:
             raise UserError(f"--holdout must lie strictly between 0 and 1, got {spec.holdout}")
         if spec.nsamples < 2:
             raise UserError("--method sigmascale needs --nsamples of at least 2 (some windows are held out)")
+        if spec.step_windows < 1:
+            raise UserError(f"--step-windows must be at least 1, got {spec.step_windows}")
+        if spec.eval_every < 1:
+            raise UserError(f"--eval-every must be at least 1, got {spec.eval_every}")
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -167,6 +173,8 @@ def compress(
     steps: int = 200,
     lr: float = 1e-2,
     holdout: float = 0.125,
+    step_windows: int = 8,
+    eval_every: int = 10,
     data_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -185,7 +193,8 @@ def compress(
     from sigmascale_jax.stats import block_stats
 
     spec = CompressSpec(
-        model, method, float(ratio), calib, nsamples, seq_len, seed, update, sequential, alpha, batch_size, loss, steps, lr, holdout
+        model, method, float(ratio), calib, nsamples, seq_len, seed, update, sequential, alpha, batch_size, loss, steps, lr, holdout,
+        step_windows, eval_every,
     )
     validate(spec)
     out = Path(out)
@@ -240,7 +249,9 @@ def compress(
             t = lap("stats", t)
             if method == "sigmascale":
                 comp, info = sigmascale_block(
-                    dense, stats, xs, dense_out, cfg, ranks, kind=loss, steps=steps, lr=lr, holdout=holdout
+                    dense, stats, xs, dense_out, cfg, ranks, kind=loss, steps=steps, lr=lr, holdout=holdout,
+                    batch_windows=step_windows, eval_every=eval_every, batch_size=batch_size,
+                    key=jax.random.fold_in(jax.random.key(seed), i),
                 )
             else:
                 if ref_stats is not None:  # whiten on the original activations, refit on the compressed ones
@@ -278,7 +289,8 @@ def compress(
         "update": update,
         "sequential": sequential,
         "alpha": alpha if method == "asvd" else None,
-        "sigmascale": {"loss": loss, "steps": steps, "lr": lr, "holdout": holdout} if method == "sigmascale" else None,
+        "sigmascale": {"loss": loss, "steps": steps, "lr": lr, "holdout": holdout, "step_windows": step_windows,
+                       "eval_every": eval_every} if method == "sigmascale" else None,
         "ratio_requested": spec.ratio,
         "ratio_achieved": achieved_ratio(shapes_ranks),
         "whole_model_ratio": 1.0 - compressed_count / dense_count,
@@ -343,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="sigmascale: Adam steps per block")
     p.add_argument("--lr", type=float, default=1e-2, help="sigmascale: peak learning rate (cosine decay)")
     p.add_argument("--holdout", type=float, default=0.125, help="sigmascale: fraction of windows held out to pick the step")
+    p.add_argument("--step-windows", type=int, default=8, help="sigmascale (block loss): calibration windows per Adam step")
+    p.add_argument("--eval-every", type=int, default=10, help="sigmascale: measure the held-out loss every N steps")
     p.add_argument("--data-dir", default=None, help="data folder (default: $SIGMASCALE_DATA, else ../shared/data)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and an unfinished run)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -382,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.method, args.ratio, args.out,
         calib=args.calib, nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, update=args.update,
         sequential=args.sequential, alpha=args.alpha, batch_size=args.batch_size, loss=args.loss, steps=args.steps,
-        lr=args.lr, holdout=args.holdout, data_dir=args.data_dir,
+        lr=args.lr, holdout=args.holdout, step_windows=args.step_windows, eval_every=args.eval_every,
+        data_dir=args.data_dir,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(f"{report['method']}{' +update' if report['update'] else ''}: ratio asked {report['ratio_requested']:.3f}, "

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.linalg import solve_triangular
 
+from sigmascale_jax.batching import stacked_map
 from sigmascale_jax.config import ModelConfig
 from sigmascale_jax.factorize import relative_activation_loss, split_sigma
-from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS, Params, block_forward, block_forward_taps, rope_cos_sin
+from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS, Params, block_forward, rope_cos_sin
 from sigmascale_jax.truncation import truncated_reconstruction
 
 LOSS_KINDS = ("block", "layer")
@@ -59,7 +60,7 @@ def effective_rank_entropy(sigma: jax.Array) -> jax.Array:
 
 
 def _groups(block: Params, ranks: dict[str, int]) -> list[tuple[str, ...]]:
-    """Projections of equal shape and rank, batched together with vmap."""
+    """Projections of equal shape and rank, batched together (`batching.stacked_map`)."""
     out: dict[tuple, list[str]] = {}
     for n in PROJECTIONS:
         out.setdefault((block[n]["w"].shape, ranks[n]), []).append(n)
@@ -74,31 +75,35 @@ def reconstruct_block(block: Params, whitening: dict, scales: dict, ranks: dict[
         s = jnp.stack([whitening[n] for n in names])
         rho = jnp.stack([scales[n]["rho"] for n in names])
         gamma = jnp.stack([scales[n]["gamma"] for n in names])
-        w_hat = jax.vmap(scaled_reconstruction, in_axes=(0, 0, 0, 0, None))(w, s, rho, gamma, ranks[names[0]])
+        w_hat = stacked_map(scaled_reconstruction, in_axes=(0, 0, 0, 0, None))(w, s, rho, gamma, ranks[names[0]])
         for j, n in enumerate(names):
             new[n] = {**block[n], "w": w_hat[j]}
     return new
 
 
-def block_loss(
-    scales: dict, block: Params, whitening: dict, x: jax.Array, target: jax.Array,
-    cfg: ModelConfig, ranks: dict[str, int], kind: str,
-) -> jax.Array:
-    """`block`: relative MSE of the block's output; `layer`: Σ over its matrices of ‖(W − Ŵ)X‖² / ‖W X‖².
+def layer_loss(scales: dict, block: Params, whitening: dict, grams: dict, ranks: dict[str, int]) -> jax.Array:
+    """Σ over the block's projections of the relative activation loss `tr(ΔG Δᵀ) / tr(W G Wᵀ)`, `Δ = W − Ŵ`.
 
-    `x, target: [B, T, D]`: inputs and the original block's outputs. The `layer`
-    loss takes each projection's inputs X from the original block on `x`, so a
-    held-out `x` gives a held-out loss for both kinds.
+    `grams: {tap: [in, in]}` are the Gram matrices of the projections' inputs
+    (`modeling.PROJECTION_INPUT`): the loss needs no tokens, only their second moments.
+    """
+    approx = reconstruct_block(block, whitening, scales, ranks)
+    total = 0.0
+    for n in PROJECTIONS:
+        w, g = block[n]["w"], grams[PROJECTION_INPUT[n]].astype(block[n]["w"].dtype)
+        total = total + relative_activation_loss(w, approx[n]["w"], g)
+    return total
+
+
+def block_loss(
+    scales: dict, block: Params, whitening: dict, x: jax.Array, target: jax.Array, cfg: ModelConfig, ranks: dict[str, int]
+) -> jax.Array:
+    """Relative MSE `‖f̂(x) − target‖² / ‖target‖²` of the block with every projection replaced by its Ŵ.
+
+    `x, target: [B, T, D]`: the block's inputs and the original block's outputs on them.
     """
     approx = reconstruct_block(block, whitening, scales, ranks)
     cos, sin = rope_cos_sin(cfg, jnp.arange(x.shape[1]))
-    if kind == "layer":
-        _, taps = block_forward_taps(block, x, cfg, cos, sin)
-        total = 0.0
-        for n in PROJECTIONS:
-            a = taps[PROJECTION_INPUT[n]].reshape(-1, block[n]["w"].shape[1])
-            total = total + jnp.sum((a @ (block[n]["w"] - approx[n]["w"]).T) ** 2) / jnp.sum((a @ block[n]["w"].T) ** 2)
-        return total
     out = block_forward(approx, x, cfg, cos, sin)
     return jnp.sum((out - target) ** 2) / jnp.sum(target**2)
 
@@ -111,54 +116,79 @@ def zero_scales(block: Params) -> dict:
     }
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ranks", "kind", "steps", "lr"))
+@functools.partial(jax.jit, static_argnames=("cfg", "ranks", "kind", "steps", "lr", "batch_windows", "eval_every"))
 def learn_block_scales(
     block: Params,
     whitening: dict,
-    x_train: jax.Array,
-    y_train: jax.Array,
-    x_hold: jax.Array,
-    y_hold: jax.Array,
+    train: Any,
+    hold: Any,
+    key: jax.Array,
     *,
     cfg: ModelConfig,
     ranks: tuple[tuple[str, int], ...],
     kind: str = "block",
     steps: int = 200,
     lr: float = 1e-2,
+    batch_windows: int = 8,
+    eval_every: int = 10,
 ) -> tuple[dict, dict[str, Any]]:
     """Learn ρ, γ of all seven projections of a block jointly; a pure, jit-compiled function.
 
     Args:
       block: dense block params (`w: [out, in]` per projection).
       whitening: `{projection: S [in, in]}`, lower-triangular with `S Sᵀ = G`.
-      x_train, y_train / x_hold, y_hold: block inputs and original outputs `[B, T, D]`;
-        the held-out pair picks the step.
+      train, hold: the data of the loss. `kind="block"`: `(x, y)`, the block's inputs
+        and original outputs `[N, T, D]`; each step uses `batch_windows` of the N
+        training windows, drawn without replacement with `key`. `kind="layer"`:
+        `{tap: gram [in, in]}` (see `layer_loss`).
+      key: PRNG key of the minibatches (unused by `layer`, which needs no sampling).
       ranks: `((projection, rank), ...)` (a tuple, so it can be static).
+      eval_every: the held-out loss is measured at step 0, every `eval_every` steps and at the end.
     Returns:
       the scales of the best held-out step (step 0 = SVD-LLM included, so never worse
-      than the initialization there), and a trace `{"train": [steps], "hold": [steps + 1],
-      "best_step": int}`.
+      than the initialization there), and a trace `{"train": [steps], "hold": [steps + 1]
+      (NaN where not measured), "best_step": int}`.
     """
     rank_map = dict(ranks)
-    loss = functools.partial(block_loss, block=block, whitening=whitening, cfg=cfg, ranks=rank_map, kind=kind)
-    schedule = optax.cosine_decay_schedule(lr, max(steps, 1))
-    opt = optax.adam(schedule)
-    init = zero_scales(block)
-    hold0 = loss(init, x=x_hold, target=y_hold)
+    if kind == "block":
+        n_train = train[0].shape[0]
+        take = min(batch_windows, n_train)
 
-    def step(carry, _):
-        scales, opt_state, best, best_loss, best_step, i = carry
-        train_loss, grads = jax.value_and_grad(loss)(scales, x=x_train, target=y_train)
+        def train_loss(scales, k):
+            idx = jax.random.choice(k, n_train, (take,), replace=False) if take < n_train else jnp.arange(n_train)
+            return block_loss(scales, block, whitening, train[0][idx], train[1][idx], cfg, rank_map)
+
+        def hold_loss(scales):
+            return block_loss(scales, block, whitening, hold[0], hold[1], cfg, rank_map)
+    elif kind == "layer":
+
+        def train_loss(scales, k):
+            return layer_loss(scales, block, whitening, train, rank_map)
+
+        def hold_loss(scales):
+            return layer_loss(scales, block, whitening, hold, rank_map)
+    else:
+        raise ValueError(f"unknown SigmaScale loss {kind!r}; known: {', '.join(LOSS_KINDS)}")
+
+    opt = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1)))
+    init = zero_scales(block)
+    hold0 = hold_loss(init)
+
+    def step(carry, i):
+        scales, opt_state, best, best_loss, best_step = carry
+        loss, grads = jax.value_and_grad(train_loss)(scales, jax.random.fold_in(key, i))
         updates, opt_state = opt.update(grads, opt_state, scales)
         scales = optax.apply_updates(scales, updates)
-        hold = loss(scales, x=x_hold, target=y_hold)
+        measure = ((i + 1) % eval_every == 0) | (i + 1 == steps)
+        hold = jax.lax.cond(measure, hold_loss, lambda _: jnp.asarray(jnp.nan, hold0.dtype), scales)
         better = jnp.isfinite(hold) & (hold < best_loss)
         best = jax.tree.map(lambda new, old: jnp.where(better, new, old), scales, best)
-        return (scales, opt_state, best, jnp.where(better, hold, best_loss), jnp.where(better, i + 1, best_step), i + 1), (train_loss, hold)
+        carry = (scales, opt_state, best, jnp.where(better, hold, best_loss), jnp.where(better, i + 1, best_step))
+        return carry, (loss, hold)
 
-    carry = (init, opt.init(init), init, hold0, jnp.asarray(0), jnp.asarray(0))
-    (_, _, best, _, best_step, _), (train, hold) = jax.lax.scan(step, carry, None, length=steps)
-    return best, {"train": train, "hold": jnp.concatenate([hold0[None], hold]), "best_step": best_step}
+    carry = (init, opt.init(init), init, hold0, jnp.asarray(0))
+    (_, _, best, _, best_step), (train_trace, hold_trace) = jax.lax.scan(step, carry, jnp.arange(steps))
+    return best, {"train": train_trace, "hold": jnp.concatenate([hold0[None], hold_trace]), "best_step": best_step}
 
 
 def triangular_whitening(gram: jax.Array) -> tuple[jax.Array, int]:
@@ -188,17 +218,24 @@ def sigmascale_block(
     steps: int = 200,
     lr: float = 1e-2,
     holdout: float = 0.125,
+    batch_windows: int = 8,
+    eval_every: int = 10,
+    key: jax.Array | None = None,
+    batch_size: int = 8,
 ) -> tuple[Params, dict[str, Any]]:
     """Factor a dense block with SigmaScale.
 
-    `xs, ys: [N, T, D]` are the block's calibration inputs and original outputs; the
-    last `max(1, round(holdout · N))` windows are held out to pick the step.
-    Whitening is computed in float64, learning runs in float32, and the final
-    factors are computed in float64 from the learned scales.
+    `xs, ys: [N, T, D]` are the block's calibration inputs and original outputs, `stats`
+    their `stats.block_stats`; the last `max(1, round(holdout · N))` windows are held out
+    to pick the step; `key` draws the minibatches (default `jax.random.key(0)`). Whitening comes from all N windows (so step 0 is exactly SVD-LLM's
+    factors), in float64; learning runs in float32 (`batch_windows` windows per step for
+    the `block` loss, the training windows' Gram matrices for `layer`); the final factors
+    are computed in float64 from the learned scales.
     """
     import numpy as np
 
     from sigmascale_jax.factorize import WHITEN_NAMES
+    from sigmascale_jax.stats import block_stats
 
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown SigmaScale loss {kind!r}; known: {', '.join(LOSS_KINDS)}")
@@ -211,10 +248,19 @@ def sigmascale_block(
             s, route = triangular_whitening(jnp.asarray(stats[tap]["gram"], jnp.float64))
             whitening64[tap], routes[tap] = np.asarray(s), route
     white32 = {n: jnp.asarray(whitening64[PROJECTION_INPUT[n]], jnp.float32) for n in PROJECTIONS}
-    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    if kind == "block":
+        xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+        train, hold_data = (xs[:-n_hold], ys[:-n_hold]), (xs[-n_hold:], ys[-n_hold:])
+    else:
+        # Gram matrices per token (float32-friendly); training = all windows minus the held-out ones.
+        _, held = block_stats(block, np.asarray(xs[-n_hold:]), cfg, batch_size)
+        n_train_tokens = (len(xs) - n_hold) * xs.shape[1]
+        train = {t: jnp.asarray((stats[t]["gram"] - held[t]["gram"]) / n_train_tokens, jnp.float32) for t in held}
+        hold_data = {t: jnp.asarray(held[t]["gram"] / held[t]["tokens"], jnp.float32) for t in held}
     scales, trace = learn_block_scales(
-        block, white32, xs[:-n_hold], ys[:-n_hold], xs[-n_hold:], ys[-n_hold:],
+        block, white32, train, hold_data, jax.random.key(0) if key is None else key,
         cfg=cfg, ranks=tuple(sorted(ranks.items())), kind=kind, steps=steps, lr=lr,
+        batch_windows=batch_windows, eval_every=eval_every,
     )
     new = {k: v for k, v in block.items() if k not in PROJECTIONS}
     info: dict[str, Any] = {}
@@ -242,12 +288,16 @@ def sigmascale_block(
                 "entropy_whitened": float(effective_rank_entropy(jnp.linalg.svd(w @ s, compute_uv=False))),
                 "entropy_scaled": float(effective_rank_entropy(sig)),
             }
+    train_trace = np.asarray(trace["train"])
+    measured = np.flatnonzero(np.isfinite(hold))
     info["_block"] = {
         "loss": kind,
+        "steps": steps,
         "holdout_init": float(hold[0]),
         "holdout_best": float(hold[int(trace["best_step"])]),
         "best_step": int(trace["best_step"]),
-        "train_first": float(np.asarray(trace["train"])[0]),
-        "train_last": float(np.asarray(trace["train"])[-1]),
+        "train_first": float(train_trace[0]) if steps else None,
+        "train_last": float(train_trace[-1]) if steps else None,
+        "holdout_trace": [[int(i), float(hold[i])] for i in measured],
     }
     return new, info
