@@ -55,7 +55,7 @@ class CompressSpec:
     batch_size: int = 8
     loss: str = "block"
     steps: int = 200
-    lr: float = 1e-2
+    lr: float = 3e-2
     holdout: float = 0.125
     step_windows: int = 8
     eval_every: int = 10
@@ -171,7 +171,7 @@ def compress(
     batch_size: int = 8,
     loss: str = "block",
     steps: int = 200,
-    lr: float = 1e-2,
+    lr: float = 3e-2,
     holdout: float = 0.125,
     step_windows: int = 8,
     eval_every: int = 10,
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per device call")
     p.add_argument("--loss", default="block", choices=("block", "layer"), help="sigmascale: loss the scales learn on")
     p.add_argument("--steps", type=int, default=200, help="sigmascale: Adam steps per block")
-    p.add_argument("--lr", type=float, default=1e-2, help="sigmascale: peak learning rate (cosine decay)")
+    p.add_argument("--lr", type=float, default=3e-2, help="sigmascale: peak learning rate (cosine decay)")
     p.add_argument("--holdout", type=float, default=0.125, help="sigmascale: fraction of windows held out to pick the step")
     p.add_argument("--step-windows", type=int, default=8, help="sigmascale (block loss): calibration windows per Adam step")
     p.add_argument("--eval-every", type=int, default=10, help="sigmascale: measure the held-out loss every N steps")

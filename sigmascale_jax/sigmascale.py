@@ -128,7 +128,7 @@ def learn_block_scales(
     ranks: tuple[tuple[str, int], ...],
     kind: str = "block",
     steps: int = 200,
-    lr: float = 1e-2,
+    lr: float = 3e-2,
     batch_windows: int = 8,
     eval_every: int = 10,
 ) -> tuple[dict, dict[str, Any]]:
@@ -216,7 +216,7 @@ def sigmascale_block(
     *,
     kind: str = "block",
     steps: int = 200,
-    lr: float = 1e-2,
+    lr: float = 3e-2,
     holdout: float = 0.125,
     batch_windows: int = 8,
     eval_every: int = 10,

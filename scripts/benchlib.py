@@ -1,0 +1,123 @@
+"""Shared pieces of the compression benchmarks: run the public command lines, reuse finished runs, write tables.
+
+Each compression and each evaluation runs in its own process (so peak memory is per
+run). A run is reused only when its recorded command is the one about to run, so an
+interrupted benchmark continues where it stopped and changed flags never mix results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sigmascale_jax.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+
+DEFAULT_MODEL = str(REPO.parent / "shared" / "models" / "smollm2-135m-instruct-q4_1")
+
+# Benchmark method name -> compressor flags.
+METHOD_FLAGS = {
+    "svd": ["--method", "svd"],
+    "asvd": ["--method", "asvd"],
+    "svd-llm": ["--method", "svd-llm"],
+    "svd-llm+update": ["--method", "svd-llm", "--update"],
+    "sigmascale-block": ["--method", "sigmascale", "--loss", "block"],
+    "sigmascale-layer": ["--method", "sigmascale", "--loss", "layer"],
+}
+
+
+def run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+
+
+def cached(cmd: list[str], done: Path, record: Path) -> None:
+    """Run `cmd` unless `done` exists and `record` holds this very command."""
+    if done.exists() and record.is_file() and json.loads(record.read_text()) == cmd:
+        return
+    run(cmd)
+    write_json_atomic(record, cmd)
+
+
+def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--eval-batch-size", type=int, default=1)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows of each set")
+    p.add_argument("--runs-dir", default="runs/bench")
+    p.add_argument("--out", default=out, help="writes OUT.md and OUT.json")
+
+
+def evaluate(model: str, out_json: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "sigmascale_jax.eval", "--model", model, "--tasks", "wikitext2,c4",
+           "--seq-len", str(args.eval_seq_len), "--batch-size", str(args.eval_batch_size),
+           "--json", str(out_json), "--no-progress"]
+    if args.max_windows:
+        cmd += ["--max-windows", str(args.max_windows)]
+    cached(cmd, out_json, out_json.with_suffix(".cmd.json"))
+    return json.loads(out_json.read_text())
+
+
+def compress(method: str, ratio: float, folder: Path, args, extra: list[str] = ()) -> dict:
+    cmd = [sys.executable, "-m", "sigmascale_jax.compress", "--model", args.model, *METHOD_FLAGS[method],
+           "--ratio", str(ratio), "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
+           "--seed", str(args.seed), "--out", str(folder), "--overwrite", "--no-progress", *extra]
+    cached(cmd, folder / "compression.json", folder.with_name(folder.name + ".cmd.json"))
+    return json.loads((folder / "compression.json").read_text())
+
+
+def dense_row(args) -> dict:
+    res = evaluate(args.model, REPO / args.runs_dir / "dense.eval.json", args)
+    return {"method": "dense", "ratio": 0.0, "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"],
+            "eval_windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")}}
+
+
+def method_row(method: str, ratio: float, args, extra: list[str] = ()) -> dict:
+    """Compress (or reuse), evaluate (or reuse) and summarize one method at one ratio."""
+    runs = REPO / args.runs_dir
+    runs.mkdir(parents=True, exist_ok=True)
+    name = f"{method}-{ratio}"
+    t0 = time.perf_counter()
+    report = compress(method, ratio, runs / name, args, extra)
+    res = evaluate(str(runs / name), runs / f"{name}.eval.json", args)
+    row = {
+        "method": method, "ratio": ratio, "ratio_achieved": report["ratio_achieved"],
+        "whole_model_ratio": report["whole_model_ratio"], "wikitext2_ppl": res["wikitext2"]["ppl"],
+        "c4_ppl": res["c4"]["ppl"], "compress_s": report["seconds"],
+        "peak_host_mib": report["memory"]["host_peak_mib"], "timings_s": report["timings_s"],
+        "eval_windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")},
+    }
+    if report.get("blocks"):
+        init = [b["holdout_init"] for b in report["blocks"]]
+        best = [b["holdout_best"] for b in report["blocks"]]
+        row["holdout_gain"] = 1.0 - sum(best) / sum(init)  # fraction of the summed held-out loss removed
+        row["sigmascale"] = report["sigmascale"]
+    print(f"{name:<26} wiki {row['wikitext2_ppl']:>12.3f}  c4 {row['c4_ppl']:>12.3f}  "
+          f"achieved {row['ratio_achieved']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return row
+
+
+def header(title: str, args) -> str:
+    return (f"# {title} on {Path(args.model).name}\n\n"
+            f"Calibration: C4 docs 0-999, {args.nsamples} windows of {args.seq_len} tokens, seed {args.seed}. "
+            f"Evaluation: seq-len {args.eval_seq_len}, "
+            + (f"first {args.max_windows} windows of each set" if args.max_windows else "full sets")
+            + f". Machine: {os.cpu_count()} CPU cores (times are wall-clock on this machine). "
+            f"Command: `python {' '.join(sys.argv)}`\n\n")
+
+
+def write(out: str, payload: dict, md: str) -> None:
+    write_json_atomic(REPO / f"{out}.json", payload)
+    write_text_atomic(REPO / f"{out}.md", md)
