@@ -2,7 +2,7 @@
 
 Reads the run's `compression.json` (per-matrix entropies of W, of the whitened
 W S and of the learned scaled matrix, and each matrix's relative activation loss)
-and its factored params (for the spectra, recomputed from the source model).
+and its `spectra.npz` (the singular values behind those entropies).
 
     python scripts/plot_entropy.py runs/smollm2-sigmascale-0.2 --out results/entropy_smollm2_0.2
 """
@@ -40,9 +40,7 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sigmascale_jax.checkpoint import load_pytree
-    from sigmascale_jax.params import load_block
-    from sigmascale_jax.sources import open_model
+    from sigmascale_jax.checkpoint import SPECTRA_FILE
 
     run = Path(args.run)
     report = json.loads((run / "compression.json").read_text())
@@ -69,18 +67,17 @@ def main() -> int:
     fig.tight_layout()
     fig.savefig(f"{args.out}_scatter.png", dpi=120)
 
-    # spectra of one block: W, and the compressed product B C (rank k) for reference
-    source = open_model(report["model"])
+    # spectra of one block: W, W S and the learned scaled matrix, each over its own largest value; the cut at rank k
     block_idx = args.block if args.block is not None else report["model_config"]["num_layers"] // 2
-    dense = load_block(source.reader, source.cfg, block_idx)
-    comp = load_pytree(run / "params")["blocks"][block_idx]
+    ranks = {m["name"]: m["rank"] for m in mats if m["block"] == block_idx}
     fig, axes = plt.subplots(1, 7, figsize=(21, 3.5))
-    for ax, name in zip(axes, ("q", "k", "v", "o", "gate", "up", "down")):
-        sw = np.linalg.svd(np.asarray(dense[name]["w"], np.float64), compute_uv=False)
-        sc = np.linalg.svd(np.asarray(comp[name]["b"], np.float64) @ np.asarray(comp[name]["c"], np.float64), compute_uv=False)
-        ax.semilogy(sw / sw[0], label="W")
-        ax.semilogy(sc[: comp[name]["b"].shape[1]] / sw[0], label="B C")
-        ax.set_title(f"block {block_idx} {name}")
+    with np.load(run / SPECTRA_FILE) as spectra:
+        for ax, name in zip(axes, ("q", "k", "v", "o", "gate", "up", "down")):
+            for label, key in (("W", "w"), ("W S", "whitened"), ("scaled A", "scaled")):
+                sig = spectra[f"{block_idx}.{name}.{key}"]
+                ax.semilogy(sig / sig[0], label=label)
+            ax.axvline(ranks[name], color="gray", lw=0.8, ls="--")
+            ax.set_title(f"block {block_idx} {name} (k={ranks[name]})")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(f"{args.out}_spectra.png", dpi=110)

@@ -5,6 +5,7 @@ A compressed folder holds::
     compression.json     what was done (model config, method, ranks, calibration, timings, ...)
     params/              Orbax checkpoint of the factored params pytree
     tokenizer/           the source model's tokenizer (save_pretrained)
+    spectra.npz          SigmaScale only: singular values "<block>.<projection>.<w|whitened|scaled>"
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ FORMAT_VERSION = 1
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 REPORT_FILE = "compression.json"
+SPECTRA_FILE = "spectra.npz"
 
 
 def save_pytree(path: Path, tree: Any) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from sigmascale_jax.errors import ArgumentParser, UserError, run_cli
-from sigmascale_jax.fileio import write_json_atomic
+from sigmascale_jax.fileio import write_json_atomic, write_npz_atomic
 from sigmascale_jax.methods import METHODS
 
 PARTIAL_SUFFIX = ".partial"
@@ -183,7 +183,9 @@ def compress(
     import jax
     from tqdm.auto import tqdm
 
-    from sigmascale_jax.checkpoint import FORMAT_VERSION, PARAMS_DIR, REPORT_FILE, TOKENIZER_DIR, load_pytree, save_pytree
+    from sigmascale_jax.checkpoint import (
+        FORMAT_VERSION, PARAMS_DIR, REPORT_FILE, SPECTRA_FILE, TOKENIZER_DIR, load_pytree, save_pytree,
+    )
     from sigmascale_jax.methods import block_ranks, compress_block
     from sigmascale_jax.modeling import PROJECTIONS, param_count
     from sigmascale_jax.params import load_block, load_outer
@@ -260,7 +262,10 @@ def compress(
                     comp, info = compress_block(dense, stats, cfg, ranks, method, alpha=alpha)
             t = lap("factorize", t)
             save_pytree(ckpt, comp)
-            write_json_atomic(info_file, info)
+            spectra = info.pop("_spectra", None)
+            if spectra:
+                write_npz_atomic(staging / "blocks" / f"{i:04d}.spectra.npz", spectra)
+            write_json_atomic(info_file, info)  # last: it marks the block as finished
             t = lap("checkpoint", t)
             xs = _apply_in_chunks(comp, xs, cfg, batch_size) if sequential else dense_out
             t = lap("propagate", t)
@@ -275,6 +280,13 @@ def compress(
 
     params = {**outer, "blocks": blocks}
     save_pytree(staging / PARAMS_DIR, params)
+    block_spectra = sorted((staging / "blocks").glob("*.spectra.npz"))
+    if block_spectra:  # SigmaScale: singular values of W, W S and the scaled matrix, per block and projection
+        merged = {}
+        for f in block_spectra:
+            with np.load(f) as z:
+                merged.update({f"{int(f.name[:4])}.{k}": z[k] for k in z.files})
+        write_npz_atomic(staging / SPECTRA_FILE, merged)
     source.tokenizer().save_pretrained(str(staging / TOKENIZER_DIR))
     t = lap("checkpoint", t)
 

@@ -230,7 +230,8 @@ def sigmascale_block(
     to pick the step; `key` draws the minibatches (default `jax.random.key(0)`). Whitening comes from all N windows (so step 0 is exactly SVD-LLM's
     factors), in float64; learning runs in float32 (`batch_windows` windows per step for
     the `block` loss, the training windows' Gram matrices for `layer`); the final factors
-    are computed in float64 from the learned scales.
+    are computed in float64 from the learned scales. `info["_spectra"]` holds the singular
+    values of W, of W S and of the learned scaled matrix, `{"<projection>.<w|whitened|scaled>": [r]}`.
     """
     import numpy as np
 
@@ -264,6 +265,7 @@ def sigmascale_block(
     )
     new = {k: v for k, v in block.items() if k not in PROJECTIONS}
     info: dict[str, Any] = {}
+    all_spectra: dict[str, np.ndarray] = {}
     hold = np.asarray(trace["hold"])
     with jax.enable_x64(True):
         for n in PROJECTIONS:
@@ -272,6 +274,7 @@ def sigmascale_block(
             rho = jnp.asarray(np.asarray(scales[n]["rho"]), jnp.float64)
             gamma = jnp.asarray(np.asarray(scales[n]["gamma"]), jnp.float64)
             b, c, sig = scaled_factors(w, s, rho, gamma, ranks[n])
+            spectra = {"w": jnp.linalg.svd(w, compute_uv=False), "whitened": jnp.linalg.svd(w @ s, compute_uv=False)}
             gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64)
             if not (np.isfinite(np.asarray(b)).all() and np.isfinite(np.asarray(c)).all()):
                 raise FloatingPointError(f"non-finite SigmaScale factors for projection {n} (rank {ranks[n]})")
@@ -284,10 +287,12 @@ def sigmascale_block(
                 "rank": ranks[n],
                 "rel_loss": float(relative_activation_loss(w, b @ c, gram)),
                 "whitening": WHITEN_NAMES[routes[PROJECTION_INPUT[n]]],
-                "entropy_w": float(effective_rank_entropy(jnp.linalg.svd(w, compute_uv=False))),
-                "entropy_whitened": float(effective_rank_entropy(jnp.linalg.svd(w @ s, compute_uv=False))),
+                "entropy_w": float(effective_rank_entropy(spectra["w"])),
+                "entropy_whitened": float(effective_rank_entropy(spectra["whitened"])),
                 "entropy_scaled": float(effective_rank_entropy(sig)),
             }
+            spectra["scaled"] = sig
+            all_spectra.update({f"{n}.{k}": np.asarray(v, np.float32) for k, v in spectra.items()})
     train_trace = np.asarray(trace["train"])
     measured = np.flatnonzero(np.isfinite(hold))
     info["_block"] = {
@@ -300,4 +305,5 @@ def sigmascale_block(
         "train_last": float(train_trace[-1]) if steps else None,
         "holdout_trace": [[int(i), float(hold[i])] for i in measured],
     }
+    info["_spectra"] = all_spectra  # not JSON: the pipeline stores it in spectra.npz
     return new, info

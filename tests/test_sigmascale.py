@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,5 +185,32 @@ def test_end_to_end_on_stories260k_beats_svd_llm(tmp_path):
     assert len(ss["blocks"]) == 5 and all(b["holdout_best"] <= b["holdout_init"] for b in ss["blocks"])
     assert ss["ratio_achieved"] == sl["ratio_achieved"]
     assert {"entropy_w", "entropy_whitened", "entropy_scaled"} <= set(ss["matrices"][0])
+    with np.load(tmp_path / "ss" / "spectra.npz") as spectra:
+        assert len(spectra.files) == 5 * 7 * 3
+        m = ss["matrices"][7 * 2 + 6]  # block 2, down
+        assert (m["block"], m["name"]) == (2, "down")
+        for key in ("w", "whitened", "scaled"):
+            sig = spectra[f"2.down.{key}"]
+            assert sig.shape == (min(m["shape"]),) and np.all(np.diff(sig) <= 0)
+            assert float(effective_rank_entropy(jnp.asarray(sig))) == pytest.approx(m[f"entropy_{key}"], rel=1e-5)
+    assert not (tmp_path / "sl" / "spectra.npz").exists()
     ppl = {k: evaluate(str(tmp_path / k), ["wikitext2"], seq_len=256, max_windows=6, data_dir=str(DATA), progress=False)["wikitext2"]["ppl"] for k in ("ss", "sl")}
     assert ppl["ss"] < ppl["sl"]
+
+
+def test_entropy_script_draws_spectra_and_scatter(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = tmp_path / "ss"
+    sigmascale_jax.compress(str(require(STORIES)), "sigmascale", 0.4, run, nsamples=8, seq_len=64, steps=2,
+                            data_dir=str(DATA), progress=False)
+    proc = subprocess.run([sys.executable, "scripts/plot_entropy.py", str(run), "--out", str(tmp_path / "ent")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ent_spectra.png").stat().st_size > 10_000 and (tmp_path / "ent_scatter.png").stat().st_size > 10_000
+    result = json.loads((tmp_path / "ent.json").read_text())
+    assert result["n"] == 35 and set(result["spearman_vs_rel_loss"]) == {"entropy_w", "entropy_whitened", "entropy_scaled"}
+    assert all(-1 <= r <= 1 for r in result["spearman_vs_rel_loss"].values())
