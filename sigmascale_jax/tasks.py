@@ -80,6 +80,13 @@ def _labels(path: Path, count: int) -> list[str]:
     return labels
 
 
+def _labelled(data_dir: Path, docs_rel: str, labels_rel: str) -> tuple[Path, list[tuple[dict, str]]]:
+    """The documents of a JSON-lines file paired with the lines of its labels file."""
+    path = data_file(data_dir, docs_rel)
+    docs = _json_lines(path)
+    return path, list(zip(docs, _labels(data_file(data_dir, labels_rel), len(docs))))
+
+
 def _fields(path: Path, i: int, doc: dict, *names: str) -> list[Any]:
     try:
         return [doc[n] for n in names]
@@ -92,11 +99,9 @@ def _fields(path: Path, i: int, doc: dict, *names: str) -> list[Any]:
 
 def load_piqa(data_dir: Path) -> list[dict]:
     """`baber/piqa` validation: goal, sol1, sol2, label (int)."""
-    path = data_file(data_dir, "piqa/valid.jsonl")
-    docs = _json_lines(path)
-    labels = _labels(data_file(data_dir, "piqa/valid-labels.lst"), len(docs))
+    path, labelled = _labelled(data_dir, "piqa/valid.jsonl", "piqa/valid-labels.lst")
     out = []
-    for i, (doc, label) in enumerate(zip(docs, labels)):
+    for i, (doc, label) in enumerate(labelled):
         goal, sol1, sol2 = _fields(path, i, doc, "goal", "sol1", "sol2")
         out.append({"goal": goal, "sol1": sol1, "sol2": sol2, "label": int(label)})
     return out
@@ -113,11 +118,9 @@ def load_hellaswag(data_dir: Path) -> list[dict]:
 
 def load_winogrande(data_dir: Path) -> list[dict]:
     """`allenai/winogrande` winogrande_xl validation: sentence, option1, option2, answer ("1"/"2")."""
-    path = data_file(data_dir, "winogrande/dev.jsonl")
-    docs = _json_lines(path)
-    labels = _labels(data_file(data_dir, "winogrande/dev-labels.lst"), len(docs))
+    path, labelled = _labelled(data_dir, "winogrande/dev.jsonl", "winogrande/dev-labels.lst")
     out = []
-    for i, (doc, label) in enumerate(zip(docs, labels)):
+    for i, (doc, label) in enumerate(labelled):
         sentence, o1, o2 = _fields(path, i, doc, "sentence", "option1", "option2")
         if "answer" in doc and str(doc["answer"]) != label:
             raise UserError(f"document {i + 1} of {path} answers {doc['answer']!r}, dev-labels.lst says {label!r}")
