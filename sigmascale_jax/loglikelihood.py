@@ -5,15 +5,20 @@ of the context move to the continuation; `context + continuation` and `context`
 are encoded with the tokenizer's default special tokens and the continuation's
 tokens are the whole encoding past the context's; an empty context becomes the
 prefix token (BOS, else EOS); sequences longer than the model's window lose tokens
-on the left. The model reads `(context + continuation)[:-1]` and the score is the
-sum of the continuation tokens' log-probabilities.
+on the left. The score is the sum of the continuation tokens' log-probabilities,
+each given the context and the continuation's earlier tokens.
 
-Requests are sorted by length and padded on the right (harmless to a causal model)
-to a few bucket lengths, so only a handful of shapes are compiled.
+The choices of one question share their context, so they are packed into one
+row behind a single copy of it (`modeling.Packing` keeps each choice from seeing
+the others and gives it the positions it would have alone), and several questions
+share a row: the same numbers as one sequence per request, for about half the
+tokens on multiple-choice sets. Rows are padded to a few bucket lengths, so only a
+handful of shapes are compiled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -22,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sigmascale_jax.config import ModelConfig
-from sigmascale_jax.modeling import Params, forward
+from sigmascale_jax.modeling import Packing, Params, hidden_states, lm_head
 
 
 def prefix_token_id(tok: Any) -> int:
@@ -64,12 +69,106 @@ def bucket_length(n: int, smallest: int = 32) -> int:
         size *= 2
 
 
+@dataclasses.dataclass
+class Group:
+    """Requests that share their context tokens (the choices of one question), packed into one row together.
+
+    The row holds the context once, then each continuation without its last token
+    (nothing reads the prediction after it): continuation j's first token is read
+    off the context's last position, its later tokens off its own earlier ones.
+    """
+
+    context: list[int]
+    continuations: list[list[int]]
+    ids: list[int]  # request indices
+
+    @property
+    def tokens(self) -> int:
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
+    @property
+    def reads(self) -> int:
+        return sum(len(c) for c in self.continuations)
+
+
+def group_requests(requests: Sequence[tuple[list[int], list[int]]], max_len: int) -> list[Group]:
+    """Consecutive requests with equal context tokens form a group; a group that would not fit
+    in `max_len` positions splits into one request each, left-truncated as the harness does."""
+    groups: list[Group] = []
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx or not cont:
+            raise ValueError("every request needs at least one context and one continuation token")
+        if groups and groups[-1].context == ctx:
+            groups[-1].continuations.append(cont)
+            groups[-1].ids.append(i)
+        else:
+            groups.append(Group(list(ctx), [cont], [i]))
+    out = []
+    for g in groups:
+        if g.tokens <= max_len:
+            out.append(g)
+            continue
+        for i, cont in zip(g.ids, g.continuations):
+            # the harness feeds (ctx + cont)[-(max_len + 1):][:-1]
+            kept = (g.context + cont)[-(max_len + 1) :]
+            out.append(Group(kept[: len(kept) - len(cont)], [cont], [i]))
+    return out
+
+
+def pack_rows(groups: list[Group], length: int, rows: int) -> list[list[Group]]:
+    """First fit of `groups` (largest first) into at most `rows` rows of `length` tokens and reads."""
+    packed: list[list[Group]] = []
+    room: list[list[int]] = []  # [tokens, reads] left per row
+    for g in groups:
+        for r, left in enumerate(room):
+            if g.tokens <= left[0] and g.reads <= left[1]:
+                packed[r].append(g)
+                left[0] -= g.tokens
+                left[1] -= g.reads
+                break
+        else:
+            if len(packed) == rows:
+                break
+            packed.append([g])
+            room.append([length - g.tokens, length - g.reads])
+    return packed
+
+
+def layout_rows(rows: list[list[Group]], length: int, n_rows: int) -> tuple[np.ndarray, ...]:
+    """Token, position, doc, part, read-position and read-token arrays `[n_rows, length]` of packed rows,
+    and `[(row, read slot, request id)]` to sum the reads back."""
+    tokens, positions, read_pos, read_tok = (np.zeros((n_rows, length), np.int32) for _ in range(4))
+    doc, part = np.full((n_rows, length), -1, np.int32), np.zeros((n_rows, length), np.int32)
+    owners = []
+    for r, groups in enumerate(rows):
+        at = slot = 0
+        for d, g in enumerate(groups):
+            n = len(g.context)
+            tokens[r, at : at + n], positions[r, at : at + n], doc[r, at : at + n] = g.context, np.arange(n), d
+            last_ctx = at + n - 1
+            at += n
+            for j, (cont, rid) in enumerate(zip(g.continuations, g.ids), start=1):
+                body = cont[:-1]
+                span = slice(at, at + len(body))
+                tokens[r, span], positions[r, span], doc[r, span], part[r, span] = body, np.arange(n, n + len(body)), d, j
+                # token 0 is predicted at the context's last position, token t at body token t - 1
+                read_pos[r, slot : slot + len(cont)] = [last_ctx, *range(at, at + len(body))]
+                read_tok[r, slot : slot + len(cont)] = cont
+                owners.append((r, slice(slot, slot + len(cont)), rid))
+                slot += len(cont)
+                at += len(body)
+    return tokens, Packing(positions, doc, part), read_pos, read_tok, owners
+
+
 @jax.jit(static_argnames="cfg")
-def next_token_logprobs(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """`[B, T]` log-probability the model gives, at each position t of `tokens: [B, T + 1]`, to token t + 1."""
-    logits = forward(params, tokens[:, :-1], cfg)
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return target - jax.nn.logsumexp(logits, axis=-1)
+def read_logprobs(
+    params: Params, tokens: jax.Array, packing: Packing, read_pos: jax.Array, read_tok: jax.Array, cfg: ModelConfig
+) -> jax.Array:
+    """`[B, M]`: log-probability the model gives, at position `read_pos[b, m]` of packed `tokens: [B, T]`, to `read_tok[b, m]`."""
+    h = hidden_states(params, tokens, cfg, packing)
+    logits = (h @ lm_head(params).T.astype(h.dtype)).astype(jnp.float32)  # [B, T, V]
+    picked = jnp.take_along_axis(jnp.take_along_axis(logits, read_pos[..., None], axis=1), read_tok[..., None], axis=2)[..., 0]
+    return picked - jnp.take_along_axis(jax.nn.logsumexp(logits, axis=-1), read_pos, axis=1)
 
 
 def score_requests(
@@ -82,37 +181,31 @@ def score_requests(
 ) -> np.ndarray:
     """Summed log-likelihood `[N]` (float64) of each `(context tokens, continuation tokens)` request.
 
-    Requests run longest first, grouped into batches of `tokens_per_batch // bucket`
-    rows padded to the bucket length; a short last batch is padded with copies of its
-    last row so every call of a bucket has one shape.
+    Requests sharing their context are packed into one row (`Group`); rows of one
+    call have a bucket length L and hold several groups, largest first, with
+    `max(1, tokens_per_batch // L)` rows per call (short last calls are padded, so
+    each bucket compiles once).
     """
-    max_len = cfg.max_position_embeddings
-    seqs = []
-    for ctx, cont in requests:
-        if not ctx or not cont:
-            raise ValueError("every request needs at least one context and one continuation token")
-        seqs.append((ctx + cont)[-(max_len + 1) :])
-    cont_len = np.array([len(cont) for _, cont in requests])
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out = np.zeros(len(seqs), np.float64)
-    bar = tqdm(total=len(seqs), desc=desc, unit="req", disable=not progress, leave=False)
-    start = 0
-    while start < len(order):
-        length = bucket_length(len(seqs[order[start]]))
-        rows = max(1, tokens_per_batch // length)
-        batch = order[start : start + rows]
-        tokens = np.zeros((rows, length), np.int32)  # pad id 0: padding sits after every scored token
-        for r, i in enumerate(batch):
-            tokens[r, : len(seqs[i])] = seqs[i]
-        tokens[len(batch) :] = tokens[len(batch) - 1]
-        logp = np.asarray(next_token_logprobs(params, jnp.asarray(tokens), cfg), np.float64)
-        for r, i in enumerate(batch):
-            n = len(seqs[i])  # positions 0..n-2 predict tokens 1..n-1; the last cont_len of them are scored
-            out[i] = logp[r, n - 1 - cont_len[i] : n - 1].sum()
-        if not np.isfinite(out[batch]).all():
+    pending = sorted(group_requests(requests, cfg.max_position_embeddings), key=lambda g: -max(g.tokens, g.reads))
+    out = np.zeros(len(requests), np.float64)
+    bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False)
+    while pending:
+        length = bucket_length(max(pending[0].tokens, pending[0].reads))
+        n_rows = max(1, tokens_per_batch // length)
+        rows = pack_rows(pending, length, n_rows)
+        placed = {id(g) for row in rows for g in row}
+        pending = [g for g in pending if id(g) not in placed]
+        tokens, packing, read_pos, read_tok, owners = layout_rows(rows, length, n_rows)
+        logp = np.asarray(
+            read_logprobs(params, jnp.asarray(tokens), jax.tree.map(jnp.asarray, packing), jnp.asarray(read_pos),
+                          jnp.asarray(read_tok), cfg),
+            np.float64,
+        )
+        for r, span, rid in owners:
+            out[rid] = logp[r, span].sum()
+        ids = [rid for _, _, rid in owners]
+        if not np.isfinite(out[ids]).all():
             raise FloatingPointError(f"non-finite log-likelihood in {desc}")
-        bar.update(len(batch))
-        start += len(batch)
+        bar.update(len(ids))
     bar.close()
     return out
-

@@ -18,7 +18,7 @@ blocks have per-matrix ranks, so their shapes differ.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,19 +55,33 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
+class Packing(NamedTuple):
+    """Several sequences sharing rows: `positions, doc, part: [B, T]` (int).
+
+    Token t sees token s ≤ t of the same `doc` when s is in part 0 (a shared
+    context) or in t's own part: the choices of one multiple-choice question ride
+    in one row behind a single copy of their context, each seeing only the context
+    and itself, at the positions it would have alone. `doc` −1 marks padding.
+    """
+
+    positions: jax.Array
+    doc: jax.Array
+    part: jax.Array
+
+
 def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin `[T, head_dim]` for integer `positions: [T]`, in the rotate-half layout."""
+    """cos, sin `[..., T, head_dim]` for integer `positions: [..., T]`, in the rotate-half layout."""
     inv = jnp.asarray(rope_inv_freq(cfg))
-    freqs = positions.astype(jnp.float32)[:, None] * inv[None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate `x: [B, T, H, hd]` by `cos, sin: [T, hd]`."""
+    """Rotate `x: [B, T, H, hd]` by `cos, sin: [T, hd]` (shared by the batch) or `[B, T, hd]`."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None, :].astype(x.dtype) + rotated * sin[:, None, :].astype(x.dtype)
+    return x * cos[..., None, :].astype(x.dtype) + rotated * sin[..., None, :].astype(x.dtype)
 
 
 # Queries per attention chunk: each chunk scores only the keys it may see (causal),
@@ -76,17 +90,30 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 ATTENTION_CHUNK = 128
 
 
-def chunk_mask(cfg: ModelConfig, start: int, stop: int) -> jax.Array:
-    """Boolean `[stop - start, stop]`: query i (absolute) may see key j (causal, and inside Mistral's window)."""
+def chunk_mask(cfg: ModelConfig, start: int, stop: int, packing: Packing | None = None) -> jax.Array:
+    """Which keys `[:stop]` the queries `[start:stop]` may see: `[q, k]`, or `[B, q, k]` with a packing.
+
+    Causal, inside Mistral's sliding window (measured in positions), and with a
+    packing only within a document's shared context or the query's own part.
+    """
     i = jnp.arange(start, stop)[:, None]
     j = jnp.arange(stop)[None, :]
     mask = j <= i
+    if packing is None:
+        if cfg.sliding_window is not None:
+            mask = mask & (i - j < cfg.sliding_window)
+        return mask
+    doc_q, doc_k = packing.doc[:, start:stop, None], packing.doc[:, None, :stop]
+    part_q, part_k = packing.part[:, start:stop, None], packing.part[:, None, :stop]
+    mask = mask[None] & (doc_q == doc_k) & ((part_k == 0) | (part_k == part_q))
     if cfg.sliding_window is not None:
-        mask = mask & (i - j < cfg.sliding_window)
+        mask = mask & (packing.positions[:, start:stop, None] - packing.positions[:, None, :stop] < cfg.sliding_window)
     return mask
 
 
-def attention_mix(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def attention_mix(
+    block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array, packing: Packing | None = None
+) -> jax.Array:
     """Grouped-query self-attention of normed `x: [B, T, D]` up to the o projection: `[B, T, H * hd]`."""
     b, t, _ = x.shape
     hd, hk, g = cfg.head_dim, cfg.num_kv_heads, cfg.group_size
@@ -107,7 +134,9 @@ def attention_mix(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array,
     for start in range(0, t, ATTENTION_CHUNK):
         stop = min(start + ATTENTION_CHUNK, t)
         scores = jnp.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:stop], k[:, :, :stop]).astype(jnp.float32)
-        scores = jnp.where(chunk_mask(cfg, start, stop), scores * (hd**-0.5), jnp.finfo(jnp.float32).min)
+        mask = chunk_mask(cfg, start, stop, packing)
+        mask = mask if packing is None else mask[:, None, None]  # [B, 1, 1, q, k] against [B, Hkv, G, q, k]
+        scores = jnp.where(mask, scores * (hd**-0.5), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bhgqk,bhkd->bhgqd", probs, v[:, :, :stop]))
     out = jnp.concatenate(outs, axis=3)  # [B, Hkv, G, T, hd]
@@ -124,7 +153,7 @@ PROJECTION_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
 
 
 def block_forward_taps(
-    block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array
+    block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array, packing: Packing | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One decoder block `x: [B, T, D] -> [B, T, D]` and the inputs of its projections.
 
@@ -132,7 +161,7 @@ def block_forward_taps(
     Unused taps cost nothing under jit.
     """
     attn_in = rms_norm(x, block["attn_norm"], cfg.rms_norm_eps)
-    o_in = attention_mix(block, attn_in, cfg, cos, sin)
+    o_in = attention_mix(block, attn_in, cfg, cos, sin, packing)
     x = x + project(block["o"], o_in)
     mlp_in = rms_norm(x, block["mlp_norm"], cfg.rms_norm_eps)
     down_in = mlp_hidden(block, mlp_in)
@@ -140,17 +169,20 @@ def block_forward_taps(
     return x, {"attn_in": attn_in, "o_in": o_in, "mlp_in": mlp_in, "down_in": down_in}
 
 
-def block_forward(block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def block_forward(
+    block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array, packing: Packing | None = None
+) -> jax.Array:
     """One decoder block: `x: [B, T, D] -> [B, T, D]` (pre-norm, residuals)."""
-    return block_forward_taps(block, x, cfg, cos, sin)[0]
+    return block_forward_taps(block, x, cfg, cos, sin, packing)[0]
 
 
-def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Final normed hidden states `[B, T, D]` of `tokens: [B, T]` (int)."""
+def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, packing: Packing | None = None) -> jax.Array:
+    """Final normed hidden states `[B, T, D]` of `tokens: [B, T]` (int): one sequence per row, or a `Packing`."""
     x = params["embed"][tokens]
-    cos, sin = rope_cos_sin(cfg, jnp.arange(tokens.shape[1]))
+    positions = jnp.arange(tokens.shape[1]) if packing is None else packing.positions
+    cos, sin = rope_cos_sin(cfg, positions)
     for block in params["blocks"]:
-        x = block_forward(block, x, cfg, cos, sin)
+        x = block_forward(block, x, cfg, cos, sin, packing)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 

@@ -134,6 +134,43 @@ def test_scores_equal_transformers_log_likelihoods(stories):
     assert np.ptp(ref) > 1.0  # the choices really differ
 
 
+def harness_reference(torch_model, pairs, max_len):
+    """Each request alone, the harness's way: the model reads (ctx + cont)[-(max_len + 1):][:-1]."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ctx, cont in pairs:
+            inp = (ctx + cont)[-(max_len + 1) :][:-1]
+            logp = torch.log_softmax(torch_model(torch.tensor([inp])).logits[0].double(), dim=-1)
+            pos = torch.arange(len(inp) - len(cont), len(inp))
+            out.append(float(logp[pos, torch.tensor(cont)].sum()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen3"])
+def test_packed_rows_equal_one_request_per_sequence(tiny_models, model_type):
+    """Shared contexts, length-1 continuations, several questions per row, different contexts per choice
+    (WinoGrande), and a question too long for the window (split and left-truncated) all score as if alone.
+    Mistral's sliding window (7) is measured in positions, which packing keeps."""
+    from sigmascale_jax.loglikelihood import group_requests
+    from sigmascale_jax.sources import load_model
+
+    folder, torch_model = tiny_models[model_type]
+    cfg, params, _ = load_model(str(folder))
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(1, cfg.vocab_size, n).tolist()  # noqa: E731
+    a, b, long = ids(12), ids(5), ids(cfg.max_position_embeddings - 3)
+    pairs = [(a, ids(4)), (a, ids(1)), (a, ids(9)),          # one question, three choices
+             (b + ids(2), ids(3)), (b + ids(2), ids(3)),     # different contexts: no sharing
+             (long, ids(6)), (long, ids(2))]                 # together longer than the window
+    groups = group_requests(pairs, cfg.max_position_embeddings)
+    assert [len(g.ids) for g in groups] == [3, 1, 1, 1, 1]
+    ours = score_requests(params, cfg, pairs, tokens_per_batch=4 * cfg.max_position_embeddings, progress=False)
+    ref = harness_reference(torch_model, pairs, cfg.max_position_embeddings)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
+
+
 def run_eval(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sigmascale_jax.eval", *args, "--no-progress"],
