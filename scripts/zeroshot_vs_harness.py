@@ -164,6 +164,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="results/zeroshot_vs_harness_smollm2", help="writes OUT.json and OUT.md")
+    p.add_argument("--harness-cache", default="runs/zeroshot_harness_cache.json",
+                   help="keeps the harness's per-example log-likelihoods; reused when model, data, tasks, limit and "
+                        "lm-eval/torch versions match (the harness side does not depend on this repo's code)")
     args = p.parse_args()
 
     import lm_eval
@@ -183,13 +186,24 @@ def main() -> int:
     ours = {t: score_task(params, cfg, tok, loaded[t][1], t, 4096, True) for t in tasks}
     ours_s = time.perf_counter() - t0
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch_model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=torch.float32, **kwargs).eval()
-    t0 = time.perf_counter()
-    theirs = run_harness(torch_model, tok, tasks, {t: loaded[t][0] for t in tasks}, args.limit, args.batch_size)
-    theirs_s = time.perf_counter() - t0
+    cache = REPO / args.harness_cache
+    key = {"model": str(Path(args.model).resolve()), "data": str(data_dir.resolve()), "tasks": tasks, "limit": args.limit,
+           "lm_eval": lm_eval.__version__, "torch": torch.__version__}
+    cached = json.loads(cache.read_text()) if cache.is_file() else None
+    if cached and cached["key"] == key:
+        theirs = {t: {**v, "lls": [np.array(x) for x in v["lls"]]} for t, v in cached["tasks"].items()}
+        theirs_s = cached["seconds"]
+        print(f"harness log-likelihoods reused from {cache}")
+    else:
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch_model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=torch.float32, **kwargs).eval()
+        t0 = time.perf_counter()
+        theirs = run_harness(torch_model, tok, tasks, {t: loaded[t][0] for t in tasks}, args.limit, args.batch_size)
+        theirs_s = time.perf_counter() - t0
+        write_json_atomic(cache, {"key": key, "seconds": theirs_s, "tasks": {
+            t: {**v, "lls": [x.tolist() for x in v["lls"]]} for t, v in theirs.items()}})
 
     report = {
         "model": args.model, "limit": args.limit, "lm_eval": lm_eval.__version__, "torch": torch.__version__,

@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         limit=args.limit,
         tokens_per_batch=args.tokens_per_batch,
     )
-    print(f"model: {args.model}  seq_len: {args.seq_len}  dtype: {args.dtype}  ({results['seconds']:.1f} s)")
+    window = f"  seq_len: {args.seq_len}" if any(t in PERPLEXITY_TASKS for t in tasks) else ""
+    limit = f"  limit: {args.limit}" if args.limit and any(t in ZEROSHOT_TASKS for t in tasks) else ""
+    print(f"model: {args.model}{window}{limit}  dtype: {args.dtype}  ({results['seconds']:.1f} s)")
     print(format_table(results, tasks))
     if args.json:
         write_json_atomic(args.json, results)
