@@ -58,6 +58,7 @@ def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows of each set")
     p.add_argument("--runs-dir", default="runs/bench")
     p.add_argument("--out", default=out, help="writes OUT.md and OUT.json")
+    p.add_argument("--note", default="", help="a paragraph for the table's header (e.g. what else ran on the machine)")
 
 
 def evaluate(model: str, out_json: Path, args) -> dict:
@@ -115,7 +116,7 @@ def header(title: str, args) -> str:
             f"Evaluation: seq-len {args.eval_seq_len}, "
             + (f"first {args.max_windows} windows of each set" if args.max_windows else "full sets")
             + f". Machine: {os.cpu_count()} CPU cores (times are wall-clock on this machine). "
-            f"Command: `python {' '.join(sys.argv)}`\n\n")
+            f"Command: `python {' '.join(sys.argv)}`\n\n" + (f"{args.note}\n\n" if args.note else ""))
 
 
 def write(out: str, payload: dict, md: str) -> None:
