@@ -110,13 +110,20 @@ def method_row(method: str, ratio: float, args, extra: list[str] = ()) -> dict:
     return row
 
 
+def command_line() -> str:
+    """This script's command line, without the --note (printed on its own)."""
+    argv = sys.argv
+    kept = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    return "python " + " ".join(kept)
+
+
 def header(title: str, args) -> str:
     return (f"# {title} on {Path(args.model).name}\n\n"
             f"Calibration: C4 docs 0-999, {args.nsamples} windows of {args.seq_len} tokens, seed {args.seed}. "
             f"Evaluation: seq-len {args.eval_seq_len}, "
             + (f"first {args.max_windows} windows of each set" if args.max_windows else "full sets")
             + f". Machine: {os.cpu_count()} CPU cores (times are wall-clock on this machine). "
-            f"Command: `python {' '.join(sys.argv)}`\n\n" + (f"{args.note}\n\n" if args.note else ""))
+            f"Command: `{command_line()}`\n\n" + (f"{args.note}\n\n" if args.note else ""))
 
 
 def write(out: str, payload: dict, md: str) -> None:
