@@ -18,6 +18,15 @@ _XLA_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 if _XLA_CPU_FLAG not in _os.environ.get("XLA_FLAGS", ""):
     _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {_XLA_CPU_FLAG}=false".strip()
 
+# jaxlib's CPU LAPACK kernels run inside OpenBLAS (scipy's copy), whose worker threads
+# spin while they wait. XLA already runs independent LAPACK calls side by side on
+# its own threads, so OpenBLAS threads on top oversubscribe the cores: one SigmaScale
+# block-loss step (value and gradient, 4 windows, a SmolLM2 block) took 0.90 s with
+# OpenBLAS's default threads and 0.55 s with one, on 2 idle cores (4.6x slower under
+# load). One thread each, unless the user chose otherwise; it must be set before
+# OpenBLAS loads.
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 
 def __getattr__(name: str):
     # Imported lazily so that `python -m sigmascale_jax.compress` does not find the

@@ -7,6 +7,8 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import sigmascale_jax  # noqa: F401  (first: it sets XLA and OpenBLAS thread settings before they load)
+
 import numpy as np
 import pytest
 
