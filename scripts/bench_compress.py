@@ -19,6 +19,9 @@ def markdown(rows: list[dict], args) -> str:
     lines = ["| method | ratio | achieved | whole model | WikiText-2 ppl | C4 ppl | compress s | peak host MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        if r.get("not_run"):
+            lines.append(benchlib.not_run_line([r["method"], r["ratio"]], 8))
+            continue
         lines.append(f"| {r['method']} | {r['ratio']} | {r.get('ratio_achieved', 0):.4f} | {r.get('whole_model_ratio', 0):.4f} "
                      f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {r.get('compress_s', 0):.0f} | {r.get('peak_host_mib', 0):.0f} |")
     return benchlib.header("Baselines", args) + "\n".join(lines) + "\n"

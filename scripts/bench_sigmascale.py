@@ -23,7 +23,11 @@ def markdown(rows: list[dict], args) -> str:
     lines = ["| ratio | method | WikiText-2 ppl | C4 ppl | vs svd-llm+update (wiki / c4) | held-out loss removed | compress s | peak host MiB |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        ref = next((x for x in rows if x["method"] == REFERENCE and x["ratio"] == r["ratio"]), None)
+        if r.get("not_run"):
+            lines.append(benchlib.not_run_line([r["ratio"], r["method"]], 8))
+            continue
+        ref = next((x for x in rows if x["method"] == REFERENCE and x["ratio"] == r["ratio"] and not x.get("not_run")),
+                   None)
         vs = (f"{r['wikitext2_ppl'] / ref['wikitext2_ppl'] - 1:+.1%} / {r['c4_ppl'] / ref['c4_ppl'] - 1:+.1%}"
               if ref and r is not ref else "")
         gain = f"{r['holdout_gain']:.1%}" if "holdout_gain" in r else ""

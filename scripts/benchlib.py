@@ -39,10 +39,16 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
 
 
-def cached(cmd: list[str], done: Path, record: Path) -> None:
+class NotRun(Exception):
+    """A run that --reuse-only found no finished record of."""
+
+
+def cached(cmd: list[str], done: Path, record: Path, reuse_only: bool = False) -> None:
     """Run `cmd` unless `done` exists and `record` holds this very command."""
     if done.exists() and record.is_file() and json.loads(record.read_text()) == cmd:
         return
+    if reuse_only:
+        raise NotRun(done)
     run(cmd)
     write_json_atomic(record, cmd)
 
@@ -58,6 +64,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows of each set")
     p.add_argument("--runs-dir", default="runs/bench")
     p.add_argument("--out", default=out, help="writes OUT.md and OUT.json")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="tabulate only runs already made with these flags; list the others as not run")
     p.add_argument("--note", default="", help="a paragraph for the table's header (e.g. what else ran on the machine)")
 
 
@@ -67,7 +75,7 @@ def evaluate(model: str, out_json: Path, args) -> dict:
            "--json", str(out_json), "--no-progress"]
     if args.max_windows:
         cmd += ["--max-windows", str(args.max_windows)]
-    cached(cmd, out_json, out_json.with_suffix(".cmd.json"))
+    cached(cmd, out_json, out_json.with_suffix(".cmd.json"), getattr(args, "reuse_only", False))
     return json.loads(out_json.read_text())
 
 
@@ -75,7 +83,8 @@ def compress(method: str, ratio: float, folder: Path, args, extra: list[str] = (
     cmd = [sys.executable, "-m", "sigmascale_jax.compress", "--model", args.model, *METHOD_FLAGS[method],
            "--ratio", str(ratio), "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
            "--seed", str(args.seed), "--out", str(folder), "--overwrite", "--no-progress", *extra]
-    cached(cmd, folder / "compression.json", folder.with_name(folder.name + ".cmd.json"))
+    cached(cmd, folder / "compression.json", folder.with_name(folder.name + ".cmd.json"),
+           getattr(args, "reuse_only", False))
     return json.loads((folder / "compression.json").read_text())
 
 
@@ -91,8 +100,12 @@ def method_row(method: str, ratio: float, args, extra: list[str] = ()) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     name = f"{method}-{ratio}"
     t0 = time.perf_counter()
-    report = compress(method, ratio, runs / name, args, extra)
-    res = evaluate(str(runs / name), runs / f"{name}.eval.json", args)
+    try:
+        report = compress(method, ratio, runs / name, args, extra)
+        res = evaluate(str(runs / name), runs / f"{name}.eval.json", args)
+    except NotRun:
+        print(f"{name:<26} not run (--reuse-only)", flush=True)
+        return {"method": method, "ratio": ratio, "not_run": True}
     row = {
         "method": method, "ratio": ratio, "ratio_achieved": report["ratio_achieved"],
         "whole_model_ratio": report["whole_model_ratio"], "wikitext2_ppl": res["wikitext2"]["ppl"],
@@ -108,6 +121,11 @@ def method_row(method: str, ratio: float, args, extra: list[str] = ()) -> dict:
     print(f"{name:<26} wiki {row['wikitext2_ppl']:>12.3f}  c4 {row['c4_ppl']:>12.3f}  "
           f"achieved {row['ratio_achieved']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     return row
+
+
+def not_run_line(lead: list, columns: int) -> str:
+    """A table row of `columns` cells for a run --reuse-only did not find: `lead`, "not run", blanks."""
+    return "| " + " | ".join(map(str, lead)) + " | not run |" + " |" * (columns - len(lead) - 1)
 
 
 def command_line() -> str:
