@@ -38,7 +38,7 @@ def markdown(results: dict[str, dict], args) -> str:
     head = (f"# Zero-shot accuracy on {'the first ' + str(args.limit) + ' examples of each task' if args.limit else 'the full task sets'}\n\n"
             "Tasks and metrics as lm-evaluation-harness v0.4 defines them (`sigmascale_jax/tasks.py`); "
             "`acc_norm` where the harness reports it. ± is the standard error. "
-            f"Command: `python {' '.join(sys.argv)}`\n\n")
+            f"Command: `{benchlib.command_line()}`\n\n" + (f"{args.note}\n\n" if args.note else ""))
     lines = ["| task | n | metric | " + " | ".join(labels) + " |", "| --- | ---: | --- | " + " | ".join("---:" for _ in labels) + " |"]
     for t in ZEROSHOT_TASKS:
         for metric in TASKS[t].metrics:
@@ -46,7 +46,7 @@ def markdown(results: dict[str, dict], args) -> str:
             lines.append(f"| {t} | {first[t]['n']} | {metric} | " + " | ".join(cells) + " |")
     for key, name in (("acc", "acc"), ("acc_norm_or_acc", "acc_norm (acc where none)")):
         lines.append(f"| average | | {name} | " + " | ".join(f"{r['zeroshot_average'][key]:.4f}" for r in results.values()) + " |")
-    models = "\n".join(f"- {label}: `{r['model']}`" for label, r in results.items())
+    models = "\n".join(f"- {label}: `{r['model']}` ({r['seconds']:.0f} s)" for label, r in results.items())
     return head + "\n".join(lines) + "\n\nModels:\n" + models + "\n"
 
 
@@ -57,6 +57,7 @@ def main() -> int:
     p.add_argument("--tokens-per-batch", type=int, default=4096)
     p.add_argument("--runs-dir", default="runs/bench")
     p.add_argument("--out", default="results/zeroshot_smollm2", help="writes OUT.md and OUT.json")
+    p.add_argument("--note", default="", help="a paragraph for the table's header (e.g. why a --limit)")
     args = p.parse_args()
     models = dict(item.split("=", 1) for item in args.models.split(","))
     (benchlib.REPO / args.runs_dir).mkdir(parents=True, exist_ok=True)
