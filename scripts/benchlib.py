@@ -75,7 +75,7 @@ def evaluate(model: str, out_json: Path, args) -> dict:
            "--json", str(out_json), "--no-progress"]
     if args.max_windows:
         cmd += ["--max-windows", str(args.max_windows)]
-    cached(cmd, out_json, out_json.with_suffix(".cmd.json"), getattr(args, "reuse_only", False))
+    cached(cmd, out_json, out_json.with_suffix(".cmd.json"), args.reuse_only)
     return json.loads(out_json.read_text())
 
 
@@ -84,7 +84,7 @@ def compress(method: str, ratio: float, folder: Path, args, extra: list[str] = (
            "--ratio", str(ratio), "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
            "--seed", str(args.seed), "--out", str(folder), "--overwrite", "--no-progress", *extra]
     cached(cmd, folder / "compression.json", folder.with_name(folder.name + ".cmd.json"),
-           getattr(args, "reuse_only", False))
+           args.reuse_only)
     return json.loads((folder / "compression.json").read_text())
 
 

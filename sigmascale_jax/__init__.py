@@ -22,9 +22,9 @@ if _XLA_CPU_FLAG not in _os.environ.get("XLA_FLAGS", ""):
 # spin while they wait. XLA already runs independent LAPACK calls side by side on
 # its own threads, so OpenBLAS threads on top oversubscribe the cores: one SigmaScale
 # block-loss step (value and gradient, 4 windows, a SmolLM2 block) took 0.90 s with
-# OpenBLAS's default threads and 0.55 s with one, on 2 idle cores (4.6x slower under
-# load). One thread each, unless the user chose otherwise; it must be set before
-# OpenBLAS loads.
+# OpenBLAS's default threads and 0.55 s with one, on 2 idle cores (with other jobs on
+# the cores, the scaled reconstruction alone ran 4.6x slower). One thread each, unless
+# the user chose otherwise; it must be set before OpenBLAS loads.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
