@@ -23,7 +23,9 @@ from sigmascale_jax.tasks import TASKS, ZEROSHOT_TASKS
 
 
 def evaluate(label: str, model: str, args) -> dict:
-    out = benchlib.REPO / args.runs_dir / f"zeroshot-{label.replace('@', '-')}.json"
+    # A --limit run keeps its own file so that it never overwrites (or is mistaken for) a full-set one.
+    suffix = f"-limit{args.limit}" if args.limit else ""
+    out = benchlib.REPO / args.runs_dir / f"zeroshot-{label.replace('@', '-')}{suffix}.json"
     cmd = [sys.executable, "-m", "sigmascale_jax.eval", "--model", model, "--tasks", "zeroshot",
            "--tokens-per-batch", str(args.tokens_per_batch), "--json", str(out), "--no-progress"]
     if args.limit:
