@@ -31,8 +31,18 @@ def break_even_rank(m: int, n: int) -> int:
     return (m * n - 1) // (m + n)
 
 
-def achieved_ratio(shapes_ranks: list[tuple[int, int, int]]) -> float:
-    """Fraction of parameters removed over `(m, n, k)` triples."""
+def stored_params(m: int, n: int, k: int | None) -> int:
+    """Numbers stored for an `m × n` matrix: `k(m+n)` as factors, `m·n` when kept dense (`k` None)."""
+    return m * n if k is None else factored_params(m, n, k)
+
+
+def achieved_ratio(shapes_ranks: list[tuple[int, int, int | None]]) -> float:
+    """Fraction of parameters removed over `(m, n, k)` triples (`k` None: kept dense)."""
     dense = sum(m * n for m, n, _ in shapes_ranks)
-    kept = sum(factored_params(m, n, k) for m, n, k in shapes_ranks)
+    kept = sum(stored_params(m, n, k) for m, n, k in shapes_ranks)
     return 1.0 - kept / dense
+
+
+def block_ranks(cfg, ratio: float) -> dict[str, int]:
+    """Uniform rank of each projection of a block (`cfg: ModelConfig`), from its own shape."""
+    return {name: uniform_rank(m, n, ratio) for name, (m, n) in cfg.projection_shapes().items()}

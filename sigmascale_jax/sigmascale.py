@@ -59,16 +59,21 @@ def effective_rank_entropy(sigma: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
 
 
-def _groups(block: Params, ranks: dict[str, int]) -> list[tuple[str, ...]]:
-    """Projections of equal shape and rank, batched together (`batching.stacked_map`)."""
+def low_rank_names(ranks: dict[str, int | None]) -> tuple[str, ...]:
+    """The projections that get factors (rank not None), in `PROJECTIONS` order; the others stay dense."""
+    return tuple(n for n in PROJECTIONS if ranks.get(n) is not None)
+
+
+def _groups(block: Params, ranks: dict[str, int | None]) -> list[tuple[str, ...]]:
+    """Low-rank projections of equal shape and rank, batched together (`batching.stacked_map`)."""
     out: dict[tuple, list[str]] = {}
-    for n in PROJECTIONS:
+    for n in low_rank_names(ranks):
         out.setdefault((block[n]["w"].shape, ranks[n]), []).append(n)
     return [tuple(v) for v in out.values()]
 
 
-def reconstruct_block(block: Params, whitening: dict, scales: dict, ranks: dict[str, int]) -> Params:
-    """The block with every projection replaced by its dense `Ŵ(ρ, γ)` (for the loss)."""
+def reconstruct_block(block: Params, whitening: dict, scales: dict, ranks: dict[str, int | None]) -> Params:
+    """The block with every low-rank projection replaced by its dense `Ŵ(ρ, γ)` (for the loss); rank None stays."""
     new = dict(block)
     for names in _groups(block, ranks):
         w = jnp.stack([block[n]["w"] for n in names])
@@ -81,22 +86,22 @@ def reconstruct_block(block: Params, whitening: dict, scales: dict, ranks: dict[
     return new
 
 
-def layer_loss(scales: dict, block: Params, whitening: dict, grams: dict, ranks: dict[str, int]) -> jax.Array:
-    """Σ over the block's projections of the relative activation loss `tr(ΔG Δᵀ) / tr(W G Wᵀ)`, `Δ = W − Ŵ`.
+def layer_loss(scales: dict, block: Params, whitening: dict, grams: dict, ranks: dict[str, int | None]) -> jax.Array:
+    """Σ over the block's low-rank projections of the relative activation loss `tr(ΔG Δᵀ) / tr(W G Wᵀ)`, `Δ = W − Ŵ`.
 
     `grams: {tap: [in, in]}` are the Gram matrices of the projections' inputs
     (`modeling.PROJECTION_INPUT`): the loss needs no tokens, only their second moments.
     """
     approx = reconstruct_block(block, whitening, scales, ranks)
     total = 0.0
-    for n in PROJECTIONS:
+    for n in low_rank_names(ranks):
         w, g = block[n]["w"], grams[PROJECTION_INPUT[n]].astype(block[n]["w"].dtype)
         total = total + relative_activation_loss(w, approx[n]["w"], g)
     return total
 
 
 def block_loss(
-    scales: dict, block: Params, whitening: dict, x: jax.Array, target: jax.Array, cfg: ModelConfig, ranks: dict[str, int]
+    scales: dict, block: Params, whitening: dict, x: jax.Array, target: jax.Array, cfg: ModelConfig, ranks: dict[str, int | None]
 ) -> jax.Array:
     """Relative MSE `‖f̂(x) − target‖² / ‖target‖²` of the block with every projection replaced by its Ŵ.
 
@@ -108,11 +113,11 @@ def block_loss(
     return jnp.sum((out - target) ** 2) / jnp.sum(target**2)
 
 
-def zero_scales(block: Params) -> dict:
-    """ρ = γ = 0 for every projection: the SVD-LLM starting point."""
+def zero_scales(block: Params, names: tuple[str, ...] = PROJECTIONS) -> dict:
+    """ρ = γ = 0 for each projection in `names`: the SVD-LLM starting point."""
     return {
         n: {"rho": jnp.zeros(block[n]["w"].shape[0], block[n]["w"].dtype), "gamma": jnp.zeros(block[n]["w"].shape[1], block[n]["w"].dtype)}
-        for n in PROJECTIONS
+        for n in names
     }
 
 
@@ -142,14 +147,15 @@ def learn_block_scales(
         training windows, drawn without replacement with `key`. `kind="layer"`:
         `{tap: gram [in, in]}` (see `layer_loss`).
       key: PRNG key of the minibatches (unused by `layer`, which needs no sampling).
-      ranks: `((projection, rank), ...)` (a tuple, so it can be static).
+      ranks: `((projection, rank), ...)` (a tuple, so it can be static); projections not listed, or
+        with rank None, stay dense and get no scales.
       eval_every: the held-out loss is measured at step 0, every `eval_every` steps and at the end.
     Returns:
       the scales of the best held-out step (step 0 = SVD-LLM included, so never worse
       than the initialization there), and a trace `{"train": [steps], "hold": [steps + 1]
       (NaN where not measured), "best_step": int}`.
     """
-    rank_map = dict(ranks)
+    rank_map = {n: k for n, k in ranks if k is not None}
     if kind == "block":
         n_train = train[0].shape[0]
         take = min(batch_windows, n_train)
@@ -171,7 +177,7 @@ def learn_block_scales(
         raise ValueError(f"unknown SigmaScale loss {kind!r}; known: {', '.join(LOSS_KINDS)}")
 
     opt = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1)))
-    init = zero_scales(block)
+    init = zero_scales(block, low_rank_names(rank_map))
     hold0 = hold_loss(init)
 
     def step(carry, i):
@@ -189,6 +195,11 @@ def learn_block_scales(
     carry = (init, opt.init(init), init, hold0, jnp.asarray(0))
     (_, _, best, _, best_step), (train_trace, hold_trace) = jax.lax.scan(step, carry, jnp.arange(steps))
     return best, {"train": train_trace, "hold": jnp.concatenate([hold0[None], hold_trace]), "best_step": best_step}
+
+
+def holdout_windows(n_windows: int, holdout: float) -> int:
+    """How many of `n_windows` calibration windows are held out: `max(1, round(holdout · n))`."""
+    return max(1, int(round(holdout * n_windows)))
 
 
 def triangular_whitening(gram: jax.Array) -> tuple[jax.Array, int]:
@@ -240,15 +251,23 @@ def sigmascale_block(
 
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown SigmaScale loss {kind!r}; known: {', '.join(LOSS_KINDS)}")
-    n_hold = max(1, int(round(holdout * len(xs))))
+    n_hold = holdout_windows(len(xs), holdout)
     if n_hold >= len(xs):
         raise ValueError(f"need more than {n_hold} calibration windows to hold {n_hold} out")
+    names = low_rank_names(ranks)
+    dense_info = {
+        n: {"shape": list(block[n]["w"].shape), "rank": min(block[n]["w"].shape), "dense": True, "rel_loss": 0.0,
+            "whitening": None}
+        for n in PROJECTIONS if n not in names
+    }
+    if not names:  # every projection kept dense: nothing to learn
+        return dict(block), dict(dense_info)
     whitening64, routes = {}, {}
     with jax.enable_x64(True):
-        for tap in {PROJECTION_INPUT[n] for n in PROJECTIONS}:
+        for tap in {PROJECTION_INPUT[n] for n in names}:
             s, route = triangular_whitening(jnp.asarray(stats[tap]["gram"], jnp.float64))
             whitening64[tap], routes[tap] = np.asarray(s), route
-    white32 = {n: jnp.asarray(whitening64[PROJECTION_INPUT[n]], jnp.float32) for n in PROJECTIONS}
+    white32 = {n: jnp.asarray(whitening64[PROJECTION_INPUT[n]], jnp.float32) for n in names}
     if kind == "block":
         xs, ys = jnp.asarray(xs), jnp.asarray(ys)
         train, hold_data = (xs[:-n_hold], ys[:-n_hold]), (xs[-n_hold:], ys[-n_hold:])
@@ -268,7 +287,7 @@ def sigmascale_block(
     all_spectra: dict[str, np.ndarray] = {}
     hold = np.asarray(trace["hold"])
     with jax.enable_x64(True):
-        for n in PROJECTIONS:
+        for n in names:
             w = jnp.asarray(np.asarray(block[n]["w"]), jnp.float64)
             s = jnp.asarray(whitening64[PROJECTION_INPUT[n]])
             rho = jnp.asarray(np.asarray(scales[n]["rho"]), jnp.float64)
@@ -285,6 +304,7 @@ def sigmascale_block(
             info[n] = {
                 "shape": list(block[n]["w"].shape),
                 "rank": ranks[n],
+                "dense": False,
                 "rel_loss": float(relative_activation_loss(w, b @ c, gram)),
                 "whitening": WHITEN_NAMES[routes[PROJECTION_INPUT[n]]],
                 "entropy_w": float(effective_rank_entropy(spectra["w"])),
@@ -293,6 +313,9 @@ def sigmascale_block(
             }
             spectra["scaled"] = sig
             all_spectra.update({f"{n}.{k}": np.asarray(v, np.float32) for k, v in spectra.items()})
+    for n in dense_info:
+        new[n], info[n] = block[n], dense_info[n]
+    info = {n: info[n] for n in PROJECTIONS}
     train_trace = np.asarray(trace["train"])
     measured = np.flatnonzero(np.isfinite(hold))
     info["_block"] = {

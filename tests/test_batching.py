@@ -50,7 +50,7 @@ def test_sigmascale_steps_on_smollm2_sizes_finish():
         "from sigmascale_jax.sources import open_model\n"
         "from sigmascale_jax.params import load_block, load_outer\n"
         "from sigmascale_jax.stats import block_stats\n"
-        "from sigmascale_jax.methods import block_ranks\n"
+        "from sigmascale_jax.ranks import block_ranks\n"
         "from sigmascale_jax.sigmascale import sigmascale_block\n"
         f"src = open_model({str(SMOLLM2_GGUF)!r}); cfg = src.cfg\n"
         "ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(8, 128))\n"

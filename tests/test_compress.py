@@ -13,9 +13,10 @@ import pytest
 
 import sigmascale_jax
 from conftest import DATA, REPO, STORIES, assert_one_line_error, require
-from sigmascale_jax import methods as methods_mod
+from sigmascale_jax.compress.factorize import svd_llm as svd_llm_mod
+from sigmascale_jax.compress.plan import FACTORIZERS
 from sigmascale_jax.checkpoint import load_pytree, save_pytree
-from sigmascale_jax.methods import block_ranks
+from sigmascale_jax.ranks import block_ranks
 from sigmascale_jax.sources import load_model, open_model
 
 SMALL = dict(nsamples=12, seq_len=64, batch_size=4, data_dir=str(DATA), progress=False)
@@ -94,7 +95,7 @@ def test_orbax_round_trip_is_bit_exact(tmp_path, svd_llm_run):
 def test_resume_gives_the_same_factors(tmp_path, monkeypatch, svd_llm_run):
     ref_out, ref_report = svd_llm_run
     out = tmp_path / "resumed"
-    real = methods_mod.compress_block
+    real = svd_llm_mod.factor_block  # called once per block
     calls = {"n": 0}
 
     def crash_on_third(*args, **kwargs):
@@ -103,13 +104,13 @@ def test_resume_gives_the_same_factors(tmp_path, monkeypatch, svd_llm_run):
             raise KeyboardInterrupt("simulated interruption")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(methods_mod, "compress_block", crash_on_third)
+    monkeypatch.setattr(svd_llm_mod, "factor_block", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, out, **SMALL)
     assert not out.exists()
     partial = out.with_name("resumed.partial")
     assert sorted(p.name for p in (partial / "blocks").glob("*.json")) == ["0000.json", "0001.json"]
-    monkeypatch.setattr(methods_mod, "compress_block", real)
+    monkeypatch.setattr(svd_llm_mod, "factor_block", real)
     report = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, out, **SMALL)
     assert report["resumed"] and calls["n"] == 3
     assert_equal_trees(load_pytree(out / "params"), load_pytree(ref_out / "params"))
@@ -153,7 +154,7 @@ def test_shipped_configs_parse():
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         args = parse_args(["--config", str(path), "--out", "x"])
-        assert args.method in methods_mod.METHODS and 0 < args.ratio < 1
+        assert args.method in FACTORIZERS and 0 < args.ratio < 1
 
 
 @pytest.mark.parametrize(

@@ -118,13 +118,13 @@ def test_uniform_ranks_follow_each_matrix_shape():
 
 
 def test_batched_svd_llm_on_real_sizes_finishes():
-    """Regression: a vmapped whitening-with-fallbacks + SVD deadlocked XLA:CPU at 576x576 (see methods.svd_llm_group)."""
+    """Regression: a vmapped whitening-with-fallbacks + SVD deadlocked XLA:CPU at 576x576 (see compress/factorize/svd_llm.svd_llm_group)."""
     import subprocess
     import sys
 
     code = (
         "import numpy as np, jax, jax.numpy as jnp\n"
-        "from sigmascale_jax.methods import svd_llm_group\n"
+        "from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group\n"
         "x = np.random.default_rng(0).standard_normal((576, 1200))\n"
         "with jax.enable_x64(True):\n"
         "    g = jnp.asarray(np.stack([x @ x.T] * 2)); w = jnp.asarray(np.random.default_rng(1).standard_normal((2, 576, 576)))\n"
@@ -137,7 +137,7 @@ def test_batched_svd_llm_on_real_sizes_finishes():
 
 def test_batched_svd_llm_falls_back_per_matrix():
     """One singular Gram matrix in a batch: that matrix takes the shifted Cholesky, the other stays plain."""
-    from sigmascale_jax.methods import svd_llm_group
+    from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group
 
     rng = np.random.default_rng(5)
     full, thin = rng.standard_normal((16, 80)), rng.standard_normal((16, 6))  # 6 tokens < 16 features

@@ -105,7 +105,7 @@ def stories_block():
 
 @pytest.mark.parametrize("kind", ["block", "layer"])
 def test_learning_lowers_the_held_out_loss_and_never_ends_worse(stories_block, kind):
-    from sigmascale_jax.methods import block_ranks
+    from sigmascale_jax.ranks import block_ranks
 
     cfg, block, xs, ys, stats = stories_block
     ranks = block_ranks(cfg, 0.4)
@@ -127,7 +127,7 @@ def test_learning_lowers_the_held_out_loss_and_never_ends_worse(stories_block, k
 
 
 def test_learning_is_a_pure_function_under_jit_and_grad(stories_block):
-    from sigmascale_jax.methods import block_ranks
+    from sigmascale_jax.ranks import block_ranks
     from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS
     from sigmascale_jax.sigmascale import block_loss, zero_scales
 
@@ -152,7 +152,7 @@ def test_learning_is_a_pure_function_under_jit_and_grad(stories_block):
 
 def test_layer_loss_from_grams_equals_the_loss_on_tokens(stories_block):
     """The layer loss needs only Gram matrices: it equals Σ ‖(W − Ŵ)X‖² / ‖W X‖² computed on the tokens."""
-    from sigmascale_jax.methods import block_ranks
+    from sigmascale_jax.ranks import block_ranks
     from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS, block_forward_taps, rope_cos_sin
     from sigmascale_jax.sigmascale import layer_loss, reconstruct_block
 

@@ -1,0 +1,79 @@
+"""Compress a model: where to cut (rank allocation), how to cut (factorization), then an optional refinement.
+
+    python -m sigmascale_jax.compress --model ../shared/models/smollm2-135m-instruct-q4_1 \\
+        --method svd-llm --ratio 0.2 --out runs/smollm2-svdllm-0.2 [--ranks zs-svd] [--correction]
+
+The package is also callable: ``sigmascale_jax.compress(model, method, ratio, out, ...)``.
+Layout: `plan.py` (the stage types, registries, `make_plan`), `settings.py` (checked
+settings dataclasses), `pipeline.py` (the block loop), `allocate/`, `factorize/` and
+`refine/` (one module per method), `grads.py` (block-wise model gradients),
+`report.py` (compression.json), `cli.py` (flags and YAML configs).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+from sigmascale_jax.compress.plan import (  # noqa: F401  (the public face of the package)
+    Budget,
+    Factorizer,
+    ModelContext,
+    Plan,
+    RankAllocator,
+    Refiner,
+    RunSpec,
+    make_plan,
+)
+
+
+def compress(
+    model: str,
+    method: Any,
+    ratio: float,
+    out: str | Path,
+    *,
+    ranks: Any = "uniform",
+    correction: bool = False,
+    calib: str = "c4",
+    nsamples: int = 64,
+    seq_len: int = 512,
+    seed: int = 0,
+    sequential: bool = True,
+    batch_size: int = 8,
+    data_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Compress `model` with `method` at `ratio` into the folder `out`; returns the report (compression.json).
+
+    `method`: "svd", "asvd", "svd-llm", "sigmascale" (or a `Factorizer`); `ranks`: "uniform",
+    "zs-svd" (or a `RankAllocator`); `correction`: ZS-SVD's correction after the block loop.
+    `settings`: the methods' own settings by field name (`update=True`, `alpha=0.5`,
+    `steps=50`, `grad_samples=8`, ...); see `python -m sigmascale_jax.compress --help`.
+    """
+    from sigmascale_jax.compress.pipeline import run
+
+    plan = make_plan(method, ranks, ("correction",) if correction else (), **settings)
+    spec = RunSpec(model=model, ratio=ratio, calib=calib, nsamples=nsamples, seq_len=seq_len, seed=seed,
+                   sequential=sequential, batch_size=batch_size)
+    return run(spec, plan, out, data_dir=data_dir, overwrite=overwrite, progress=progress)
+
+
+def parse_args(argv: list[str] | None = None):
+    from sigmascale_jax.compress.cli import parse_args as _parse
+
+    return _parse(argv)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `sigmascale_jax.compress(...)` call the function while `python -m sigmascale_jax.compress` runs the CLI."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return compress(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,67 @@
+"""What the per-matrix factorizers share: grouping a block's projections and assembling the factored block."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sigmascale_jax.compress.plan import BlockResult, Params
+from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS
+
+
+def low_rank_groups(block: Params, ranks: dict[str, Optional[int]]) -> dict[tuple, list[str]]:
+    """`{(shape, rank): [projection, ...]}` of the projections to factor (same shape and rank batch together)."""
+    groups: dict[tuple, list[str]] = {}
+    for name in PROJECTIONS:
+        if ranks[name] is not None:
+            groups.setdefault((tuple(block[name]["w"].shape), ranks[name]), []).append(name)
+    return groups
+
+
+def stacked(block: Params, stats: dict, names: list[str]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float64 stacks `w: [G, m, n]`, `gram: [G, n, n]`, `absmean: [G, n]` of `names` (call inside `enable_x64`)."""
+    w = jnp.stack([jnp.asarray(np.asarray(block[n]["w"]), jnp.float64) for n in names])
+    gram = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64) for n in names])
+    absmean = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["absmean"], jnp.float64) for n in names])
+    return w, gram, absmean
+
+
+def dense_record(shape: tuple[int, int]) -> dict[str, Any]:
+    """compression.json's record of a projection kept dense."""
+    return {"shape": list(shape), "rank": min(shape), "dense": True, "rel_loss": 0.0, "whitening": None}
+
+
+def factor_block(
+    block: Params,
+    ranks: dict[str, Optional[int]],
+    group_fn: Callable[[list[str], int], tuple[Any, Any, Any, list[dict]]],
+    method: str,
+) -> BlockResult:
+    """Factor every low-rank projection of `block` with `group_fn(names, rank) -> (B, C, rel_loss, extras)`.
+
+    `B: [G, m, k]`, `C: [G, k, n]` and `rel_loss: [G]` cover the same-shape projections
+    `names`; `extras[j]` is merged into projection j's record. Factors are stored in the
+    block's dtype; projections with rank None stay dense.
+    """
+    new = {k: v for k, v in block.items() if k not in PROJECTIONS}
+    info: dict[str, dict] = {}
+    for (shape, rank), names in low_rank_groups(block, ranks).items():
+        b, c, loss, extras = group_fn(names, rank)
+        b, c, loss = np.asarray(b), np.asarray(c), np.asarray(loss)
+        for j, n in enumerate(names):
+            if not (np.isfinite(b[j]).all() and np.isfinite(c[j]).all()):
+                raise FloatingPointError(f"non-finite factors for projection {n} ({method}, rank {rank})")
+            dtype = block[n]["w"].dtype
+            p = {"b": jnp.asarray(b[j], dtype), "c": jnp.asarray(c[j], dtype)}
+            if "bias" in block[n]:
+                p["bias"] = block[n]["bias"]
+            new[n] = p
+            info[n] = {"shape": list(shape), "rank": rank, "dense": False, "rel_loss": float(loss[j]), **extras[j]}
+    for n in PROJECTIONS:
+        if ranks[n] is None:
+            new[n] = block[n]
+            info[n] = dense_record(tuple(block[n]["w"].shape))
+    return BlockResult(new, {n: info[n] for n in PROJECTIONS})

@@ -1,0 +1,45 @@
+"""ASVD (Yuan et al. 2023): SVD of `W diag(s)`, `s_j = mean_t|X_jt|^α`, then `C ← C diag(s)⁻¹`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+
+from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
+from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, register
+from sigmascale_jax.compress.settings import Settings, setting
+from sigmascale_jax.factorize import asvd_factors, relative_activation_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class AsvdSettings(Settings):
+    alpha: float = setting(0.5, "asvd: exponent of the activation scaling", min=0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "alpha"))
+def asvd_group(w, gram, absmean, *, rank: int, alpha: float):
+    """ASVD over a stack `w: [G, m, n]` with `absmean: [G, n]`; returns `(B, C, rel_loss)`."""
+
+    def one(w, gram, absmean):
+        b, c = asvd_factors(w, absmean, rank, alpha)
+        return b, c, relative_activation_loss(w, b @ c, gram)
+
+    return jax.vmap(one)(w, gram, absmean)
+
+
+@register(FACTORIZERS, "asvd", AsvdSettings, "ASVD: activation-magnitude column scaling before SVD")
+def asvd(alpha: float = 0.5) -> Factorizer:
+    settings = AsvdSettings(alpha=alpha)
+
+    def factor(inputs: BlockInputs, ranks, key) -> BlockResult:
+        def group(names, rank):
+            w, gram, absmean = stacked(inputs.block, inputs.stats, names)
+            b, c, loss = asvd_group(w, gram, absmean, rank=rank, alpha=settings.alpha)
+            return b, c, loss, [{"whitening": None}] * len(names)
+
+        with jax.enable_x64(True):
+            return factor_block(inputs.block, ranks, group, "asvd")
+
+    return Factorizer("asvd", settings, factor)

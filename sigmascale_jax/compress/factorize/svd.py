@@ -1,0 +1,37 @@
+"""Plain truncated SVD of each projection: optimal in ‖W − BC‖_F, blind to activations."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
+from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, register
+from sigmascale_jax.compress.settings import NoSettings
+from sigmascale_jax.factorize import relative_activation_loss, svd_factors
+
+
+@functools.partial(jax.jit, static_argnames="rank")
+def svd_group(w, gram, *, rank: int):
+    """Truncated SVD over a stack `w: [G, m, n]`; returns `(B, C, rel_loss)` (the loss on `gram: [G, n, n]`)."""
+
+    def one(w, gram):
+        b, c = svd_factors(w, rank)
+        return b, c, relative_activation_loss(w, b @ c, gram)
+
+    return jax.vmap(one)(w, gram)
+
+
+@register(FACTORIZERS, "svd", NoSettings, "plain truncated SVD (activation-blind)")
+def svd() -> Factorizer:
+    def factor(inputs: BlockInputs, ranks, key) -> BlockResult:
+        def group(names, rank):
+            w, gram, _ = stacked(inputs.block, inputs.stats, names)
+            b, c, loss = svd_group(w, gram, rank=rank)
+            return b, c, loss, [{"whitening": None}] * len(names)
+
+        with jax.enable_x64(True):
+            return factor_block(inputs.block, ranks, group, "svd")
+
+    return Factorizer("svd", NoSettings(), factor)

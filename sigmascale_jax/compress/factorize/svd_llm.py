@@ -1,0 +1,105 @@
+"""SVD-LLM (Wang et al. 2024): truncation-aware whitening, optionally with its closed-form parameter update."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
+from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, RunSpec, register
+from sigmascale_jax.compress.settings import Settings, setting
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.factorize import (
+    WHITEN_CHOLESKY,
+    WHITEN_EIGH,
+    WHITEN_NAMES,
+    refit_left,
+    relative_activation_loss,
+    whitened_factors,
+    whitening,
+)
+from sigmascale_jax.modeling import PROJECTION_INPUT
+
+_cholesky_group = jax.jit(jax.vmap(jnp.linalg.cholesky))
+_whitening_one = jax.jit(whitening)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "triangular", "update"))
+def _whitened_group(w, s, refit_gram, *, rank: int, triangular: bool, update: bool):
+    """SVD-LLM over a stack, given each matrix's whitening `s: [G, n, n]`; returns `(B, C, rel_loss)`.
+
+    With `update`, B is refit on `refit_gram`; the loss is measured on `refit_gram`.
+    """
+
+    def one(w, s, refit_gram):
+        b, c = whitened_factors(w, s, rank, triangular)
+        if update:
+            b = refit_left(w, refit_gram, c)
+        return b, c, relative_activation_loss(w, b @ c, refit_gram)
+
+    return jax.vmap(one)(w, s, refit_gram)
+
+
+def svd_llm_group(w, gram, rank: int, refit_gram=None):
+    """SVD-LLM for a stack of same-shape matrices: `(B, C, rel_loss, routes)`.
+
+    `gram: [G, n, n]` decides the whitening (and so C). With `refit_gram`, B is
+    refit on it (SVD-LLM's parameter update); refitting on `gram` itself would
+    change nothing, since the whitened truncation is already optimal there.
+
+    Cholesky runs batched; the rare matrices whose Cholesky fails get their fallback
+    alone. The fallbacks' branches are not put under vmap: vmap turns `lax.cond`
+    into running every branch, and XLA:CPU's concurrent scheduler was seen to
+    deadlock on such a mix of LAPACK calls (576x576, jax 0.10.2, 2 cores).
+    """
+    chol = np.array(_cholesky_group(gram))  # a writable copy: failed rows are replaced below
+    routes = [WHITEN_CHOLESKY] * len(chol)
+    for j in range(len(chol)):
+        if not np.isfinite(chol[j]).all():
+            s_j, route = _whitening_one(gram[j])
+            chol[j], routes[j] = np.asarray(s_j), int(route)
+    triangular = WHITEN_EIGH not in routes
+    update = refit_gram is not None
+    b, c, loss = _whitened_group(
+        w, jnp.asarray(chol), refit_gram if update else gram, rank=rank, triangular=triangular, update=update
+    )
+    return b, c, loss, routes
+
+
+@dataclasses.dataclass(frozen=True)
+class SvdLlmSettings(Settings):
+    update: bool = setting(
+        False,
+        "svd-llm: whiten on the original model's activations, then refit the left factor in closed form on the "
+        "compressed model's (needs --sequential)",
+    )
+
+
+@register(FACTORIZERS, "svd-llm", SvdLlmSettings, "SVD-LLM: Cholesky whitening, the per-layer optimum")
+def svd_llm(update: bool = False) -> Factorizer:
+    settings = SvdLlmSettings(update=update)
+
+    def check(spec: RunSpec, cfg) -> None:
+        if settings.update and not spec.sequential:
+            raise UserError("--update refits on the compressed model's activations; it needs --sequential")
+
+    def factor(inputs: BlockInputs, ranks, key) -> BlockResult:
+        # --update: C from the original model's activations (ref_stats), B refit on the compressed model's.
+        whiten_stats = inputs.ref_stats if settings.update else inputs.stats
+
+        def group(names, rank):
+            w, gram, _ = stacked(inputs.block, whiten_stats, names)
+            refit = None
+            if settings.update:
+                refit = jnp.stack([jnp.asarray(inputs.stats[PROJECTION_INPUT[n]]["gram"], jnp.float64) for n in names])
+            b, c, loss, routes = svd_llm_group(w, gram, rank, refit)
+            return b, c, loss, [{"whitening": WHITEN_NAMES[r]} for r in routes]
+
+        with jax.enable_x64(True):
+            return factor_block(inputs.block, ranks, group, "svd-llm")
+
+    return Factorizer("svd-llm", settings, factor, needs_dense_stream=settings.update, check=check)

@@ -1,0 +1,229 @@
+"""The block-by-block pipeline: allocate ranks, factor each block, refine, write the compressed folder.
+
+    (0) the rank allocator picks a rank (or dense) for every block and projection;
+        it may look at the whole model (ZS-SVD runs a gradient and a statistics pass);
+    (1) block by block, as SVD-LLM and GPTQ do: calibration activations go through
+        block i, the Gram matrix of each projection's input is accumulated (float32
+        chunks, combined in float64), the factorizer factors block i at its ranks,
+        and block i+1's inputs come from the compressed block i (`sequential`) or
+        the original one; a dense stream runs beside it for factorizers that ask;
+    (2) refiners (ZS-SVD's correction) revise the factors with the whole model in view;
+    (3) the params, tokenizer and `compression.json` are written.
+
+Only the current block's weights and the activations are held on the device. The
+allocation and each finished block are checkpointed in `OUT.partial/`, so rerunning
+the same command resumes; the finished folder appears at OUT only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sigmascale_jax.compress.plan import Allocation, BlockInputs, BlockResult, Budget, ModelContext, Plan, RunSpec
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.fileio import write_json_atomic, write_npz_atomic
+from sigmascale_jax.modeling import PROJECTIONS
+
+PARTIAL_SUFFIX = ".partial"
+RANKS_FILE = "ranks.json"
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+
+
+def prepare_out(out: Path, spec_key: dict, overwrite: bool) -> tuple[Path, bool]:
+    """The staging folder for `out`, and whether it holds a run to resume."""
+    staging = out.with_name(out.name + PARTIAL_SUFFIX)
+    spec_file = staging / "spec.json"
+    if staging.exists():
+        same = spec_file.is_file() and json.loads(spec_file.read_text()) == spec_key
+        if same:
+            return staging, True
+        if not overwrite:
+            raise UserError(f"{staging} holds an unfinished run with other settings; pass --overwrite to discard it")
+        shutil.rmtree(staging)
+    return staging, False
+
+
+def calibration_windows(source, spec: RunSpec, data_dir: str | None) -> np.ndarray:
+    from sigmascale_jax.calibration import calibration_text, sample_windows
+    from sigmascale_jax.data import find_data_dir
+
+    text = calibration_text(spec.calib, find_data_dir(data_dir) if spec.calib in ("c4", "wikitext2-valid") else Path("."))
+    ids = np.asarray(source.tokenizer()(text).input_ids, dtype=np.int32)
+    return sample_windows(ids, spec.nsamples, spec.seq_len, spec.seed)
+
+
+def apply_in_chunks(block, xs: np.ndarray, cfg, batch_size: int) -> np.ndarray:
+    import jax.numpy as jnp
+
+    from sigmascale_jax.modeling import block_apply
+
+    return np.concatenate(
+        [np.asarray(block_apply(block, jnp.asarray(xs[i : i + batch_size]), cfg)) for i in range(0, len(xs), batch_size)]
+    )
+
+
+def check_ranks(ranks: Any, cfg) -> list[dict[str, int | None]]:
+    """An allocator's (or a resumed file's) ranks, checked against the model's shapes."""
+    shapes = cfg.projection_shapes()
+    if not isinstance(ranks, list) or len(ranks) != cfg.num_layers:
+        raise ValueError(f"ranks must list {cfg.num_layers} blocks")
+    for i, block in enumerate(ranks):
+        for n in PROJECTIONS:
+            k = block.get(n, "missing")
+            if k is not None and not (isinstance(k, int) and 1 <= k <= min(shapes[n])):
+                raise ValueError(f"block {i} {n}: rank {k!r} outside 1..{min(shapes[n])}")
+    return [{n: block[n] for n in PROJECTIONS} for block in ranks]
+
+
+def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path) -> Allocation:
+    """The allocator's result, from `ranks.json` when resuming (ZS-SVD's passes are not repeated)."""
+    path = staging / RANKS_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return Allocation(check_ranks(saved["ranks"], ctx.cfg), saved["info"])
+    alloc = plan.allocate.allocate(ctx, budget)
+    alloc = Allocation(check_ranks(alloc.ranks, ctx.cfg), alloc.info)
+    write_json_atomic(path, {"ranks": alloc.ranks, "info": alloc.info})
+    return alloc
+
+
+def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = None, overwrite: bool = False,
+        progress: bool = True) -> dict[str, Any]:
+    """Compress `spec.model` with `plan` into the folder `out`; returns the report (compression.json)."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from sigmascale_jax.checkpoint import PARAMS_DIR, REPORT_FILE, SPECTRA_FILE, TOKENIZER_DIR, load_pytree, save_pytree
+    from sigmascale_jax.compress.report import build_report
+    from sigmascale_jax.modeling import param_count
+    from sigmascale_jax.params import load_block, load_outer
+    from sigmascale_jax.ranks import factored_params
+    from sigmascale_jax.sources import open_model
+    from sigmascale_jax.stats import block_stats
+
+    for name in ("model", "ratio"):
+        if getattr(spec, name) is None:
+            raise UserError(f"--{name} is required")
+    out = Path(out)
+    check_out(out, overwrite)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + now - since
+        return now
+
+    source = open_model(spec.model)
+    cfg = source.cfg
+    if spec.seq_len > cfg.max_position_embeddings:
+        raise UserError(f"--seq-len {spec.seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
+    plan.check(spec, cfg)
+    budget = Budget(spec.ratio, factored_params)
+    windows = calibration_windows(source, spec, data_dir)
+    calib_sha1 = hashlib.sha1(windows.tobytes()).hexdigest()
+    spec_key = {**spec.asdict(), **plan.key(), "calib_sha1": calib_sha1}
+    staging, resuming = prepare_out(out, spec_key, overwrite)
+    (staging / "blocks").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(staging / "spec.json", spec_key)
+    t = lap("calibration", t0)
+
+    # Host copies: only the block being worked on lives on the device.
+    outer = jax.device_get(load_outer(source.reader, cfg))
+    ctx = ModelContext(cfg, outer, lambda i: load_block(source.reader, cfg, i), windows, spec, progress)
+    t = lap("load", t)
+    alloc = _allocation(plan, ctx, budget, staging)
+    t = lap("allocate", t)
+
+    factorizer = plan.factorize
+    xs = outer["embed"][windows]  # [N, L, D]
+    xs_ref = xs if factorizer.needs_dense_stream and spec.sequential else None
+    blocks, results = [], []
+    dense_count = param_count(outer)
+    bar = tqdm(range(cfg.num_layers), desc=f"{factorizer.name} r={spec.ratio}", unit="block", disable=not progress)
+    for i in bar:
+        ckpt, info_file = staging / "blocks" / f"{i:04d}", staging / "blocks" / f"{i:04d}.json"
+        dense = load_block(source.reader, cfg, i)
+        dense_count += param_count(dense)
+        t = lap("load", t)
+        if info_file.is_file():  # finished before an interruption
+            saved = json.loads(info_file.read_text())
+            result = BlockResult(load_pytree(ckpt), saved["matrices"], saved["block"])
+            xs = apply_in_chunks(result.params if spec.sequential else dense, xs, cfg, spec.batch_size)
+            if xs_ref is not None:
+                xs_ref = apply_in_chunks(dense, xs_ref, cfg, spec.batch_size)
+            t = lap("propagate", t)
+        else:
+            dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size)
+            ref_stats = None
+            if xs_ref is not None:
+                xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, spec.batch_size)
+            t = lap("stats", t)
+            inputs = BlockInputs(dense, stats, xs, dense_out, cfg, spec.batch_size, ref_stats)
+            key = jax.random.fold_in(jax.random.key(spec.seed), i)
+            result = factorizer.factor(inputs, alloc.ranks[i], key)
+            t = lap("factorize", t)
+            save_pytree(ckpt, result.params)
+            if result.spectra:
+                write_npz_atomic(staging / "blocks" / f"{i:04d}.spectra.npz", result.spectra)
+            write_json_atomic(info_file, {"matrices": result.matrices, "block": result.block})  # last: marks it done
+            t = lap("checkpoint", t)
+            xs = apply_in_chunks(result.params, xs, cfg, spec.batch_size) if spec.sequential else dense_out
+            t = lap("propagate", t)
+        blocks.append(jax.device_get(result.params))
+        results.append(result)
+        if result.block:
+            bar.set_postfix(hold=f"{result.block['holdout_init']:.4f}->{result.block['holdout_best']:.4f}")
+        else:
+            losses = [m["rel_loss"] for m in result.matrices.values() if not m["dense"]]
+            bar.set_postfix(rel_loss=f"{np.mean(losses) if losses else 0.0:.4f}")
+        if not np.isfinite(xs).all():
+            raise FloatingPointError(f"non-finite activations after block {i}")
+
+    refined = []
+    for refiner in plan.refine:
+        blocks, info = refiner.refine(ctx, blocks, alloc.ranks)
+        blocks = [jax.device_get(b) for b in blocks]
+        refined.append({"name": refiner.name, **refiner.settings.asdict(), **info})
+        t = lap("refine", t)
+
+    params = {**outer, "blocks": blocks}
+    save_pytree(staging / PARAMS_DIR, params)
+    block_spectra = sorted((staging / "blocks").glob("*.spectra.npz"))
+    if block_spectra:  # SigmaScale: singular values of W, W S and the scaled matrix, per block and projection
+        merged = {}
+        for f in block_spectra:
+            with np.load(f) as z:
+                merged.update({f"{int(f.name[:4])}.{k}": z[k] for k in z.files})
+        write_npz_atomic(staging / SPECTRA_FILE, merged)
+    source.tokenizer().save_pretrained(str(staging / TOKENIZER_DIR))
+    t = lap("checkpoint", t)
+
+    report = build_report(
+        spec, plan, cfg, alloc, results, refined, budget,
+        counts={"model_dense": dense_count, "model_compressed": param_count(params)},
+        calibration={"source": spec.calib, "nsamples": spec.nsamples, "seq_len": spec.seq_len, "seed": spec.seed,
+                     "tokens": int(windows.size), "sha1": calib_sha1},
+        resumed=resuming, timings=timings, seconds=time.perf_counter() - t0,
+    )
+    write_json_atomic(staging / REPORT_FILE, report)
+    shutil.rmtree(staging / "blocks")
+    (staging / "spec.json").unlink()
+    (staging / RANKS_FILE).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return report

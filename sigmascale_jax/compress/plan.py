@@ -1,0 +1,225 @@
+"""The three stages of a compression and what passes between them.
+
+Low-rank compression answers two questions per matrix here — where to cut (a rank
+allocator) and how to cut (a factorizer) — plus an optional model-level refinement
+after the block loop. Each method is a constructor that closes over its settings
+and returns a small NamedTuple of pure-ish functions, in the style of optax's
+`GradientTransformation`; the pipeline (`pipeline.py`) never names a method.
+
+Methods register themselves in `ALLOCATORS`, `FACTORIZERS` or `REFINERS` from their
+own module under `allocate/`, `factorize/` or `refine/`; those packages import every
+module they hold, so adding a method is adding a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
+
+from sigmascale_jax.compress.settings import Settings, setting
+from sigmascale_jax.config import ModelConfig
+
+Params = dict[str, Any]
+Ranks = list[dict[str, Optional[int]]]  # ranks[block][projection]: a rank, or None for a matrix kept dense
+
+
+# ------------------------------------------------------------------ inputs shared by the stages
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec(Settings):
+    """What every compression needs whatever its methods (the pipeline's own settings)."""
+
+    model: str = setting(None, "HF folder, .gguf file or hub id (required)")
+    ratio: float = setting(None, "fraction of the projections' parameters removed (required)", above=0.0, below=1.0)
+    calib: str = setting("c4", "c4 (docs 0-999), wikitext2-valid, or a .txt/.jsonl file")
+    nsamples: int = setting(64, "calibration windows", min=1)
+    seq_len: int = setting(512, "tokens per calibration window", min=2)
+    seed: int = setting(0, "seed of the calibration window offsets (and of SigmaScale's minibatches)", min=0)
+    sequential: bool = setting(True, "feed block i+1 from the compressed block i")
+    batch_size: int = setting(8, "calibration windows per device call", min=1)
+
+
+@dataclasses.dataclass
+class ModelContext:
+    """The model and calibration data, for stages that look at the whole model (allocators, refiners).
+
+    Blocks are loaded on demand (`load_block(i)`: dense params of block i), so an
+    allocator that needs only shapes touches no weights.
+    """
+
+    cfg: ModelConfig
+    outer: Params  # embed, final_norm, lm_head (host arrays)
+    load_block: Callable[[int], Params]
+    windows: np.ndarray  # [N, T] int32 calibration tokens
+    spec: RunSpec
+    progress: bool = True
+
+
+class Budget(NamedTuple):
+    """How many numbers the projections may store: `(1 − ratio)` of their dense count.
+
+    `count(m, n, k)`: numbers stored for an `m × n` matrix kept at rank k (k(m+n) for
+    plain factors); a matrix is never stored at more than its dense `m·n`.
+    """
+
+    ratio: float
+    count: Callable[[int, int, int], int]
+
+    def stored(self, m: int, n: int, k: int | None) -> int:
+        return m * n if k is None else min(m * n, self.count(m, n, k))
+
+    def limit(self, shapes: list[tuple[int, int]]) -> int:
+        """Numbers the matrices of `shapes` may store in all (the removal target rounded as ZS-SVD's code does)."""
+        dense = sum(m * n for m, n in shapes)
+        return dense - int(dense * self.ratio)
+
+
+class Allocation(NamedTuple):
+    ranks: Ranks
+    info: dict[str, Any]  # JSON-able record of how the ranks were chosen
+
+
+class RankAllocator(NamedTuple):
+    """Where to cut: a rank (or dense) for every block and projection, under a budget."""
+
+    name: str
+    settings: Settings
+    allocate: Callable[[ModelContext, Budget], Allocation]
+    check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None  # cross-checks against the run's settings and the model
+
+
+class BlockInputs(NamedTuple):
+    """What a factorizer sees of one block."""
+
+    block: Params  # dense weights, `w: [out, in]`
+    stats: dict  # `stats.block_stats` of the block's inputs in the pipeline's stream
+    xs: np.ndarray  # [N, T, D] the block's calibration inputs
+    ys: np.ndarray  # [N, T, D] the dense block's outputs on `xs`
+    cfg: ModelConfig
+    batch_size: int
+    ref_stats: dict | None = None  # the dense model's stream, for factorizers with `needs_dense_stream`
+
+
+class BlockResult(NamedTuple):
+    params: Params  # the block with each projection dense `{"w"}` or factored `{"b", "c"}`
+    matrices: dict[str, dict]  # per projection: shape, rank, dense, rel_loss, ... (compression.json)
+    block: dict | None = None  # a per-block record (SigmaScale's held-out trace)
+    spectra: dict | None = None  # arrays for spectra.npz, "<projection>.<kind>" -> [r]
+
+
+class Factorizer(NamedTuple):
+    """How to cut: the factors of one block's projections at given ranks."""
+
+    name: str
+    settings: Settings
+    factor: Callable[[BlockInputs, dict[str, Optional[int]], Any], BlockResult]  # (inputs, ranks, PRNG key)
+    needs_dense_stream: bool = False  # also feed the dense model's activations (SVD-LLM's update)
+    check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
+
+
+class Refiner(NamedTuple):
+    """A model-level pass after the block loop (ZS-SVD's correction); keeps every matrix's rank."""
+
+    name: str
+    settings: Settings
+    refine: Callable[[ModelContext, list[Params], Ranks], tuple[list[Params], dict[str, Any]]]
+    check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    factorize: Factorizer
+    allocate: RankAllocator
+    refine: tuple[Refiner, ...] = ()
+
+    def check(self, spec: RunSpec, cfg: ModelConfig) -> None:
+        """Settings that clash with each other or with the model: a UserError before anything is written."""
+        for stage in (self.allocate, self.factorize, *self.refine):
+            stage.check(spec, cfg)
+
+    def key(self) -> dict[str, Any]:
+        """The settings that change the result (part of the resume key)."""
+        return {
+            "allocate": {"name": self.allocate.name, **self.allocate.settings.asdict()},
+            "factorize": {"name": self.factorize.name, **self.factorize.settings.asdict()},
+            "refine": [{"name": r.name, **r.settings.asdict()} for r in self.refine],
+        }
+
+
+# ------------------------------------------------------------------ registries
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A registered method: its name, settings class and constructor (`build(**settings fields)`)."""
+
+    name: str
+    settings: type[Settings]
+    build: Callable[..., Any]
+    help: str
+
+
+ALLOCATORS: dict[str, Entry] = {}
+FACTORIZERS: dict[str, Entry] = {}
+REFINERS: dict[str, Entry] = {}
+
+
+def register(table: dict[str, Entry], name: str, settings: type[Settings], help: str):
+    """Decorator: enter a method's constructor in `table` under `name`."""
+
+    def deco(build: Callable[..., Any]) -> Callable[..., Any]:
+        if name in table:
+            raise ValueError(f"{name!r} registered twice")
+        table[name] = Entry(name, settings, build, help)
+        return build
+
+    return deco
+
+
+def load_methods() -> None:
+    """Import every method module (they register themselves)."""
+    from sigmascale_jax.compress import allocate, factorize, refine  # noqa: F401
+
+
+def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), **settings: Any) -> Plan:
+    """A Plan from method names (or ready stages) and flat settings, each routed to the stage that declares it.
+
+    `method`: a factorizer name or a `Factorizer`; `ranks`: an allocator name or a
+    `RankAllocator`; `refine`: refiner names or `Refiner`s. A setting goes to every
+    named stage whose settings have that field (`grad_samples` serves both ZS-SVD
+    and its correction); one that no chosen stage takes is a UserError.
+    """
+    from sigmascale_jax.errors import UserError
+
+    load_methods()
+    chosen: list[tuple[str, dict[str, Entry], Any]] = [("method", FACTORIZERS, method), ("ranks", ALLOCATORS, ranks)]
+    chosen += [("refine", REFINERS, r) for r in refine]
+    entries, built = [], {}
+    for flag, table, value in chosen:
+        if isinstance(value, str):
+            if value not in table:
+                raise UserError(f"unknown --{flag} {value!r}; known: {', '.join(table)}")
+            entries.append((flag, table[value]))
+        else:
+            built[flag, id(value)] = value
+    taken: set[str] = set()
+    stages: dict[str, Any] = {}
+    for flag, entry in entries:
+        names = {f.name for f in dataclasses.fields(entry.settings)}
+        kwargs = {k: v for k, v in settings.items() if k in names and v is not None}
+        taken |= kwargs.keys()
+        stages.setdefault(flag, []).append(entry.build(**kwargs))
+    for key, value in settings.items():
+        if value is None or key in taken:
+            continue
+        owners = [e.name for t in (FACTORIZERS, ALLOCATORS, REFINERS) for e in t.values()
+                  if key in {f.name for f in dataclasses.fields(e.settings)}]
+        if not owners:
+            raise UserError(f"unknown setting {key!r}")
+        raise UserError(f"--{key.replace('_', '-')} is a setting of {' / '.join(owners)}, which this run does not use")
+    for (flag, _), value in built.items():
+        stages.setdefault(flag, []).append(value)
+    return Plan(factorize=stages["method"][0], allocate=stages["ranks"][0], refine=tuple(stages.get("refine", ())))

@@ -1,0 +1,119 @@
+"""ZS-SVD's correction: one projected-gradient step after truncation, then re-truncation at the same ranks.
+
+As the official code's `pull_subspace` correction does it (github.com/mint-vu/Zero-Sum-SVD,
+`compression/corrections.py`, one gradient batch): with Ŵ the truncated matrix, W the
+original and g = ∂𝓛/∂W at the compressed model (mean next-token cross-entropy on
+calibration windows), the teacher's residual `W − Ŵ` is projected onto the gradient
+direction,
+
+    W' = Ŵ + α g,   α = ⟨g, W − Ŵ⟩ / ⟨g, g⟩,
+
+so the step length needs no learning rate: to first order it changes the loss by
+`⟨g, W − Ŵ⟩` (negative when moving toward the original weights helps) and never moves
+further than ‖W − Ŵ‖. W' has full rank again; it is re-truncated to its rank by
+SVD-LLM's whitened truncation on the Gram matrix of the matrix's inputs in the
+compressed model (the official multi-stage code re-truncates with whitening too).
+Matrices kept dense are not touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sigmascale_jax.compress.allocate.zs_svd import DEFAULT_GRAD_SAMPLES, grad_windows
+from sigmascale_jax.compress.grads import model_loss, reverse_pass
+from sigmascale_jax.compress.plan import REFINERS, ModelContext, Params, Ranks, Refiner, RunSpec, register
+from sigmascale_jax.compress.settings import Settings, setting
+from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectionSettings(Settings):
+    grad_samples: int | None = setting(
+        None, f"zs-svd / correction: calibration windows the loss gradient averages over (default: the first "
+        f"{DEFAULT_GRAD_SAMPLES}, or all if fewer)", min=1)
+
+
+def pull_step(w: jax.Array, w_hat: jax.Array, grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(W', α)`: `Ŵ` moved by the projection of `W − Ŵ` onto the gradient direction (`[m, n]` each). Pure."""
+    gg = jnp.sum(grad * grad)
+    alpha = jnp.where(gg > 0, jnp.sum(grad * (w - w_hat)) / jnp.where(gg > 0, gg, 1.0), 0.0)
+    return w_hat + alpha * grad, alpha
+
+
+_pull_jit = jax.jit(pull_step)
+
+
+def correct_block(dense: Params, comp: Params, grads: dict, stats: dict, ranks: dict) -> tuple[Params, dict]:
+    """One block's corrected and re-truncated factors, and a record per corrected projection."""
+    from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group
+
+    new, info = dict(comp), {}
+    with jax.enable_x64(True):
+        for n in PROJECTIONS:
+            if ranks[n] is None:
+                continue
+            w = jnp.asarray(np.asarray(dense[n]["w"]), jnp.float64)
+            w_hat = jnp.asarray(np.asarray(comp[n]["b"]), jnp.float64) @ jnp.asarray(np.asarray(comp[n]["c"]), jnp.float64)
+            g = jnp.asarray(grads[n], jnp.float64)
+            w_new, alpha = _pull_jit(w, w_hat, g)
+            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64)
+            b, c, _, _ = svd_llm_group(w_new[None], gram[None], ranks[n])
+            b, c = np.asarray(b[0]), np.asarray(c[0])
+            if not (np.isfinite(b).all() and np.isfinite(c).all()):
+                raise FloatingPointError(f"non-finite factors after the correction of projection {n}")
+            dtype = comp[n]["b"].dtype
+            new[n] = {**comp[n], "b": jnp.asarray(b, dtype), "c": jnp.asarray(c, dtype)}
+            step = float(jnp.linalg.norm(w_new - w_hat) / jnp.linalg.norm(w_hat))
+            info[n] = {"alpha": float(alpha), "relative_step": step,
+                       "predicted_loss_change": float(alpha * jnp.sum(g * g))}
+    return new, info
+
+
+@register(REFINERS, "correction", CorrectionSettings,
+          "ZS-SVD's correction: one projected-gradient step toward the original weights, then re-truncation")
+def correction(grad_samples: int | None = None) -> Refiner:
+    settings = CorrectionSettings(grad_samples=grad_samples)
+
+    def check(spec: RunSpec, cfg) -> None:
+        grad_windows(spec, settings.grad_samples)
+
+    def refine(ctx: ModelContext, blocks: list[Params], ranks: Ranks) -> tuple[list[Params], dict]:
+        from sigmascale_jax.stats import block_stats
+
+        cfg, spec = ctx.cfg, ctx.spec
+        n_grad = grad_windows(spec, settings.grad_samples)
+        tokens = ctx.windows[:n_grad]
+        held = ctx.windows[n_grad : 2 * n_grad]  # calibration windows the gradient did not see
+        t0 = time.perf_counter()
+        new_blocks: list = [None] * cfg.num_layers
+        records: list = [None] * cfg.num_layers
+
+        def on_block(i, grads, xs):
+            _, stats = block_stats(blocks[i], xs, cfg, spec.batch_size)
+            new_blocks[i], records[i] = correct_block(ctx.load_block(i), blocks[i], grads, stats, ranks[i])
+
+        loss = reverse_pass(ctx.outer, blocks.__getitem__, cfg.num_layers, tokens, cfg, on_block,
+                            batch_size=spec.batch_size, progress=ctx.progress, desc="correction")
+        after = model_loss(ctx.outer, new_blocks.__getitem__, tokens, cfg, batch_size=spec.batch_size)
+        info = {
+            "grad_samples": n_grad,
+            "loss_before": loss,
+            "loss_after": after,
+            "predicted_loss_change": float(sum(r["predicted_loss_change"] for rec in records for r in rec.values())),
+            "matrices": [{"block": i, "name": n, **r} for i, rec in enumerate(records) for n, r in rec.items()],
+        }
+        if len(held):
+            info["held_out_windows"] = len(held)
+            info["held_out_loss_before"] = model_loss(ctx.outer, blocks.__getitem__, held, cfg, batch_size=spec.batch_size)
+            info["held_out_loss_after"] = model_loss(ctx.outer, new_blocks.__getitem__, held, cfg,
+                                                     batch_size=spec.batch_size)
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        return new_blocks, info
+
+    return Refiner("correction", settings, refine, check)

@@ -1,0 +1,95 @@
+"""compression.json: what was done, with what, at which ranks, and what it cost."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import resource
+import sys
+from typing import Any
+
+from sigmascale_jax.compress.plan import Allocation, BlockResult, Budget, Plan, RunSpec
+from sigmascale_jax.config import ModelConfig
+from sigmascale_jax.modeling import PROJECTIONS
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "sigmascale_jax"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak host RSS of this process and, where the backend reports it, peak device memory (MiB)."""
+    import jax
+
+    mem = {"host_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        mem["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+    return mem
+
+
+def rank_summary(cfg: ModelConfig, ranks: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per projection: its shape, `rank` when every block shares one (else None), and min / max / mean / dense blocks."""
+    out = {}
+    for n in PROJECTIONS:
+        m, k_full = cfg.projection_shapes()[n], min(cfg.projection_shapes()[n])
+        ks = [r[n] for r in ranks]
+        eff = [k_full if k is None else k for k in ks]
+        out[n] = {
+            "shape": list(m),
+            "rank": ks[0] if len(set(ks)) == 1 and ks[0] is not None else None,
+            "min": min(eff), "max": max(eff), "mean": sum(eff) / len(eff),
+            "dense_blocks": sum(k is None for k in ks),
+        }
+    return out
+
+
+def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation, results: list[BlockResult],
+                 refined: list[dict], budget: Budget, *, counts: dict, calibration: dict, resumed: bool,
+                 timings: dict, seconds: float) -> dict[str, Any]:
+    from sigmascale_jax.checkpoint import FORMAT_VERSION
+
+    shapes = cfg.projection_shapes()
+    triples = [(*shapes[n], alloc.ranks[i][n]) for i in range(cfg.num_layers) for n in PROJECTIONS]
+    dense = sum(m * n for m, n, _ in triples)
+    stored = sum(budget.stored(m, n, k) for m, n, k in triples)
+    fz = plan.factorize
+    settings = fz.settings.asdict()
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": spec.model,
+        "model_config": cfg.to_dict(),
+        "method": fz.name,
+        "ranks_method": plan.allocate.name,
+        "factorize": {"name": fz.name, **settings},
+        "allocate": {"name": plan.allocate.name, **plan.allocate.settings.asdict(), **alloc.info},
+        "refine": refined,
+        # flat copies kept for readers of format 1 reports
+        "update": settings.get("update", False),
+        "sequential": spec.sequential,
+        "alpha": settings.get("alpha"),
+        "sigmascale": settings if fz.name == "sigmascale" else None,
+        "ratio_requested": spec.ratio,
+        "ratio_achieved": 1.0 - stored / dense,
+        "whole_model_ratio": 1.0 - counts["model_compressed"] / counts["model_dense"],
+        "params": {
+            "compressible_dense": dense,
+            "compressible_compressed": stored,
+            "model_dense": counts["model_dense"],
+            "model_compressed": counts["model_compressed"],
+        },
+        "ranks": rank_summary(cfg, alloc.ranks),
+        "matrices": [{"block": i, "name": n, **r.matrices[n]} for i, r in enumerate(results) for n in PROJECTIONS],
+        "blocks": [{"block": i, **r.block} for i, r in enumerate(results) if r.block],
+        "calibration": calibration,
+        "resumed": resumed,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "seconds": round(seconds, 3),
+        "memory": peak_memory(),
+        "versions": versions(),
+    }
