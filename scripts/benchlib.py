@@ -80,6 +80,7 @@ def evaluate(model: str, out_json: Path, args) -> dict:
 
 
 def compress(method: str, ratio: float, folder: Path, args, extra: list[str] = ()) -> dict:
+    """Run (or reuse) the compressor with `METHOD_FLAGS[method]` plus `extra` flags into `folder`."""
     cmd = [sys.executable, "-m", "sigmascale_jax.compress", "--model", args.model, *METHOD_FLAGS[method],
            "--ratio", str(ratio), "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
            "--seed", str(args.seed), "--out", str(folder), "--overwrite", "--no-progress", *extra]
@@ -94,11 +95,11 @@ def dense_row(args) -> dict:
             "eval_windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")}}
 
 
-def method_row(method: str, ratio: float, args, extra: list[str] = ()) -> dict:
-    """Compress (or reuse), evaluate (or reuse) and summarize one method at one ratio."""
+def method_row(method: str, ratio: float, args, extra: list[str] = (), label: str | None = None) -> dict:
+    """Compress (or reuse), evaluate (or reuse) and summarize one method at one ratio (run folder `label-ratio`)."""
     runs = REPO / args.runs_dir
     runs.mkdir(parents=True, exist_ok=True)
-    name = f"{method}-{ratio}"
+    name = f"{label or method}-{ratio}"
     t0 = time.perf_counter()
     try:
         report = compress(method, ratio, runs / name, args, extra)
@@ -112,6 +113,7 @@ def method_row(method: str, ratio: float, args, extra: list[str] = ()) -> dict:
         "c4_ppl": res["c4"]["ppl"], "compress_s": report["seconds"],
         "peak_host_mib": report["memory"]["host_peak_mib"], "timings_s": report["timings_s"],
         "eval_windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")},
+        "run": str(runs / name),
     }
     if report.get("blocks"):
         init = [b["holdout_init"] for b in report["blocks"]]

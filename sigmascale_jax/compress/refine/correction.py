@@ -8,9 +8,10 @@ direction,
 
     W' = Ŵ + α g,   α = ⟨g, W − Ŵ⟩ / ⟨g, g⟩,
 
-so the step length needs no learning rate: to first order it changes the loss by
-`⟨g, W − Ŵ⟩` (negative when moving toward the original weights helps) and never moves
-further than ‖W − Ŵ‖. W' has full rank again; it is re-truncated to its rank by
+so the step length needs no learning rate and never moves further than ‖W − Ŵ‖. To
+first order it changes the loss by `⟨g, W − Ŵ⟩`: a descent step where moving toward
+the original weights lowers the loss, an ascent step (as in the official code) where
+it does not; each matrix's prediction is recorded. W' has full rank again; it is re-truncated to its rank by
 SVD-LLM's whitened truncation on the Gram matrix of the matrix's inputs in the
 compressed model (the official multi-stage code re-truncates with whitening too).
 Matrices kept dense are not touched.
@@ -69,8 +70,9 @@ def correct_block(dense: Params, comp: Params, grads: dict, stats: dict, ranks: 
                 raise FloatingPointError(f"non-finite factors after the correction of projection {n}")
             dtype = comp[n]["b"].dtype
             new[n] = {**comp[n], "b": jnp.asarray(b, dtype), "c": jnp.asarray(c, dtype)}
-            step = float(jnp.linalg.norm(w_new - w_hat) / jnp.linalg.norm(w_hat))
-            info[n] = {"alpha": float(alpha), "relative_step": step,
+            norm = jnp.linalg.norm(w_hat)
+            info[n] = {"alpha": float(alpha), "relative_step": float(jnp.linalg.norm(w_new - w_hat) / norm),
+                       "relative_residual": float(jnp.linalg.norm(w - w_hat) / norm),
                        "predicted_loss_change": float(alpha * jnp.sum(g * g))}
     return new, info
 
