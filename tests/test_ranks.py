@@ -410,3 +410,36 @@ def test_resume_key_holds_only_what_changes_the_result():
     a = make_plan("svd-llm").key()
     assert a == {"allocate": {"name": "uniform"}, "factorize": {"name": "svd-llm", "update": False}, "refine": []}
     assert "lr" not in json.dumps(a)  # SigmaScale's settings do not touch an svd-llm run's key
+
+
+def test_a_new_allocator_is_one_registered_constructor(tmp_path, capsys):
+    """The README's example: registering an allocator makes it a --ranks choice with its own flag."""
+    import dataclasses
+
+    from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, RankAllocator, register
+    from sigmascale_jax.compress.settings import Settings, setting
+
+    @dataclasses.dataclass(frozen=True)
+    class HalfSettings(Settings):
+        keep: float = setting(0.5, "half: fraction of each matrix's full rank kept", above=0.0, max=1.0)
+
+    @register(ALLOCATORS, "half", HalfSettings, "the same fraction of every matrix's full rank")
+    def half(keep: float = 0.5) -> RankAllocator:
+        settings = HalfSettings(keep=keep)
+
+        def allocate(ctx, budget):
+            ranks = {n: max(1, int(settings.keep * min(s))) for n, s in ctx.cfg.projection_shapes().items()}
+            return Allocation([dict(ranks) for _ in range(ctx.cfg.num_layers)], {})
+
+        return RankAllocator("half", settings, allocate)
+
+    try:
+        out = tmp_path / "h"
+        proc = cli(capsys, "--model", str(STORIES), "--method", "svd", "--ratio", "0.3", "--ranks", "half",
+                   "--keep", "0.25", "--nsamples", "4", "--seq-len", "32", "--out", str(out), "--data-dir", str(DATA))
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads((out / "compression.json").read_text())
+        assert report["allocate"] == {"name": "half", "keep": 0.25}
+        assert {m["name"]: m["rank"] for m in report["matrices"][:7]}["q"] == 16  # a quarter of 64
+    finally:
+        del ALLOCATORS["half"]
