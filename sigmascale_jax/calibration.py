@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from sigmascale_jax.data import C4_FILE, c4_docs, data_file
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.fileio import jsonl_texts, read_text
 
 WIKITEXT2_VALID = "wikitext-2-tokenized/valid.txt"
 C4_CALIB_DOCS = range(0, 1000)
@@ -20,21 +20,13 @@ def calibration_text(spec: str, data_dir: Path) -> str:
     if spec == "c4":
         return "\n\n".join(c4_docs(data_file(data_dir, C4_FILE), C4_CALIB_DOCS))
     if spec == "wikitext2-valid":
-        return data_file(data_dir, WIKITEXT2_VALID).read_text(encoding="utf-8")
+        return read_text(data_file(data_dir, WIKITEXT2_VALID))
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"--calib {spec}: not one of {', '.join(CALIB_SOURCES)} and no such file")
     if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"malformed line {i + 1} in {path}: expected JSON with a 'text' field") from None
-        return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+        return "\n\n".join(jsonl_texts(path))
+    return read_text(path)
 
 
 def sample_windows(ids: np.ndarray, nsamples: int, seq_len: int, seed: int) -> np.ndarray:

@@ -10,7 +10,6 @@ A compressed folder holds::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax
 
 from sigmascale_jax.config import ModelConfig
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.fileio import read_json
 
 FORMAT_VERSION = 1
 PARAMS_DIR = "params"
@@ -49,11 +49,8 @@ def load_pytree(path: Path) -> Any:
 
 
 def read_report(folder: Path) -> dict:
-    try:
-        report = json.loads((folder / REPORT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {folder / REPORT_FILE}: {e}") from None
-    if report.get("format_version") != FORMAT_VERSION or "model_config" not in report:
+    report = read_json(folder / REPORT_FILE)
+    if not isinstance(report, dict) or report.get("format_version") != FORMAT_VERSION or "model_config" not in report:
         raise UserError(f"{folder / REPORT_FILE} is not a sigmascale_jax compression report (format {FORMAT_VERSION})")
     return report
 

@@ -7,11 +7,11 @@ reserved for calibration).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.fileio import jsonl_texts, read_text
 
 DATA_ENV = "SIGMASCALE_DATA"
 C4_FILE = "c4/c4_validation_2k.jsonl"
@@ -52,22 +52,13 @@ def data_file(data_dir: Path, rel: str) -> Path:
 
 def wikitext2_rows(path: Path) -> list[str]:
     """The HF `wikitext-2-raw-v1` rows: the file's lines with their newlines, blank lines as ""."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = read_text(path).splitlines(keepends=True)
     return ["" if not line.strip() else line for line in lines]
 
 
 def c4_docs(path: Path, docs: range) -> list[str]:
     """Texts of the C4 documents with the given indices (line numbers of the jsonl)."""
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i >= docs.stop:
-                break
-            if i in docs:
-                try:
-                    out.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError):
-                    raise UserError(f"malformed line {i + 1} in {path}: expected JSON with a 'text' field") from None
+    out = jsonl_texts(path, docs)
     if len(out) < len(docs):
         raise UserError(f"{path} has {len(out) + docs.start} documents, need {docs.stop}")
     return out

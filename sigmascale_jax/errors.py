@@ -1,9 +1,12 @@
-"""User-facing errors and the CLI wrapper that turns them into one line and exit code 2."""
+"""User-facing errors, and the CLI wrapper that turns them (and Ctrl-C) into one line and an exit code."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 
@@ -12,7 +15,9 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run `main(argv)`; a UserError becomes `error: <message>` on stderr and exit code 2."""
+    """Run `main(argv)`; a UserError (or a full disk) becomes `error: <message>` on stderr and exit code 2."""
+    from sigmascale_jax.fileio import no_space
+
     try:
         code = main(argv)
     except UserError as e:
@@ -21,7 +26,56 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if no_space(e):
+            print(f"error: no space left on the device ({e}); free space and rerun the same command "
+                  "(a compression resumes where it stopped)", file=sys.stderr)
+            return 2
+        raise
     return int(code or 0)
+
+
+def exit_on_interrupt(message: str) -> None:
+    """Make Ctrl-C (SIGINT) print `error: <message>` and end the process at once with exit code 130.
+
+    Python runs signal handlers only between bytecodes of the main thread, so a
+    long XLA computation would delay a KeyboardInterrupt by minutes, a JAX callback
+    can swallow it, and unwinding through live XLA threads has ended in a segfault.
+    Instead the signal's C-level handler writes to a wakeup socket, and a watcher
+    thread (which runs while the main thread waits inside XLA) exits with
+    `os._exit`: no teardown runs. Every output is written atomically and the
+    compressor's checkpoints are marked finished last, so what is on disk stays
+    consistent, as after `kill -9`.
+    """
+    import socket
+
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # the watcher acts; the main thread goes on meanwhile
+
+    def watch(keep_open=writer) -> None:  # the thread holds the write end: closing it would void the wakeup fd
+        while True:
+            data = reader.recv(1)
+            if data and data[0] == signal.SIGINT:
+                os.write(2, f"\nerror: {message}\n".encode())
+                os._exit(130)
+
+    threading.Thread(target=watch, name="sigint-watcher", daemon=True).start()
+
+
+def finish(code: int) -> None:
+    """End a command-line run with `code`.
+
+    A failed run exits with `os._exit` after flushing its output: background threads
+    (Orbax's, XLA's) still alive at interpreter teardown printed tracebacks after the
+    one-line error ("Event loop is closed").
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        os._exit(code)
+    sys.exit(0)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -15,7 +15,7 @@ import numpy as np
 
 from sigmascale_jax.data import PERPLEXITY_TASKS, find_data_dir, perplexity_text
 from sigmascale_jax.errors import ArgumentParser, UserError, run_cli
-from sigmascale_jax.fileio import write_json_atomic
+from sigmascale_jax.fileio import check_writable_file, write_json_atomic
 from sigmascale_jax.tasks import ZEROSHOT_TASKS, load_task
 
 KNOWN_TASKS = PERPLEXITY_TASKS + ZEROSHOT_TASKS
@@ -149,6 +149,8 @@ def format_table(results: dict, tasks: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.json:
+        check_writable_file(args.json, "--json")  # before the evaluation, not after it
     tasks = parse_tasks(args.tasks)
     results = evaluate(
         args.model,
@@ -173,4 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    from sigmascale_jax.errors import exit_on_interrupt, finish
+
+    exit_on_interrupt("interrupted")
+    finish(run_cli(main))

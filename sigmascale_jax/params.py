@@ -45,37 +45,64 @@ def _tensor(reader: TensorReader, name: str, shape: tuple[int, ...], dtype: Any)
     return jnp.asarray(a, dtype=dtype)
 
 
-def load_block(reader: TensorReader, cfg: ModelConfig, i: int, dtype: Any = jnp.float32) -> dict:
-    """Params of decoder block `i` (dense projections)."""
+def block_tensors(cfg: ModelConfig, i: int) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
+    """Block `i`'s params as `{pytree path: (HF tensor name, shape)}`."""
     pre = f"model.layers.{i}."
     d = cfg.hidden_size
-    block: dict[str, Any] = {
-        "attn_norm": _tensor(reader, pre + "input_layernorm.weight", (d,), dtype),
-        "mlp_norm": _tensor(reader, pre + "post_attention_layernorm.weight", (d,), dtype),
+    out = {
+        ("attn_norm",): (pre + "input_layernorm.weight", (d,)),
+        ("mlp_norm",): (pre + "post_attention_layernorm.weight", (d,)),
     }
     for name, (out_dim, in_dim) in cfg.projection_shapes().items():
         hf = pre + HF_PROJECTIONS[name]
-        p = {"w": _tensor(reader, hf + ".weight", (out_dim, in_dim), dtype)}
+        out[(name, "w")] = (hf + ".weight", (out_dim, in_dim))
         if _has_bias(cfg, name):
-            p["bias"] = _tensor(reader, hf + ".bias", (out_dim,), dtype)
-        block[name] = p
+            out[(name, "bias")] = (hf + ".bias", (out_dim,))
     if cfg.qk_norm:
-        block["q_norm"] = _tensor(reader, pre + "self_attn.q_norm.weight", (cfg.head_dim,), dtype)
-        block["k_norm"] = _tensor(reader, pre + "self_attn.k_norm.weight", (cfg.head_dim,), dtype)
-    return block
+        out[("q_norm",)] = (pre + "self_attn.q_norm.weight", (cfg.head_dim,))
+        out[("k_norm",)] = (pre + "self_attn.k_norm.weight", (cfg.head_dim,))
+    return out
+
+
+def outer_tensors(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
+    """Everything but the blocks, as `{pytree path: (HF tensor name, shape)}`."""
+    v, d = cfg.vocab_size, cfg.hidden_size
+    out = {("embed",): ("model.embed_tokens.weight", (v, d)), ("final_norm",): ("model.norm.weight", (d,))}
+    # Some tied checkpoints still carry a copy of the head; tying decides.
+    if not cfg.tie_word_embeddings:
+        out[("lm_head",)] = ("lm_head.weight", (v, d))
+    return out
+
+
+def _load(reader: TensorReader, tensors: dict, dtype: Any) -> dict:
+    tree: dict[str, Any] = {}
+    for path, (name, shape) in tensors.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = _tensor(reader, name, shape, dtype)
+    return tree
+
+
+def load_block(reader: TensorReader, cfg: ModelConfig, i: int, dtype: Any = jnp.float32) -> dict:
+    """Params of decoder block `i` (dense projections)."""
+    return _load(reader, block_tensors(cfg, i), dtype)
 
 
 def load_outer(reader: TensorReader, cfg: ModelConfig, dtype: Any = jnp.float32) -> dict:
     """Everything but the blocks: embeddings, final norm and (untied) LM head."""
-    v, d = cfg.vocab_size, cfg.hidden_size
-    params = {
-        "embed": _tensor(reader, "model.embed_tokens.weight", (v, d), dtype),
-        "final_norm": _tensor(reader, "model.norm.weight", (d,), dtype),
-    }
-    # Some tied checkpoints still carry a copy of the head; tying decides.
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = _tensor(reader, "lm_head.weight", (v, d), dtype)
-    return params
+    return _load(reader, outer_tensors(cfg), dtype)
+
+
+def check_checkpoint(reader: TensorReader, cfg: ModelConfig) -> None:
+    """Every tensor the model needs is present with the shape the config implies (metadata only, no data read)."""
+    tensors = dict(outer_tensors(cfg))
+    for i in range(cfg.num_layers):
+        tensors.update({("blocks", i, *k): v for k, v in block_tensors(cfg, i).items()})
+    for name, shape in tensors.values():
+        got = tuple(reader.shape(name))
+        if got != tuple(shape):
+            raise UserError(f"tensor {name} has shape {got}, the config implies {tuple(shape)}")
 
 
 def load_params(reader: TensorReader, cfg: ModelConfig, dtype: Any = jnp.float32, progress: bool = False) -> dict:

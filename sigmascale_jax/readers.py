@@ -6,7 +6,6 @@ GGUF tensors are dequantized one by one when asked for.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Protocol
@@ -14,10 +13,13 @@ from typing import Protocol
 import numpy as np
 
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.fileio import read_json
 
 
 class TensorReader(Protocol):
     def names(self) -> set[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...  # from the file's metadata, without reading the data
 
     def get(self, name: str) -> np.ndarray: ...
 
@@ -31,7 +33,10 @@ class SafetensorsReader:
         self.folder = folder
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            raw = read_json(index)
+            weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index} has no 'weight_map' object")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -53,6 +58,12 @@ class SafetensorsReader:
 
     def names(self) -> set[str]:
         return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        except KeyError:
+            raise UserError(f"tensor {name!r} missing from the checkpoint in {self.folder}") from None
 
     def get(self, name: str) -> np.ndarray:
         try:
@@ -119,6 +130,12 @@ class GGUFReader:
 
     def names(self) -> set[str]:
         return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(d) for d in reversed(self._tensors[name].shape))  # ggml lists dims innermost first
+        except KeyError:
+            raise UserError(f"tensor {name!r} missing from {self.path}") from None
 
     def get(self, name: str) -> np.ndarray:
         import gguf

@@ -8,7 +8,6 @@ or a folder written by this project's compressor (`compression.json` + Orbax par
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import warnings
@@ -19,6 +18,7 @@ from sigmascale_jax.checkpoint import REPORT_FILE as COMPRESSED_MARKER
 from sigmascale_jax.checkpoint import read_report
 from sigmascale_jax.config import SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.fileio import read_json
 from sigmascale_jax.readers import GGUFReader, SafetensorsReader, TensorReader
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -73,8 +73,16 @@ class ModelSource:
         return tok
 
 
+def unfinished_run(path: Path) -> bool:
+    """Whether `path` is the compressor's staging folder (`OUT.partial`: an interrupted run)."""
+    return path.name.endswith(".partial") and (path / "spec.json").is_file()
+
+
 def detect_kind(path: Path) -> str:
     """'gguf', 'hf' or 'compressed' for a local path; UserError if it is none of them."""
+    if unfinished_run(path):
+        raise UserError(f"{path} is an unfinished compression run, not a model: rerun the compressor command that "
+                        f"started it to finish it (it resumes), then use {path.with_name(path.name[: -len('.partial')])}")
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf"
@@ -96,6 +104,10 @@ def resolve(src: str) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         return path
+    partial = path.with_name(path.name + ".partial")
+    if unfinished_run(partial):
+        raise UserError(f"{src} does not exist yet: {partial} holds its unfinished compression; rerun the compressor "
+                        "command that started it to finish it (it resumes)")
     if not _HUB_ID.match(src) or src.startswith((".", "/", "~")):
         raise UserError(f"model path {src} does not exist; pass a model folder, a .gguf file or a hub id (owner/name)")
     from huggingface_hub import snapshot_download
@@ -114,13 +126,19 @@ def resolve(src: str) -> Path:
 
 
 def _hf_config(folder: Path) -> ModelConfig:
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_json(folder / "config.json")
+    if not isinstance(raw, dict):
+        raise UserError(f"{folder / 'config.json'} must hold a JSON object")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"unsupported model_type {model_type!r} in {folder / 'config.json'}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     from transformers import AutoConfig
 
-    return config_from_hf(AutoConfig.from_pretrained(str(folder)))
+    try:
+        hf = AutoConfig.from_pretrained(str(folder))
+    except Exception as e:  # transformers' own errors for fields it cannot use
+        raise UserError(f"cannot read {folder / 'config.json'}: {' '.join(str(e).split())[:200]}") from None
+    return config_from_hf(hf)
 
 
 def _gguf_config(path: Path) -> ModelConfig:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from sigmascale_jax.data import data_file
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.fileio import read_json, read_text
 
 TARGET_DELIMITER = " "
 NO_GOLD = -100  # the harness's marker for a gold index outside the parsed choices
@@ -57,24 +58,23 @@ class Task:
 
 def _json_lines(path: Path) -> list[dict]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"malformed line {i + 1} in {path}: not JSON") from None
-            if not isinstance(doc, dict):
-                raise UserError(f"malformed line {i + 1} in {path}: expected a JSON object")
-            docs.append(doc)
+    for i, line in enumerate(read_text(path).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"malformed line {i + 1} in {path}: not JSON") from None
+        if not isinstance(doc, dict):
+            raise UserError(f"malformed line {i + 1} in {path}: expected a JSON object")
+        docs.append(doc)
     if not docs:
         raise UserError(f"{path} holds no documents")
     return docs
 
 
 def _labels(path: Path, count: int) -> list[str]:
-    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if len(labels) != count:
         raise UserError(f"{path} has {len(labels)} labels for {count} documents")
     return labels
@@ -166,10 +166,7 @@ def load_openbookqa(data_dir: Path) -> list[dict]:
 def load_mathqa(data_dir: Path) -> list[dict]:
     """`math_qa` test: Problem, options, correct (a list in one JSON file)."""
     path = data_file(data_dir, "mathqa/test.json")
-    try:
-        docs = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"malformed {path}: {e}") from None
+    docs = read_json(path)
     if not isinstance(docs, list) or not docs:
         raise UserError(f"malformed {path}: expected a non-empty JSON list of problems")
     out = []

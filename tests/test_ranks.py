@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import sigmascale_jax
-from conftest import DATA, REPO, STORIES, assert_one_line_error, require
+from conftest import DATA, REPO, STORIES, assert_one_line_error, compress_cli, require
 from sigmascale_jax.checkpoint import load_pytree
 from sigmascale_jax.compress.allocate.zs_svd import component_deltas, zero_sum_select, zs_whitening
 from sigmascale_jax.compress.grads import model_grads, model_loss
@@ -24,15 +24,7 @@ SMALL = dict(nsamples=12, seq_len=64, batch_size=4, data_dir=str(DATA), progress
 
 
 def cli(capsys, *args: str) -> subprocess.CompletedProcess:
-    """The compressor's command line run in this process (errors come before any work, so no subprocess is needed)."""
-    from sigmascale_jax.compress.cli import main
-    from sigmascale_jax.errors import run_cli
-
-    try:
-        code = run_cli(main, [*args, "--no-progress"])
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+    return compress_cli(capsys, *args)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
-import sys
+from sigmascale_jax.errors import exit_on_interrupt, finish, run_cli
 
-from sigmascale_jax.compress.cli import main
-from sigmascale_jax.errors import run_cli
+# First, so that Ctrl-C in the first seconds (while JAX loads) is handled too.
+exit_on_interrupt("interrupted; rerun the same command (without --overwrite) to resume where it stopped")
 
-sys.exit(run_cli(main))
+from sigmascale_jax.compress.cli import main  # noqa: E402
+
+finish(run_cli(main))

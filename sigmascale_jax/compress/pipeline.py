@@ -17,8 +17,11 @@ the same command resumes; the finished folder appears at OUT only when complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -28,32 +31,77 @@ import numpy as np
 
 from sigmascale_jax.compress.plan import Allocation, BlockInputs, BlockResult, Budget, ModelContext, Plan, RunSpec
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.fileio import write_json_atomic, write_npz_atomic
+from sigmascale_jax.fileio import check_writable_dir, write_json_atomic, write_npz_atomic
 from sigmascale_jax.modeling import PROJECTIONS
 
 PARTIAL_SUFFIX = ".partial"
 RANKS_FILE = "ranks.json"
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool, model: str) -> None:
+    """`--out` can be written and replacing it harms nothing else: checked before any work."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+    src, dst = Path(model).expanduser(), out
+    if src.exists():
+        src, dst = src.resolve(), out.resolve()
+        if src == dst or dst in src.parents:
+            raise UserError(f"--out {out} would replace the model being compressed ({model}); choose another --out")
+    check_writable_dir(out.parent, "--out")
+
+
+@contextlib.contextmanager
+def out_lock(out: Path):
+    """Hold an exclusive lock on `out` for this run; a second run on the same `--out` gets a one-line error.
+
+    The lock is a `flock` on `.OUT.lock` beside it, released by the kernel however
+    the process ends (so a killed run never leaves a stale lock).
+    """
+    path = out.with_name(f".{out.name}.lock")
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"another compression is writing {out} (it holds {path}); wait for it or use another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a lock file another run just removed
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def prepare_out(out: Path, spec_key: dict, overwrite: bool) -> tuple[Path, bool]:
-    """The staging folder for `out`, and whether it holds a run to resume."""
+    """The staging folder for `out`, and whether it holds a run to resume (`overwrite` discards any)."""
     staging = out.with_name(out.name + PARTIAL_SUFFIX)
     spec_file = staging / "spec.json"
     if staging.exists():
-        same = spec_file.is_file() and json.loads(spec_file.read_text()) == spec_key
+        if overwrite:
+            shutil.rmtree(staging)
+            return staging, False
+        try:
+            same = spec_file.is_file() and json.loads(spec_file.read_text()) == spec_key
+        except (OSError, ValueError):
+            same = False
         if same:
             return staging, True
-        if not overwrite:
-            raise UserError(f"{staging} holds an unfinished run with other settings; pass --overwrite to discard it")
-        shutil.rmtree(staging)
+        raise UserError(f"{staging} holds an unfinished run with other settings; rerun that command to finish it, "
+                        "or pass --overwrite to discard it")
     return staging, False
+
+
+def _finished_work(staging: Path) -> bool:
+    """Whether the staging folder holds anything worth resuming (a finished block or an allocation)."""
+    return (staging / RANKS_FILE).is_file() or any((staging / "blocks").glob("*.json"))
 
 
 def calibration_windows(source, spec: RunSpec, data_dir: str | None) -> np.ndarray:
@@ -96,109 +144,99 @@ def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path) ->
         return Allocation(check_ranks(saved["ranks"], ctx.cfg), saved["info"])
     alloc = plan.allocate.allocate(ctx, budget)
     alloc = Allocation(check_ranks(alloc.ranks, ctx.cfg), alloc.info)
-    write_json_atomic(path, {"ranks": alloc.ranks, "info": alloc.info})
+    if plan.allocate.costly:
+        write_json_atomic(path, {"ranks": alloc.ranks, "info": alloc.info})
     return alloc
 
 
-def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = None, overwrite: bool = False,
-        progress: bool = True) -> dict[str, Any]:
-    """Compress `spec.model` with `plan` into the folder `out`; returns the report (compression.json)."""
-    import jax
-    from tqdm.auto import tqdm
+class _Clock:
+    """Seconds per stage (compression.json's `timings_s`)."""
 
-    from sigmascale_jax.checkpoint import PARAMS_DIR, REPORT_FILE, SPECTRA_FILE, TOKENIZER_DIR, load_pytree, save_pytree
-    from sigmascale_jax.compress.report import build_report
-    from sigmascale_jax.modeling import param_count
-    from sigmascale_jax.params import load_block, load_outer
-    from sigmascale_jax.ranks import factored_params
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
+def open_checked(spec: RunSpec, plan: Plan):
+    """The model source, after every check that needs no calibration data: a UserError here writes nothing."""
+    from sigmascale_jax.params import check_checkpoint
     from sigmascale_jax.sources import open_model
-    from sigmascale_jax.stats import block_stats
 
     for name in ("model", "ratio"):
         if getattr(spec, name) is None:
             raise UserError(f"--{name} is required")
-    out = Path(out)
-    check_out(out, overwrite)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    def lap(stage: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[stage] = timings.get(stage, 0.0) + now - since
-        return now
-
     source = open_model(spec.model)
+    if source.kind == "compressed":
+        raise UserError(f"{spec.model} is already a compressed model (it holds compression.json); compress the model it "
+                        f"came from instead ({source.folder / 'compression.json'} names it)")
     cfg = source.cfg
     if spec.seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {spec.seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
     plan.check(spec, cfg)
-    budget = Budget(spec.ratio, factored_params)
-    windows = calibration_windows(source, spec, data_dir)
-    calib_sha1 = hashlib.sha1(windows.tobytes()).hexdigest()
-    spec_key = {**spec.asdict(), **plan.key(), "calib_sha1": calib_sha1}
-    staging, resuming = prepare_out(out, spec_key, overwrite)
-    (staging / "blocks").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(staging / "spec.json", spec_key)
-    t = lap("calibration", t0)
+    check_checkpoint(source.reader, cfg)  # names and shapes from the file headers; values are checked as they load
+    return source
 
+
+def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = None, overwrite: bool = False,
+        progress: bool = True) -> dict[str, Any]:
+    """Compress `spec.model` with `plan` into the folder `out`; returns the report (compression.json).
+
+    Everything that can be checked without the work (settings, model files and shapes,
+    calibration text, `--out`) is checked before `OUT.partial/` is created; a run that
+    fails before finishing anything removes it again.
+    """
+    out = Path(out)
+    check_out(out, overwrite, spec.model or "")
+    clock = _Clock()
+    source = open_checked(spec, plan)
+    windows = calibration_windows(source, spec, data_dir)
+    with out_lock(out):
+        spec_key = {**spec.asdict(), **plan.key(), "calib_sha1": hashlib.sha1(windows.tobytes()).hexdigest()}
+        staging, resuming = prepare_out(out, spec_key, overwrite)
+        try:
+            (staging / "blocks").mkdir(parents=True, exist_ok=True)
+            write_json_atomic(staging / "spec.json", spec_key)
+            clock.lap("calibration")
+            report = _compress(spec, plan, source, windows, staging, clock, progress)
+            report["resumed"] = resuming
+        except BaseException:
+            if staging.exists() and not _finished_work(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return _finalize(staging, out, report)
+
+
+def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: Path, clock: _Clock,
+              progress: bool) -> dict[str, Any]:
+    """Stages (0)-(3) into `staging`; returns the report."""
+    import jax
+
+    from sigmascale_jax.checkpoint import PARAMS_DIR, SPECTRA_FILE, TOKENIZER_DIR, save_pytree
+    from sigmascale_jax.compress.report import build_report
+    from sigmascale_jax.modeling import param_count
+    from sigmascale_jax.params import load_block, load_outer
+    from sigmascale_jax.ranks import factored_params
+
+    cfg = source.cfg
+    budget = Budget(spec.ratio, factored_params)
     # Host copies: only the block being worked on lives on the device.
     outer = jax.device_get(load_outer(source.reader, cfg))
     ctx = ModelContext(cfg, outer, lambda i: load_block(source.reader, cfg, i), windows, spec, progress)
-    t = lap("load", t)
+    clock.lap("load")
     alloc = _allocation(plan, ctx, budget, staging)
-    t = lap("allocate", t)
-
-    factorizer = plan.factorize
-    xs = outer["embed"][windows]  # [N, L, D]
-    xs_ref = xs if factorizer.needs_dense_stream and spec.sequential else None
-    blocks, results = [], []
-    dense_count = param_count(outer)
-    bar = tqdm(range(cfg.num_layers), desc=f"{factorizer.name} r={spec.ratio}", unit="block", disable=not progress)
-    for i in bar:
-        ckpt, info_file = staging / "blocks" / f"{i:04d}", staging / "blocks" / f"{i:04d}.json"
-        dense = load_block(source.reader, cfg, i)
-        dense_count += param_count(dense)
-        t = lap("load", t)
-        if info_file.is_file():  # finished before an interruption
-            saved = json.loads(info_file.read_text())
-            result = BlockResult(load_pytree(ckpt), saved["matrices"], saved["block"])
-            xs = apply_in_chunks(result.params if spec.sequential else dense, xs, cfg, spec.batch_size)
-            if xs_ref is not None:
-                xs_ref = apply_in_chunks(dense, xs_ref, cfg, spec.batch_size)
-            t = lap("propagate", t)
-        else:
-            dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size)
-            ref_stats = None
-            if xs_ref is not None:
-                xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, spec.batch_size)
-            t = lap("stats", t)
-            inputs = BlockInputs(dense, stats, xs, dense_out, cfg, spec.batch_size, ref_stats)
-            key = jax.random.fold_in(jax.random.key(spec.seed), i)
-            result = factorizer.factor(inputs, alloc.ranks[i], key)
-            t = lap("factorize", t)
-            save_pytree(ckpt, result.params)
-            if result.spectra:
-                write_npz_atomic(staging / "blocks" / f"{i:04d}.spectra.npz", result.spectra)
-            write_json_atomic(info_file, {"matrices": result.matrices, "block": result.block})  # last: marks it done
-            t = lap("checkpoint", t)
-            xs = apply_in_chunks(result.params, xs, cfg, spec.batch_size) if spec.sequential else dense_out
-            t = lap("propagate", t)
-        blocks.append(jax.device_get(result.params))
-        results.append(result)
-        if result.block:
-            bar.set_postfix(hold=f"{result.block['holdout_init']:.4f}->{result.block['holdout_best']:.4f}")
-        else:
-            losses = [m["rel_loss"] for m in result.matrices.values() if not m["dense"]]
-            bar.set_postfix(rel_loss=f"{np.mean(losses) if losses else 0.0:.4f}")
-        if not np.isfinite(xs).all():
-            raise FloatingPointError(f"non-finite activations after block {i}")
-
+    clock.lap("allocate")
+    blocks, results, dense_count = _block_loop(spec, plan, ctx, alloc, source, staging, clock)
     refined = []
     for refiner in plan.refine:
         blocks, info = refiner.refine(ctx, blocks, alloc.ranks)
         blocks = [jax.device_get(b) for b in blocks]
         refined.append({"name": refiner.name, **refiner.settings.asdict(), **info})
-        t = lap("refine", t)
+        clock.lap("refine")
 
     params = {**outer, "blocks": blocks}
     save_pytree(staging / PARAMS_DIR, params)
@@ -210,20 +248,97 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
                 merged.update({f"{int(f.name[:4])}.{k}": z[k] for k in z.files})
         write_npz_atomic(staging / SPECTRA_FILE, merged)
     source.tokenizer().save_pretrained(str(staging / TOKENIZER_DIR))
-    t = lap("checkpoint", t)
-
-    report = build_report(
+    clock.lap("checkpoint")
+    return build_report(
         spec, plan, cfg, alloc, results, refined, budget,
-        counts={"model_dense": dense_count, "model_compressed": param_count(params)},
+        counts={"model_dense": dense_count + param_count(outer), "model_compressed": param_count(params)},
         calibration={"source": spec.calib, "nsamples": spec.nsamples, "seq_len": spec.seq_len, "seed": spec.seed,
-                     "tokens": int(windows.size), "sha1": calib_sha1},
-        resumed=resuming, timings=timings, seconds=time.perf_counter() - t0,
+                     "tokens": int(windows.size), "sha1": hashlib.sha1(windows.tobytes()).hexdigest()},
+        resumed=False, timings=clock.timings, seconds=time.perf_counter() - clock.start,
     )
+
+
+def _block_loop(spec: RunSpec, plan: Plan, ctx: ModelContext, alloc: Allocation, source, staging: Path,
+                clock: _Clock) -> tuple[list, list[BlockResult], int]:
+    """Stage (1): every block factored at its ranks (or resumed from `staging`); returns the blocks, results and dense count."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from sigmascale_jax.checkpoint import load_pytree, save_pytree
+    from sigmascale_jax.modeling import param_count
+    from sigmascale_jax.params import load_block
+    from sigmascale_jax.stats import block_stats
+
+    cfg, factorizer = ctx.cfg, plan.factorize
+    xs = ctx.outer["embed"][ctx.windows]  # [N, L, D]
+    xs_ref = xs if factorizer.needs_dense_stream and spec.sequential else None
+    blocks, results, dense_count = [], [], 0
+    bar = tqdm(range(cfg.num_layers), desc=f"{factorizer.name} r={spec.ratio}", unit="block", disable=not ctx.progress)
+    for i in bar:
+        ckpt, info_file = staging / "blocks" / f"{i:04d}", staging / "blocks" / f"{i:04d}.json"
+        dense = load_block(source.reader, cfg, i)
+        dense_count += param_count(dense)
+        clock.lap("load")
+        if info_file.is_file():  # finished before an interruption
+            result = _resumed_block(ckpt, info_file, i, staging)
+            xs = apply_in_chunks(result.params if spec.sequential else dense, xs, cfg, spec.batch_size)
+            if xs_ref is not None:
+                xs_ref = apply_in_chunks(dense, xs_ref, cfg, spec.batch_size)
+            clock.lap("propagate")
+        else:
+            dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size)
+            ref_stats = None
+            if xs_ref is not None:
+                xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, spec.batch_size)
+            clock.lap("stats")
+            inputs = BlockInputs(dense, stats, xs, dense_out, cfg, spec.batch_size, ref_stats)
+            key = jax.random.fold_in(jax.random.key(spec.seed), i)
+            result = factorizer.factor(inputs, alloc.ranks[i], key)
+            clock.lap("factorize")
+            save_pytree(ckpt, result.params)
+            if result.spectra:
+                write_npz_atomic(staging / "blocks" / f"{i:04d}.spectra.npz", result.spectra)
+            write_json_atomic(info_file, {"matrices": result.matrices, "block": result.block})  # last: marks it done
+            clock.lap("checkpoint")
+            xs = apply_in_chunks(result.params, xs, cfg, spec.batch_size) if spec.sequential else dense_out
+            clock.lap("propagate")
+        blocks.append(jax.device_get(result.params))
+        results.append(result)
+        if result.block:
+            bar.set_postfix(hold=f"{result.block['holdout_init']:.4f}->{result.block['holdout_best']:.4f}")
+        else:
+            losses = [m["rel_loss"] for m in result.matrices.values() if not m["dense"]]
+            bar.set_postfix(rel_loss=f"{np.mean(losses) if losses else 0.0:.4f}")
+        if not np.isfinite(xs).all():
+            raise FloatingPointError(f"non-finite activations after block {i}")
+    return blocks, results, dense_count
+
+
+def _resumed_block(ckpt: Path, info_file: Path, i: int, staging: Path) -> BlockResult:
+    from sigmascale_jax.checkpoint import load_pytree
+
+    try:
+        saved = json.loads(info_file.read_text())
+        return BlockResult(load_pytree(ckpt), saved["matrices"], saved["block"])
+    except (UserError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"block {i}'s checkpoint in {staging} cannot be read ({' '.join(str(e).split())[:150]}); "
+                        "pass --overwrite to start over") from None
+
+
+def _finalize(staging: Path, out: Path, report: dict) -> dict:
+    """Write the report and put the finished folder at `out` (an old `out` is set aside first, then removed)."""
+    from sigmascale_jax.checkpoint import REPORT_FILE
+
     write_json_atomic(staging / REPORT_FILE, report)
     shutil.rmtree(staging / "blocks")
-    (staging / "spec.json").unlink()
-    (staging / RANKS_FILE).unlink()
+    old = out.with_name(f".{out.name}.replaced")
     if out.exists():
-        shutil.rmtree(out)
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    for f in ("spec.json", RANKS_FILE):
+        (staging / f).unlink(missing_ok=True)
     staging.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
     return report

@@ -89,6 +89,7 @@ class RankAllocator(NamedTuple):
     settings: Settings
     allocate: Callable[[ModelContext, Budget], Allocation]
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None  # cross-checks against the run's settings and the model
+    costly: bool = True  # kept in OUT.partial for a resumed run (False: recomputed, as uniform ranks are)
 
 
 class BlockInputs(NamedTuple):

@@ -16,4 +16,4 @@ def uniform() -> RankAllocator:
     def check(spec, cfg) -> None:
         block_ranks(cfg, spec.ratio)  # a ratio that leaves some matrix rank 0 fails before any work
 
-    return RankAllocator("uniform", NoSettings(), allocate, check)
+    return RankAllocator("uniform", NoSettings(), allocate, check, costly=False)
