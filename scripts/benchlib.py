@@ -43,9 +43,13 @@ class NotRun(Exception):
     """A run that --reuse-only found no finished record of."""
 
 
+def _without_overwrite(cmd: list[str]) -> list[str]:
+    return [c for c in cmd if c != "--overwrite"]
+
+
 def cached(cmd: list[str], done: Path, record: Path, reuse_only: bool = False) -> None:
-    """Run `cmd` unless `done` exists and `record` holds this very command."""
-    if done.exists() and record.is_file() and json.loads(record.read_text()) == cmd:
+    """Run `cmd` unless `done` exists and `record` holds this very command (`--overwrite` aside)."""
+    if done.exists() and record.is_file() and _without_overwrite(json.loads(record.read_text())) == _without_overwrite(cmd):
         return
     if reuse_only:
         raise NotRun(done)
@@ -81,9 +85,11 @@ def evaluate(model: str, out_json: Path, args) -> dict:
 
 def compress(method: str, ratio: float, folder: Path, args, extra: list[str] = ()) -> dict:
     """Run (or reuse) the compressor with `METHOD_FLAGS[method]` plus `extra` flags into `folder`."""
+    # --overwrite only to replace a finished run made with other flags: an interrupted one (folder.partial) resumes.
+    replace = ["--overwrite"] if folder.exists() else []
     cmd = [sys.executable, "-m", "sigmascale_jax.compress", "--model", args.model, *METHOD_FLAGS[method],
            "--ratio", str(ratio), "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
-           "--seed", str(args.seed), "--out", str(folder), "--overwrite", "--no-progress", *extra]
+           "--seed", str(args.seed), "--out", str(folder), *replace, "--no-progress", *extra]
     cached(cmd, folder / "compression.json", folder.with_name(folder.name + ".cmd.json"),
            args.reuse_only)
     return json.loads((folder / "compression.json").read_text())
