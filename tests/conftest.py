@@ -21,6 +21,9 @@ DATA = SHARED / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No disk cache of allocations / sensitivity tables unless a test turns one on (with a tmp_path): results stay
+# independent of earlier runs.
+os.environ["SIGMASCALE_CACHE"] = "off"
 
 
 def require(path: Path) -> Path:

@@ -142,10 +142,23 @@ def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path) ->
     if path.is_file():
         saved = json.loads(path.read_text())
         return Allocation(check_ranks(saved["ranks"], ctx.cfg), saved["info"])
-    alloc = plan.allocate.allocate(ctx, budget)
-    alloc = Allocation(check_ranks(alloc.ranks, ctx.cfg), alloc.info)
-    if plan.allocate.costly:
-        write_json_atomic(path, {"ranks": alloc.ranks, "info": alloc.info})
+    if not plan.allocate.costly:
+        alloc = plan.allocate.allocate(ctx, budget)
+        return Allocation(check_ranks(alloc.ranks, ctx.cfg), alloc.info)
+    from sigmascale_jax.cache import cached
+
+    # Costly allocations are also kept in the disk cache: the same ranks serve every factorizer.
+    key = {"model": ctx.model_key, "calib_sha1": ctx.calib_sha1, "allocate": plan.key()["allocate"],
+           "count": budget.count.__name__,
+           "run": {k: v for k, v in ctx.spec.asdict().items() if k not in ("model", "sequential")}}
+
+    def compute() -> dict:
+        alloc = plan.allocate.allocate(ctx, budget)
+        return {"ranks": alloc.ranks, "info": alloc.info}
+
+    value, hit = cached("allocations", key, compute)
+    alloc = Allocation(check_ranks(value["ranks"], ctx.cfg), {**value["info"], "from_cache": hit})
+    write_json_atomic(path, {"ranks": alloc.ranks, "info": alloc.info})
     return alloc
 
 
@@ -226,7 +239,10 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
     budget = Budget(spec.ratio, factored_params)
     # Host copies: only the block being worked on lives on the device.
     outer = jax.device_get(load_outer(source.reader, cfg))
-    ctx = ModelContext(cfg, outer, lambda i: load_block(source.reader, cfg, i), windows, spec, progress)
+    from sigmascale_jax.cache import model_fingerprint
+
+    ctx = ModelContext(cfg, outer, lambda i: load_block(source.reader, cfg, i), windows, spec, progress,
+                       model_key=model_fingerprint(source))
     clock.lap("load")
     alloc = _allocation(plan, ctx, budget, staging)
     clock.lap("allocate")

@@ -56,6 +56,13 @@ class ModelContext:
     windows: np.ndarray  # [N, T] int32 calibration tokens
     spec: RunSpec
     progress: bool = True
+    model_key: dict = dataclasses.field(default_factory=dict)  # identifies the weights (cache keys)
+
+    @property
+    def calib_sha1(self) -> str:
+        import hashlib
+
+        return hashlib.sha1(np.ascontiguousarray(self.windows).tobytes()).hexdigest()
 
 
 class Budget(NamedTuple):

@@ -1,4 +1,8 @@
-"""SigmaScale: learned row/column scales around the whitening, all projections of a block jointly (`sigmascale.py`)."""
+"""SigmaScale: learned row/column scales around the whitening, all projections of a block jointly (`sigmascale.py`).
+
+`--loss paper` runs the paper's released recipe instead (`sigmascale_paper.py`): per matrix, no
+whitening, random initialisation, AdamW, 1000 steps, the last one kept.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,20 @@ from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, 
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.sigmascale import LOSS_KINDS, holdout_windows, sigmascale_block
+from sigmascale_jax.sigmascale_paper import sigmascale_paper_block
+
+# loss -> (steps, lr) when not given: this project's block/layer losses, and the released recipe's.
+DEFAULTS = {"block": (200, 3e-2), "layer": (200, 3e-2), "paper": (1000, 5e-3)}
 
 
 @dataclasses.dataclass(frozen=True)
 class SigmaScaleSettings(Settings):
-    loss: str = setting("block", "sigmascale: loss the scales learn on", choices=LOSS_KINDS)
-    steps: int = setting(200, "sigmascale: Adam steps per block", min=0)
-    lr: float = setting(3e-2, "sigmascale: peak learning rate (cosine decay)", above=0.0)
+    loss: str = setting("block", "sigmascale: loss the scales learn on (paper: the released recipe, per matrix, "
+                        "no whitening)", choices=(*LOSS_KINDS, "paper"))
+    steps: int | None = setting(None, "sigmascale: Adam steps per block (per matrix for paper; default 200, paper 1000)",
+                                min=0)
+    lr: float | None = setting(None, "sigmascale: peak learning rate (default 0.03 with cosine decay; paper 0.005, "
+                               "constant, AdamW)", above=0.0)
     holdout: float = setting(0.125, "sigmascale: fraction of windows held out to pick the step", above=0.0, below=1.0)
     step_windows: int = setting(8, "sigmascale (block loss): calibration windows per Adam step", min=1)
     eval_every: int = setting(10, "sigmascale: measure the held-out loss every N steps", min=1)
@@ -24,18 +35,27 @@ class SigmaScaleSettings(Settings):
 
 @register(FACTORIZERS, "sigmascale", SigmaScaleSettings,
           "SigmaScale: learned row/column scaling around SVD-LLM's whitening")
-def sigmascale(loss: str = "block", steps: int = 200, lr: float = 3e-2, holdout: float = 0.125,
+def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None = None, holdout: float = 0.125,
                step_windows: int = 8, eval_every: int = 10) -> Factorizer:
     settings = SigmaScaleSettings(loss=loss, steps=steps, lr=lr, holdout=holdout, step_windows=step_windows,
                                   eval_every=eval_every)
+    default_steps, default_lr = DEFAULTS[settings.loss]
+    settings = dataclasses.replace(settings, steps=default_steps if steps is None else settings.steps,
+                                   lr=default_lr if lr is None else settings.lr)
 
     def check(spec: RunSpec, cfg) -> None:
+        if settings.loss == "paper":
+            return
         held = holdout_windows(spec.nsamples, settings.holdout)
         if held >= spec.nsamples:
             raise UserError(f"--holdout {settings.holdout} of --nsamples {spec.nsamples} holds out {held} windows and "
                             "leaves none to learn on; raise --nsamples or lower --holdout")
 
     def factor(inputs: BlockInputs, ranks, key) -> BlockResult:
+        if settings.loss == "paper":
+            new, info = sigmascale_paper_block(inputs.block, inputs.stats, ranks, key, steps=settings.steps,
+                                               lr=settings.lr)
+            return BlockResult(new, info)
         new, info = sigmascale_block(
             inputs.block, inputs.stats, inputs.xs, inputs.ys, inputs.cfg, ranks, kind=settings.loss,
             steps=settings.steps, lr=settings.lr, holdout=settings.holdout, batch_windows=settings.step_windows,
