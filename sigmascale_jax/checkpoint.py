@@ -56,10 +56,22 @@ def read_report(folder: Path) -> dict:
 
 
 def load_compressed(folder: Path, dtype: Any = None) -> tuple[ModelConfig, dict]:
-    """Config and factored params of a compressed folder."""
+    """Config and params of a compressed folder, each projection as the typed leaf `compression.json` records."""
+    from sigmascale_jax.linear import from_tree
+    from sigmascale_jax.modeling import cast_params
+
     report = read_report(folder)
     cfg = ModelConfig.from_dict(report["model_config"])
     params = load_pytree(folder / PARAMS_DIR)
+    records = {(m["block"], m["name"]): m for m in report.get("matrices", [])}
+    for i, block in enumerate(params["blocks"]):
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            record = records.get((i, name), {"shape": cfg.projection_shapes()[name]})
+            if "w" in block[name] and "dense" not in record:
+                record = {**record, "dense": True}
+            if "rank" not in record and "b" in block[name]:
+                record = {**record, "rank": int(block[name]["b"].shape[1])}
+            block[name] = from_tree(block[name], record)
     if dtype is not None:
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        params = cast_params(params, dtype)
     return cfg, params

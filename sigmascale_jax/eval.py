@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot: tokens per forward pass (rows x padded length)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $SIGMASCALE_DATA, else ../shared/data)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the weights")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="round-to-nearest quantize a dense model's projections first (the compressor's quantizer: "
+                        "quantization alone, to compare with low-rank compression)")
+    p.add_argument("--group-size", type=int, default=None, help="--quantize: columns per scale group (default 128)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
@@ -72,6 +76,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     if args.tokens_per_batch < 1:
         raise UserError(f"--tokens-per-batch must be at least 1, got {args.tokens_per_batch}")
+    if args.group_size is not None and args.quantize is None:
+        raise UserError("--group-size sets the quantization groups; it needs --quantize int8 or int4")
+    if args.group_size is not None and (args.group_size < 1 or (args.quantize == "int4" and args.group_size % 2)):
+        raise UserError(f"--group-size must be at least 1 (and even for int4), got {args.group_size}")
 
 
 def evaluate(
@@ -85,8 +93,10 @@ def evaluate(
     progress: bool = True,
     limit: int | None = None,
     tokens_per_batch: int = 4096,
+    quantize: str | None = None,
+    group_size: int | None = None,
 ) -> dict:
-    """Load `model`, run each task, return the JSON-ready results."""
+    """Load `model` (its projections RTN-quantized if `quantize`), run each task, return the JSON-ready results."""
     import jax.numpy as jnp
 
     from sigmascale_jax.perplexity import make_windows, perplexity
@@ -102,9 +112,16 @@ def evaluate(
     cfg = source.cfg
     if texts and seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
+    if quantize and source.kind == "compressed":
+        raise UserError(f"{model} is a compressed model; --quantize applies to dense ones (compress with --quantize)")
     tok = source.tokenizer()
-    params = source.load_params(getattr(jnp, dtype), progress=progress)
+    params = source.load_params(None if quantize else getattr(jnp, dtype), progress=progress)
     results: dict = {"model": model}
+    if quantize:
+        from sigmascale_jax.modeling import cast_params
+
+        params, results["quantized"] = quantize_params(params, quantize, group_size or 128)
+        params = cast_params(params, getattr(jnp, dtype))
     for task in tasks:
         if task in texts:
             ids = np.asarray(tok(texts[task]).input_ids, dtype=np.int32)
@@ -120,6 +137,26 @@ def evaluate(
     results["dtype"] = dtype
     results["seconds"] = round(time.perf_counter() - start, 2)
     return results
+
+
+def quantize_params(params: dict, kind: str, group: int) -> tuple[dict, dict]:
+    """Every projection RTN-quantized (`linear.encode_dense`); and a record: the kind, group and the bytes of the
+    projections' matrices before and after."""
+    from sigmascale_jax.linear import encode_dense
+    from sigmascale_jax.modeling import PROJECTIONS
+
+    before = after = 0
+    blocks = []
+    for block in params["blocks"]:
+        new = dict(block)
+        for n in PROJECTIONS:
+            leaf = encode_dense(np.asarray(block[n]["w"]), kind, group, block[n].get("bias"))
+            before += int(np.asarray(block[n]["w"]).nbytes)
+            after += leaf.w.nbytes
+            new[n] = leaf
+        blocks.append(new)
+    return {**params, "blocks": blocks}, {"kind": kind, "group_size": group, "projection_bytes_dense": before,
+                                          "projection_bytes": after}
 
 
 def format_table(results: dict, tasks: list[str]) -> str:
@@ -163,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         limit=args.limit,
         tokens_per_batch=args.tokens_per_batch,
+        quantize=args.quantize,
+        group_size=args.group_size,
     )
     window = f"  seq_len: {args.seq_len}" if any(t in PERPLEXITY_TASKS for t in tasks) else ""
     limit = f"  limit: {args.limit}" if args.limit and any(t in ZEROSHOT_TASKS for t in tasks) else ""

@@ -31,21 +31,16 @@ Params = dict[str, Any]
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def project(p: Params, x: jax.Array) -> jax.Array:
+def project(p: Any, x: jax.Array) -> jax.Array:
     """Apply one projection to `x: [..., in]`, giving `[..., out]`.
 
-    `p` is dense `{"w": [out, in]}` or factored `{"b": [out, k], "c": [k, in]}`,
-    either with an optional `"bias": [out]`.
+    `p` is a typed leaf of `linear` (dense, low-rank, PivGa, quantized or not), or one of
+    the dict forms the compressor works on: dense `{"w": [out, in]}` or factored
+    `{"b": [out, k], "c": [k, in]}`, either with an optional `"bias": [out]`.
     """
-    if "w" in p:
-        y = x @ p["w"].T.astype(x.dtype)
-    elif "b" in p and "c" in p:
-        y = (x @ p["c"].T.astype(x.dtype)) @ p["b"].T.astype(x.dtype)
-    else:
-        raise ValueError(f"projection params need 'w' or 'b'+'c', got keys {sorted(p)}")
-    if "bias" in p:
-        y = y + p["bias"].astype(x.dtype)
-    return y
+    from sigmascale_jax.linear import as_leaf
+
+    return as_leaf(p).apply(x)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -209,7 +204,7 @@ token_nll_jit = jax.jit(token_nll, static_argnames="cfg")
 
 
 def cast_params(params: Params, dtype: Any) -> Params:
-    """Cast every floating leaf to `dtype`."""
+    """Cast every floating array to `dtype` (quantized values and permutations keep their integer types)."""
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
 

@@ -37,6 +37,7 @@ def compress(
     *,
     ranks: Any = "uniform",
     correction: bool = False,
+    encoding: Any = "plain",
     calib: str = "c4",
     nsamples: int = 64,
     seq_len: int = 512,
@@ -51,13 +52,14 @@ def compress(
     """Compress `model` with `method` at `ratio` into the folder `out`; returns the report (compression.json).
 
     `method`: "svd", "asvd", "svd-llm", "sigmascale" (or a `Factorizer`); `ranks`: "uniform",
-    "zs-svd" (or a `RankAllocator`); `correction`: ZS-SVD's correction after the block loop.
+    "zs-svd", "fermigrad", "sensitivity" (or a `RankAllocator`); `correction`: ZS-SVD's
+    correction after the block loop; `encoding`: "plain" or "pivga" (or an `Encoder`).
     `settings`: the methods' own settings by field name (`update=True`, `alpha=0.5`,
     `steps=50`, `grad_samples=8`, ...); see `python -m sigmascale_jax.compress --help`.
     """
     from sigmascale_jax.compress.pipeline import run
 
-    plan = make_plan(method, ranks, ("correction",) if correction else (), **settings)
+    plan = make_plan(method, ranks, ("correction",) if correction else (), encoding, **settings)
     spec = RunSpec(model=model, ratio=ratio, calib=calib, nsamples=nsamples, seq_len=seq_len, seed=seed,
                    sequential=sequential, batch_size=batch_size)
     return run(spec, plan, out, data_dir=data_dir, overwrite=overwrite, progress=progress)

@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sigmascale_jax.compress.plan import ALLOCATORS, FACTORIZERS, REFINERS, RunSpec, load_methods, make_plan
+from sigmascale_jax.compress.plan import ALLOCATORS, ENCODERS, FACTORIZERS, REFINERS, RunSpec, load_methods, make_plan
 from sigmascale_jax.compress.settings import field_type, flag_name
 from sigmascale_jax.errors import ArgumentParser, UserError
 
 # Pipeline flags given by hand (their help and defaults come from RunSpec).
 RUN_FLAGS = ("model", "ratio", "calib", "nsamples", "seq_len", "seed", "sequential", "batch_size")
-NESTED = {"factorize": ("method", FACTORIZERS), "allocate": ("ranks", ALLOCATORS)}
+NESTED = {"factorize": ("method", FACTORIZERS), "allocate": ("ranks", ALLOCATORS), "encode": ("encoding", ENCODERS)}
 
 
 def _add_field(group, owner_cls, field: dataclasses.Field, seen: dict[str, Any]) -> None:
@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where to cut (default: uniform): " + "; ".join(f"{e.name}: {e.help}" for e in ALLOCATORS.values()))
     for entry in REFINERS.values():
         run.add_argument(flag_name(entry.name), default=None, action=argparse.BooleanOptionalAction, help=entry.help)
-    for table in (FACTORIZERS, ALLOCATORS, REFINERS):
+    run.add_argument("--encoding", default=None, choices=tuple(ENCODERS),
+                     help="how to store what is left (default: plain): " + "; ".join(f"{e.name}: {e.help}"
+                                                                           for e in ENCODERS.values()))
+    for table in (FACTORIZERS, ALLOCATORS, REFINERS, ENCODERS):
         for entry in table.values():
             fields = [f for f in dataclasses.fields(entry.settings) if f.name not in seen]
             if fields:
@@ -156,9 +159,9 @@ def spec_and_plan(args: argparse.Namespace):
     """The RunSpec and Plan a parsed command line asks for (settings checked by their dataclasses)."""
     spec = RunSpec(**{k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k) is not None})
     refine = tuple(name for name in REFINERS if getattr(args, name.replace("-", "_")))
-    skip = set(RUN_FLAGS) | {"config", "out", "data_dir", "overwrite", "no_progress", "method", "ranks"} | set(REFINERS)
-    settings = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
-    return spec, make_plan(args.method, args.ranks or "uniform", refine, **settings)
+    skip = set(RUN_FLAGS) | {"config", "out", "data_dir", "overwrite", "no_progress", "method", "ranks", "encoding"}
+    settings = {k: v for k, v in vars(args).items() if k not in skip | set(REFINERS) and v is not None}
+    return spec, make_plan(args.method, args.ranks or "uniform", refine, args.encoding or "plain", **settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     report = run(spec, plan, args.out, data_dir=args.data_dir, overwrite=args.overwrite, progress=not args.no_progress)
     extra = (" +update" if report["update"] else "") + (f", ranks {report['ranks_method']}")
     extra += "".join(f", {r['name']}" for r in report["refine"])
+    enc = report["encode"]
+    extra += f", {enc['name']}" + (f" {enc['quantize']}" if enc["quantize"] != "none" else "")
     print(f"{report['method']}{extra}: ratio asked {report['ratio_requested']:.3f}, "
-          f"achieved {report['ratio_achieved']:.4f} (whole model {report['whole_model_ratio']:.4f}) "
+          f"achieved {report['ratio_achieved']:.4f} (whole model {report['whole_model_ratio']:.4f}; in bytes "
+          f"{report['byte_ratio']:.4f}, whole model {report['whole_model_byte_ratio']:.4f}) "
           f"in {report['seconds']:.1f} s, host peak {report['memory']['host_peak_mib']:.0f} MiB")
     print(f"wrote {args.out}; evaluate with: python -m sigmascale_jax.eval --model {args.out}")
     return 0

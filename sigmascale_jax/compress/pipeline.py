@@ -232,11 +232,12 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
     from sigmascale_jax.checkpoint import PARAMS_DIR, SPECTRA_FILE, TOKENIZER_DIR, save_pytree
     from sigmascale_jax.compress.report import build_report
     from sigmascale_jax.modeling import param_count
+    from sigmascale_jax.linear import to_tree
     from sigmascale_jax.params import load_block, load_outer
-    from sigmascale_jax.ranks import factored_params
 
     cfg = source.cfg
-    budget = Budget(spec.ratio, factored_params)
+    encoder = plan.encoder()
+    budget = Budget(spec.ratio, encoder.count)
     # Host copies: only the block being worked on lives on the device.
     outer = jax.device_get(load_outer(source.reader, cfg))
     from sigmascale_jax.cache import model_fingerprint
@@ -254,7 +255,11 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
         refined.append({"name": refiner.name, **refiner.settings.asdict(), **info})
         clock.lap("refine")
 
-    params = {**outer, "blocks": blocks}
+    # (3) how to store what is left: every projection becomes its encoder's typed leaf
+    leaves = [{n: encoder.encode(block[n], results[i].matrices[n]) for n in PROJECTIONS} for i, block in enumerate(blocks)]
+    clock.lap("encode")
+    saved = [{**block, **{n: to_tree(leaf) for n, leaf in leaves[i].items()}} for i, block in enumerate(blocks)]
+    params = {**outer, "blocks": saved}
     save_pytree(staging / PARAMS_DIR, params)
     block_spectra = sorted((staging / "blocks").glob("*.spectra.npz"))
     if block_spectra:  # SigmaScale: singular values of W, W S and the scaled matrix, per block and projection
@@ -265,9 +270,11 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
         write_npz_atomic(staging / SPECTRA_FILE, merged)
     source.tokenizer().save_pretrained(str(staging / TOKENIZER_DIR))
     clock.lap("checkpoint")
+    other = param_count(outer) + sum(param_count({k: v for k, v in b.items() if k not in PROJECTIONS}) for b in blocks)
+    other += sum(int(np.size(b[n]["bias"])) for b in blocks for n in PROJECTIONS if "bias" in b[n])
     return build_report(
-        spec, plan, cfg, alloc, results, refined, budget,
-        counts={"model_dense": dense_count + param_count(outer), "model_compressed": param_count(params)},
+        spec, plan, cfg, alloc, results, refined, budget, leaves,
+        counts={"model_dense": dense_count + param_count(outer), "other": other},
         calibration={"source": spec.calib, "nsamples": spec.nsamples, "seq_len": spec.seq_len, "seed": spec.seed,
                      "tokens": int(windows.size), "sha1": hashlib.sha1(windows.tobytes()).hexdigest()},
         resumed=False, timings=clock.timings, seconds=time.perf_counter() - clock.start,

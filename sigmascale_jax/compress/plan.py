@@ -128,6 +128,17 @@ class Factorizer(NamedTuple):
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
 
 
+class Encoder(NamedTuple):
+    """How to store what is left: the typed leaf of each projection, and the numbers a rank-k matrix costs."""
+
+    name: str
+    settings: Settings
+    count: Callable[[int, int, int], int]  # numbers stored for an m × n matrix at rank k: the budget's unit
+    encode: Callable[[dict, dict], Any]  # (projection dict {"w"} or {"b","c"}, its record) -> linear.Leaf
+    record: Callable[[], dict] = lambda: {}  # what compression.json says of every matrix's encoding
+    check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
+
+
 class Refiner(NamedTuple):
     """A model-level pass after the block loop (ZS-SVD's correction); keeps every matrix's rank."""
 
@@ -142,11 +153,18 @@ class Plan:
     factorize: Factorizer
     allocate: RankAllocator
     refine: tuple[Refiner, ...] = ()
+    encode: Encoder | None = None  # None: plain float32 factors (`encode/plain.py`)
 
     def check(self, spec: RunSpec, cfg: ModelConfig) -> None:
         """Settings that clash with each other or with the model: a UserError before anything is written."""
-        for stage in (self.allocate, self.factorize, *self.refine):
+        for stage in (self.allocate, self.factorize, *self.refine, self.encoder()):
             stage.check(spec, cfg)
+
+    def encoder(self) -> Encoder:
+        if self.encode is not None:
+            return self.encode
+        load_methods()
+        return ENCODERS["plain"].build()
 
     def key(self) -> dict[str, Any]:
         """The settings that change the result (part of the resume key)."""
@@ -154,6 +172,7 @@ class Plan:
             "allocate": {"name": self.allocate.name, **self.allocate.settings.asdict()},
             "factorize": {"name": self.factorize.name, **self.factorize.settings.asdict()},
             "refine": [{"name": r.name, **r.settings.asdict()} for r in self.refine],
+            "encode": {"name": self.encoder().name, **self.encoder().settings.asdict()},
         }
 
 
@@ -173,6 +192,7 @@ class Entry:
 ALLOCATORS: dict[str, Entry] = {}
 FACTORIZERS: dict[str, Entry] = {}
 REFINERS: dict[str, Entry] = {}
+ENCODERS: dict[str, Entry] = {}
 
 
 def register(table: dict[str, Entry], name: str, settings: type[Settings], help: str):
@@ -189,14 +209,15 @@ def register(table: dict[str, Entry], name: str, settings: type[Settings], help:
 
 def load_methods() -> None:
     """Import every method module (they register themselves)."""
-    from sigmascale_jax.compress import allocate, factorize, refine  # noqa: F401
+    from sigmascale_jax.compress import allocate, encode, factorize, refine  # noqa: F401
 
 
-def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), **settings: Any) -> Plan:
+def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), encoding: Any = "plain", **settings: Any) -> Plan:
     """A Plan from method names (or ready stages) and flat settings, each routed to the stage that declares it.
 
     `method`: a factorizer name or a `Factorizer`; `ranks`: an allocator name or a
-    `RankAllocator`; `refine`: refiner names or `Refiner`s. A setting goes to every
+    `RankAllocator`; `refine`: refiner names or `Refiner`s; `encoding`: an encoder name
+    or an `Encoder`. A setting goes to every
     named stage whose settings have that field (`grad_samples` serves both ZS-SVD
     and its correction); one that no chosen stage takes is a UserError.
     """
@@ -204,7 +225,7 @@ def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), **setting
 
     load_methods()
     chosen: list[tuple[str, dict[str, Entry], Any]] = [("method", FACTORIZERS, method), ("ranks", ALLOCATORS, ranks)]
-    chosen += [("refine", REFINERS, r) for r in refine]
+    chosen += [("refine", REFINERS, r) for r in refine] + [("encoding", ENCODERS, encoding)]
     entries, built = [], {}
     for flag, table, value in chosen:
         if isinstance(value, str):
@@ -223,11 +244,12 @@ def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), **setting
     for key, value in settings.items():
         if value is None or key in taken:
             continue
-        owners = [e.name for t in (FACTORIZERS, ALLOCATORS, REFINERS) for e in t.values()
+        owners = [e.name for t in (FACTORIZERS, ALLOCATORS, REFINERS, ENCODERS) for e in t.values()
                   if key in {f.name for f in dataclasses.fields(e.settings)}]
         if not owners:
             raise UserError(f"unknown setting {key!r}")
         raise UserError(f"--{key.replace('_', '-')} is a setting of {' / '.join(owners)}, which this run does not use")
     for (flag, _), value in built.items():
         stages.setdefault(flag, []).append(value)
-    return Plan(factorize=stages["method"][0], allocate=stages["ranks"][0], refine=tuple(stages.get("refine", ())))
+    return Plan(factorize=stages["method"][0], allocate=stages["ranks"][0], refine=tuple(stages.get("refine", ())),
+                encode=stages["encoding"][0])

@@ -7,6 +7,8 @@ import resource
 import sys
 from typing import Any
 
+import numpy as np
+
 from sigmascale_jax.compress.plan import Allocation, BlockResult, Budget, Plan, RunSpec
 from sigmascale_jax.config import ModelConfig
 from sigmascale_jax.modeling import PROJECTIONS
@@ -49,15 +51,26 @@ def rank_summary(cfg: ModelConfig, ranks: list[dict]) -> dict[str, dict[str, Any
     return out
 
 
+def matrix_bytes(leaf: Any) -> int:
+    """Bytes a projection's matrices take (its bias aside: that is counted with the model's other parameters)."""
+    return leaf.nbytes - (0 if leaf.bias is None else int(np.asarray(leaf.bias).nbytes))
+
+
 def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation, results: list[BlockResult],
-                 refined: list[dict], budget: Budget, *, counts: dict, calibration: dict, resumed: bool,
-                 timings: dict, seconds: float) -> dict[str, Any]:
+                 refined: list[dict], budget: Budget, leaves: list[dict], *, counts: dict, calibration: dict,
+                 resumed: bool, timings: dict, seconds: float) -> dict[str, Any]:
+    """compression.json. `counts`: `model_dense` (all parameters) and `other` (those outside the projections'
+    matrices: embeddings, norms, head, biases), which stay float32."""
     from sigmascale_jax.checkpoint import FORMAT_VERSION
 
     shapes = cfg.projection_shapes()
     triples = [(*shapes[n], alloc.ranks[i][n]) for i in range(cfg.num_layers) for n in PROJECTIONS]
     dense = sum(m * n for m, n, _ in triples)
     stored = sum(budget.stored(m, n, k) for m, n, k in triples)
+    mat_bytes = {(i, n): matrix_bytes(leaves[i][n]) for i in range(cfg.num_layers) for n in PROJECTIONS}
+    enc = plan.encoder()
+    model_compressed = counts["other"] + stored
+    bytes_dense, bytes_stored = 4 * dense, sum(mat_bytes.values())
     fz = plan.factorize
     settings = fz.settings.asdict()
     return {
@@ -74,17 +87,29 @@ def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation,
         "sequential": spec.sequential,
         "alpha": settings.get("alpha"),
         "sigmascale": settings if fz.name == "sigmascale" else None,
+        "encoding": enc.name,
+        "encode": {"name": enc.name, **enc.settings.asdict()},
         "ratio_requested": spec.ratio,
         "ratio_achieved": 1.0 - stored / dense,
-        "whole_model_ratio": 1.0 - counts["model_compressed"] / counts["model_dense"],
+        "whole_model_ratio": 1.0 - model_compressed / counts["model_dense"],
+        "byte_ratio": 1.0 - bytes_stored / bytes_dense,
+        "whole_model_byte_ratio": 1.0 - (4 * counts["other"] + bytes_stored) / (4 * counts["model_dense"]),
         "params": {
             "compressible_dense": dense,
             "compressible_compressed": stored,
             "model_dense": counts["model_dense"],
-            "model_compressed": counts["model_compressed"],
+            "model_compressed": model_compressed,
+        },
+        "bytes": {
+            "compressible_dense": bytes_dense,
+            "compressible_compressed": bytes_stored,
+            "model_dense": 4 * counts["model_dense"],
+            "model_compressed": 4 * counts["other"] + bytes_stored,
         },
         "ranks": rank_summary(cfg, alloc.ranks),
-        "matrices": [{"block": i, "name": n, **r.matrices[n]} for i, r in enumerate(results) for n in PROJECTIONS],
+        "matrices": [{"block": i, "name": n, **r.matrices[n], **enc.record(),
+                      "stored": budget.stored(*shapes[n], alloc.ranks[i][n]), "bytes": mat_bytes[(i, n)]}
+                     for i, r in enumerate(results) for n in PROJECTIONS],
         "blocks": [{"block": i, **r.block} for i, r in enumerate(results) if r.block],
         "calibration": calibration,
         "resumed": resumed,
