@@ -109,11 +109,11 @@ def evaluate(
     texts = {t: perplexity_text(t, folder) for t in tasks if t in PERPLEXITY_TASKS}
     zeroshot = {t: load_task(t, folder, limit)[1] for t in tasks if t in ZEROSHOT_TASKS}
     source = open_model(model)
+    if quantize and source.kind == "compressed":
+        raise UserError(f"{model} is a compressed model; --quantize applies to dense ones (compress with --quantize)")
     cfg = source.cfg
     if texts and seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
-    if quantize and source.kind == "compressed":
-        raise UserError(f"{model} is a compressed model; --quantize applies to dense ones (compress with --quantize)")
     tok = source.tokenizer()
     params = source.load_params(None if quantize else getattr(jnp, dtype), progress=progress)
     results: dict = {"model": model}

@@ -400,7 +400,8 @@ def test_resume_key_holds_only_what_changes_the_result():
     from sigmascale_jax.compress.plan import make_plan
 
     a = make_plan("svd-llm").key()
-    assert a == {"allocate": {"name": "uniform"}, "factorize": {"name": "svd-llm", "update": False}, "refine": []}
+    assert a == {"allocate": {"name": "uniform"}, "factorize": {"name": "svd-llm", "update": False}, "refine": [],
+                 "encode": {"name": "plain", "quantize": "none", "group_size": None}}
     assert "lr" not in json.dumps(a)  # SigmaScale's settings do not touch an svd-llm run's key
 
 
@@ -423,7 +424,7 @@ def test_a_new_allocator_is_one_registered_constructor(tmp_path, capsys):
             ranks = {n: max(1, int(settings.keep * min(s))) for n, s in ctx.cfg.projection_shapes().items()}
             return Allocation([dict(ranks) for _ in range(ctx.cfg.num_layers)], {})
 
-        return RankAllocator("half", settings, allocate)
+        return RankAllocator("half", settings, allocate, costly=False)  # cheap: not cached
 
     try:
         out = tmp_path / "h"
