@@ -136,7 +136,9 @@ def pivga_from_factors(b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def encode_factors(b: np.ndarray, c: np.ndarray, encoding: str, quant: str | None, group: int, bias=None) -> Leaf:
     """A low-rank pair stored as `encoding` ("plain" or "pivga"), its matrices quantized if `quant` is given."""
-    q = (lambda m: quantize(m, quant, group)) if quant else (lambda m: jnp.asarray(np.asarray(m, np.float32)))
+    # the float32 factors are what gets quantized, so a float32 folder re-encoded later gives the same bits
+    q = (lambda m: quantize(np.asarray(m, np.float32), quant, group)) if quant else (
+        lambda m: jnp.asarray(np.asarray(m, np.float32)))
     if encoding == "plain":
         return LowRank(q(b), q(c), bias)
     if encoding == "pivga":

@@ -152,3 +152,19 @@ def test_eval_quantizes_dense_models_only(capsys, plain_run):
     assert_one_line_error(eval_cli(capsys, "--model", str(out), "--quantize", "int8", "--max-windows", "1"),
                           "is a compressed model")
     assert_one_line_error(eval_cli(capsys, "--model", str(STORIES), "--group-size", "64"), "needs --quantize")
+
+
+def test_reencoding_a_folder_equals_compressing_with_that_encoding(tmp_path):
+    from sigmascale_jax.checkpoint import load_pytree
+    from sigmascale_jax.compress.reencode import reencode
+
+    kw = dict(encoding="pivga", **SMALL)
+    sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "f32", **kw)
+    direct = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "direct", quantize="int8", **kw)
+    again = reencode(tmp_path / "f32", tmp_path / "again", quantize="int8")
+    assert again["bytes"] == direct["bytes"] and again["reencoded_from"] == str(tmp_path / "f32")
+    a, b = load_pytree(tmp_path / "again" / "params"), load_pytree(tmp_path / "direct" / "params")
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    with pytest.raises(sigmascale_jax.errors.UserError, match="quantized"):
+        reencode(tmp_path / "direct", tmp_path / "twice", quantize="int4")

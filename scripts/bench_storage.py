@@ -1,0 +1,192 @@
+"""Storage benchmark: plain vs PivGa factors at equal size, and a size–quality frontier in bytes.
+
+1. At each of `--equal-ratios` (0.2, 0.4): svd-llm and sigmascale (uniform ranks) stored plain
+   vs PivGa at the same stored numbers (PivGa keeps more components in them).
+2. The frontier: dense float32; dense int8 and int4 (round-to-nearest, the same quantizer
+   as for factors: quantization alone); low-rank (svd-llm, uniform ranks) plain, PivGa,
+   PivGa+int8 and PivGa+int4 at each of `--ratios`. Quantized variants are re-encodings of
+   the float32 PivGa runs (`compress/reencode.py`): same ranks and factors, other storage.
+   Perplexity against whole-model bytes (embeddings and norms stay float32 in every
+   family) as a table and a PNG, one line per family.
+
+Runs the public command lines (one process per compression and evaluation; finished runs
+are reused, see benchlib). Writes OUT.md, OUT.json and OUT.png.
+
+    python scripts/bench_storage.py --nsamples 64 --max-windows 16 --out results/storage_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import benchlib
+
+
+def dense_quant_row(kind: str, args) -> dict:
+    runs = benchlib.REPO / args.runs_dir
+    runs.mkdir(parents=True, exist_ok=True)
+    out_json = runs / f"dense-{kind}.eval.json"
+    cmd = [sys.executable, "-m", "sigmascale_jax.eval", "--model", args.model, "--tasks", "wikitext2,c4",
+           "--seq-len", str(args.eval_seq_len), "--batch-size", str(args.eval_batch_size), "--quantize", kind,
+           "--json", str(out_json), "--no-progress"]
+    if args.max_windows:
+        cmd += ["--max-windows", str(args.max_windows)]
+    benchlib.cached(cmd, out_json, out_json.with_suffix(".cmd.json"), args.reuse_only)
+    res = json.loads(out_json.read_text())
+    q = res["quantized"]
+    return {"family": f"dense {kind}", "ratio": 0.0, "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"],
+            "model_bytes": args.dense_bytes - q["projection_bytes_dense"] + q["projection_bytes"]}
+
+
+def reencoded_row(src: Path, family: str, quant: str, ratio: float, args) -> dict:
+    from sigmascale_jax.compress.reencode import reencode
+
+    dst = src.with_name(f"{src.name}-{quant}")
+    record = dst.with_name(dst.name + ".cmd.json")
+    key = [str(src), quant, json.loads((src / "compression.json").read_text())["calibration"]["sha1"]]
+    if not ((dst / "compression.json").is_file() and record.is_file() and json.loads(record.read_text()) == key):
+        if args.reuse_only:
+            raise benchlib.NotRun(dst)
+        reencode(src, dst, quantize=quant, overwrite=True)
+        benchlib.write_json_atomic(record, key)
+    report = json.loads((dst / "compression.json").read_text())
+    res = benchlib.evaluate(str(dst), dst.with_name(dst.name + ".eval.json"), args)
+    return {"family": family, "ratio": ratio, "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"],
+            "model_bytes": report["bytes"]["model_compressed"], "ratio_achieved": report["ratio_achieved"],
+            "byte_ratio": report["whole_model_byte_ratio"], "run": str(dst)}
+
+
+def run_row(method: str, label: str, family: str, ratio: float, args, extra: list[str]) -> dict:
+    row = benchlib.method_row(method, ratio, args, extra, label=label)
+    if row.get("not_run"):
+        return {"family": family, "ratio": ratio, "not_run": True}
+    report = json.loads((Path(row["run"]) / "compression.json").read_text())
+    return {**row, "family": family, "model_bytes": report["bytes"]["model_compressed"],
+            "byte_ratio": report["whole_model_byte_ratio"], "encoding": report["encoding"],
+            "mean_rank": {n: v["mean"] for n, v in report["ranks"].items()}}
+
+
+def run_name(method: str, enc: str) -> tuple[str, str]:
+    """(run label, table family): plain runs carry bench_ranks.py's labels and commands, so they are shared."""
+    return (f"{method}-uniform" if enc == "plain" else f"{method}-{enc}"), f"{method} {enc}"
+
+
+def encoding_flags(enc: str) -> list[str]:
+    return [] if enc == "plain" else ["--encoding", enc]
+
+
+def markdown(equal: list[dict], frontier: list[dict], args) -> str:
+    out = [benchlib.header("Storage", args),
+           "## 1. Plain vs PivGa factors at equal stored numbers\n",
+           "| ratio | method | encoding | mean rank q / gate | WikiText-2 ppl | C4 ppl | stored ratio | MB |",
+           "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in equal:
+        if r.get("not_run"):
+            out.append(f"| {r['ratio']} | {r['family']} | not run | | | | | |")
+            continue
+        out.append(f"| {r['ratio']} | {r['method']} | {r['encoding']} | {r['mean_rank']['q']:.0f} / "
+                   f"{r['mean_rank']['gate']:.0f} | {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} "
+                   f"| {r['ratio_achieved']:.4f} | {r['model_bytes'] / 2**20:.1f} |")
+    out += ["", "## 2. Size–quality frontier (whole-model bytes; embeddings stay float32 everywhere)\n",
+            "| family | ratio | model MB | byte ratio | WikiText-2 ppl | C4 ppl |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(frontier, key=lambda r: (r["family"], -r.get("model_bytes", 0))):
+        if r.get("not_run"):
+            out.append(f"| {r['family']} | {r['ratio']} | not run | | | |")
+            continue
+        byte_ratio = 1 - r["model_bytes"] / args.dense_bytes
+        out.append(f"| {r['family']} | {r['ratio']} | {r['model_bytes'] / 2**20:.1f} | {byte_ratio:.3f} "
+                   f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(frontier: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, task in zip(axes, ("wikitext2", "c4")):
+        families = sorted({r["family"] for r in frontier if not r.get("not_run")})
+        for fam in families:
+            pts = sorted((r["model_bytes"] / 2**20, r[f"{task}_ppl"]) for r in frontier
+                         if r["family"] == fam and not r.get("not_run"))
+            style = "s" if fam.startswith("dense") else "-o"
+            ax.plot(*zip(*pts), style, label=fam, ms=5)
+        ax.set_xlabel("model size (MB)")
+        ax.set_ylabel(f"{task} perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Perplexity vs stored bytes: low-rank, PivGa, quantized factors, quantization alone", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    benchlib.add_common_args(p, "results/storage_smollm2")
+    # the plain float32 runs are those of bench_ranks.py (same runs folder and commands): they are reused
+    p.set_defaults(ratios="0.1,0.2,0.4,0.6", nsamples=64, runs_dir="runs/bench_ranks")
+    p.add_argument("--equal-ratios", default="0.2,0.4")
+    p.add_argument("--config", default="configs/smollm2-sigmascale.yaml",
+                   help="SigmaScale's learning settings are read from this config")
+    args = p.parse_args()
+    import yaml
+
+    conf = yaml.safe_load((benchlib.REPO / args.config).read_text())
+    sigma = [tok for k in ("steps", "lr", "step-windows", "eval-every", "holdout") if k in conf
+             for tok in (f"--{k}", str(conf[k]))]
+    import math
+
+    from sigmascale_jax.params import block_tensors, outer_tensors
+    from sigmascale_jax.sources import open_model
+
+    dense = benchlib.dense_row(args)
+    cfg = open_model(args.model).cfg
+    tensors = list(outer_tensors(cfg).values()) + [t for i in range(cfg.num_layers) for t in block_tensors(cfg, i).values()]
+    args.dense_bytes = 4 * sum(math.prod(shape) for _, shape in tensors)  # the float32 model
+
+    def write(equal, frontier):
+        benchlib.write(args.out, {"args": {k: v for k, v in vars(args).items()}, "equal_size": equal,
+                                  "frontier": frontier}, markdown(equal, frontier, args))
+
+    equal, frontier = [], [{"family": "dense float32", "ratio": 0.0, "model_bytes": args.dense_bytes,
+                            "wikitext2_ppl": dense["wikitext2_ppl"], "c4_ppl": dense["c4_ppl"]}]
+    for kind in ("int8", "int4"):
+        try:
+            frontier.append(dense_quant_row(kind, args))
+        except benchlib.NotRun:
+            frontier.append({"family": f"dense {kind}", "ratio": 0.0, "not_run": True})
+        write(equal, frontier)
+    for ratio in [float(r) for r in args.equal_ratios.split(",")]:
+        for method, base, extra in (("svd-llm", "svd-llm", []), ("sigmascale", "sigmascale-block", sigma)):
+            for enc in ("plain", "pivga"):
+                row = run_row(base, *run_name(method, enc), ratio, args, extra + encoding_flags(enc))
+                row["method"] = method
+                equal.append(row)
+                write(equal, frontier)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for enc in ("plain", "pivga"):
+            row = run_row("svd-llm", run_name("svd-llm", enc)[0], f"low-rank {enc}", ratio, args, encoding_flags(enc))
+            frontier.append(row)
+            write(equal, frontier)
+            if enc == "pivga" and not row.get("not_run"):
+                for quant in ("int8", "int4"):
+                    try:
+                        frontier.append(reencoded_row(Path(row["run"]), f"low-rank pivga+{quant}", quant, ratio, args))
+                    except benchlib.NotRun:
+                        frontier.append({"family": f"low-rank pivga+{quant}", "ratio": ratio, "not_run": True})
+                    write(equal, frontier)
+    write(equal, frontier)
+    plot(frontier, benchlib.REPO / f"{args.out}.png")
+    print(markdown(equal, frontier, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

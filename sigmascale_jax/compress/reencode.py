@@ -1,0 +1,113 @@
+"""Store a finished compression another way: same ranks and factors, another encoding (PivGa, int8, int4).
+
+Encoding is the pipeline's last stage and needs nothing but the factors, so a compressed
+folder can be re-encoded without calibration data or a second factorization:
+
+    from sigmascale_jax.compress.reencode import reencode
+    report = reencode("runs/smollm2-pivga-0.2", "runs/smollm2-pivga-int4-0.2", quantize="int4")
+
+Quantized matrices cannot be re-encoded (their float values are gone); a PivGa folder
+can be quantized; a plain one can become PivGa (lossless: the same matrices in fewer
+numbers, so the ranks stay and the ratio grows).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.modeling import PROJECTIONS
+
+
+def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, quantize: str = "none",
+             group_size: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write `src`'s model to `out` with its projections stored as `encoding` (default: as in `src`), quantized
+    as `quantize`; returns the new report (compression.json, with `reencoded_from`)."""
+    from sigmascale_jax.checkpoint import PARAMS_DIR, REPORT_FILE, SPECTRA_FILE, TOKENIZER_DIR, read_report, save_pytree
+    from sigmascale_jax.checkpoint import load_compressed
+    from sigmascale_jax.compress.plan import ENCODERS, load_methods
+    from sigmascale_jax.compress.pipeline import check_out
+    from sigmascale_jax.compress.report import matrix_bytes
+    from sigmascale_jax.fileio import write_json_atomic
+    from sigmascale_jax.linear import LowRank, PivGa, to_tree
+    from sigmascale_jax.quant import QuantMatrix
+
+    src, out = Path(src), Path(out)
+    report = read_report(src)
+    encoding = encoding or report.get("encoding", "plain")
+    load_methods()
+    if encoding not in ENCODERS:
+        raise UserError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODERS)}")
+    enc = ENCODERS[encoding].build(quantize=quantize, group_size=group_size)
+    check_out(out, overwrite, str(src))
+    cfg, params = load_compressed(src)
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    records = {(m["block"], m["name"]): m for m in report["matrices"]}
+    blocks, matrices = [], []
+    for i, block in enumerate(params["blocks"]):
+        new = dict(block)
+        for n in PROJECTIONS:
+            leaf = block[n]
+            mats = [getattr(leaf, f) for f in ("w", "b", "c", "r") if hasattr(leaf, f)]
+            if any(isinstance(m, QuantMatrix) for m in mats):
+                raise UserError(f"{src} holds quantized matrices; re-encode from an unquantized compression")
+            if isinstance(leaf, PivGa) and encoding == "plain":
+                raise UserError(f"{src} is PivGa-encoded; it can be quantized (--encoding pivga), not turned plain")
+            if isinstance(leaf, PivGa):  # already gauge-fixed: only quantization is left to do
+                new_leaf = _quantize_pivga(leaf, enc)
+            else:
+                d = {"b": np.asarray(leaf.b), "c": np.asarray(leaf.c)} if isinstance(leaf, LowRank) else {
+                    "w": np.asarray(leaf.w)}
+                if leaf.bias is not None:
+                    d["bias"] = leaf.bias
+                new_leaf = enc.encode(d, records[(i, n)])
+            new[n] = new_leaf
+            rec = records[(i, n)]
+            k = rec["rank"] if not rec.get("dense") else None
+            stored = rec["shape"][0] * rec["shape"][1] if k is None else min(rec["shape"][0] * rec["shape"][1],
+                                                                              enc.count(*rec["shape"], k))
+            matrices.append({**rec, **enc.record(), "stored": stored, "bytes": matrix_bytes(new_leaf)})
+        blocks.append(new)
+    saved = {**params, "blocks": [{**b, **{n: to_tree(b[n]) for n in PROJECTIONS}} for b in blocks]}
+    save_pytree(staging / PARAMS_DIR, saved)
+    shutil.copytree(src / TOKENIZER_DIR, staging / TOKENIZER_DIR)
+    if (src / SPECTRA_FILE).is_file():
+        shutil.copy2(src / SPECTRA_FILE, staging / SPECTRA_FILE)
+    dense = report["params"]["compressible_dense"]
+    other = report["params"]["model_dense"] - dense
+    stored = sum(m["stored"] for m in matrices)
+    nbytes = sum(m["bytes"] for m in matrices)
+    new_report = {
+        **report, "encoding": encoding, "encode": {"name": encoding, **enc.settings.asdict()}, "matrices": matrices,
+        "reencoded_from": str(src),
+        "ratio_achieved": 1.0 - stored / dense,
+        "whole_model_ratio": 1.0 - (other + stored) / report["params"]["model_dense"],
+        "byte_ratio": 1.0 - nbytes / (4 * dense),
+        "whole_model_byte_ratio": 1.0 - (4 * other + nbytes) / (4 * report["params"]["model_dense"]),
+        "params": {**report["params"], "compressible_compressed": stored, "model_compressed": other + stored},
+        "bytes": {"compressible_dense": 4 * dense, "compressible_compressed": nbytes,
+                  "model_dense": 4 * report["params"]["model_dense"], "model_compressed": 4 * other + nbytes},
+    }
+    write_json_atomic(staging / REPORT_FILE, new_report)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return new_report
+
+
+def _quantize_pivga(leaf, enc) -> Any:
+    """A float PivGa leaf with its B' and R quantized as `enc` says (its permutation kept)."""
+    from sigmascale_jax.linear import PivGa
+    from sigmascale_jax.quant import quantize
+
+    kind, group = enc.settings.kind, enc.settings.group_size
+    if not kind:
+        return leaf
+    return PivGa(quantize(np.asarray(leaf.b), kind, group), quantize(np.asarray(leaf.r), kind, group), leaf.perm,
+                 leaf.bias)
