@@ -106,10 +106,14 @@ def chunk_mask(cfg: ModelConfig, start: int, stop: int, packing: Packing | None 
     return mask
 
 
-def attention_mix(
-    block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array, packing: Packing | None = None
-) -> jax.Array:
-    """Grouped-query self-attention of normed `x: [B, T, D]` up to the o projection: `[B, T, H * hd]`."""
+def queries_keys_values(
+    block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated queries `[B, Hkv, G, T, hd]`, keys and values `[B, Hkv, T, hd]` of normed `x: [B, T, D]`.
+
+    Heads first, so scores are plain batched matmuls; each KV head serves a group of
+    G consecutive query heads.
+    """
     b, t, _ = x.shape
     hd, hk, g = cfg.head_dim, cfg.num_kv_heads, cfg.group_size
     q = project(block["q"], x).reshape(b, t, cfg.num_heads, hd)
@@ -120,11 +124,16 @@ def attention_mix(
         k = rms_norm(k, block["k_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    # Heads first, so scores are plain batched matmuls; each KV head serves a
-    # group of g consecutive query heads.
-    q = q.reshape(b, t, hk, g, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, hd]
-    k = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
-    v = v.transpose(0, 2, 1, 3)
+    return q.reshape(b, t, hk, g, hd).transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def attention_mix(
+    block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array, packing: Packing | None = None
+) -> jax.Array:
+    """Grouped-query self-attention of normed `x: [B, T, D]` up to the o projection: `[B, T, H * hd]`."""
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    q, k, v = queries_keys_values(block, x, cfg, cos, sin)
     outs = []
     for start in range(0, t, ATTENTION_CHUNK):
         stop = min(start + ATTENTION_CHUNK, t)
