@@ -174,3 +174,38 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
     return inv
+
+
+def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The transformers config fields (v5 names) that say what `cfg` says: `config_from_hf(to_hf_dict(cfg)) == cfg`."""
+    r = cfg.rope
+    rope: dict[str, Any] = {"rope_type": r.rope_type, "rope_theta": r.theta}
+    if r.rope_type in ("linear", "llama3"):
+        rope["factor"] = r.factor
+    if r.rope_type == "llama3":
+        rope.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
+                    original_max_position_embeddings=r.original_max_position_embeddings)
+    out: dict[str, Any] = {
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+    }
+    if cfg.model_type in ("llama", "mistral", "qwen3"):
+        out["attention_bias"] = cfg.qkv_bias
+    if cfg.model_type == "llama":
+        out["mlp_bias"] = cfg.mlp_bias
+    if cfg.model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if cfg.model_type in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = False
+    return out
