@@ -8,6 +8,7 @@ or a folder written by this project's compressor (`compression.json` + Orbax par
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import warnings
@@ -61,7 +62,7 @@ class ModelSource:
             warnings.simplefilter("ignore")
             try:
                 if self.gguf_file:
-                    tok = AutoTokenizer.from_pretrained(str(self.folder), gguf_file=self.gguf_file)
+                    tok = _gguf_tokenizer(self.folder / self.gguf_file)
                 elif self.kind == "compressed":
                     tok = AutoTokenizer.from_pretrained(str(self.folder / "tokenizer"))
                 else:
@@ -71,6 +72,64 @@ class ModelSource:
         # Evaluation tokenizes whole corpora at once; the model-length warning is noise there.
         tok.model_max_length = int(1e12)
         return tok
+
+
+def _gguf_cache_entry(path: Path) -> Path | None:
+    """The disk-cache folder for what is converted from a GGUF file's metadata (None: cache off).
+
+    Keyed by the sha1 of the file's first 16 MiB (its header: architecture, tokenizer,
+    tensor table) and its size, so the key costs milliseconds even for a large model,
+    and by the transformers version that converts.
+    """
+    import hashlib
+
+    import transformers
+
+    from sigmascale_jax.cache import cache_dir
+
+    root = cache_dir()
+    if root is None:
+        return None
+    h = hashlib.sha1()
+    with path.open("rb") as f:
+        h.update(f.read(16 << 20))
+    h.update(str(path.stat().st_size).encode())
+    return root / "gguf" / f"{h.hexdigest()}-transformers{transformers.__version__}"
+
+
+def _save_entry(entry: Path, write) -> None:
+    """Fill a cache entry atomically (`write(folder)`); an unwritable cache costs only the reuse."""
+    try:
+        staging = entry.with_name(entry.name + f".{os.getpid()}.tmp")
+        staging.mkdir(parents=True, exist_ok=True)
+        write(staging)
+        staging.rename(entry)
+    except OSError:
+        pass
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer a GGUF file carries: converted once (seconds), then loaded from the disk cache."""
+    from transformers import AutoTokenizer
+
+    entry = _gguf_cache_entry(path)
+    if entry is not None and (entry / "tokenizer" / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
+        except Exception:  # a damaged entry is converted again
+            pass
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if entry is not None:
+        import shutil
+
+        def write(folder: Path) -> None:
+            if entry.exists():  # the config is already there: add the tokenizer beside it
+                shutil.copytree(entry, folder, dirs_exist_ok=True)
+                shutil.rmtree(entry)
+            tok.save_pretrained(str(folder / "tokenizer"))
+
+        _save_entry(entry, write)
+    return tok
 
 
 def unfinished_run(path: Path) -> bool:
@@ -142,6 +201,28 @@ def _hf_config(folder: Path) -> ModelConfig:
 
 
 def _gguf_config(path: Path) -> ModelConfig:
+    """The model config from a GGUF file's metadata: converted once by transformers, then read from the disk cache."""
+    entry = _gguf_cache_entry(path)
+    if entry is not None and (entry / "model_config.json").is_file():
+        try:
+            return ModelConfig.from_dict(read_json(entry / "model_config.json"))
+        except (UserError, TypeError, KeyError):
+            pass
+    cfg = _gguf_config_uncached(path)
+    if entry is not None:
+        import shutil
+
+        def write(folder: Path) -> None:
+            if entry.exists():
+                shutil.copytree(entry, folder, dirs_exist_ok=True)
+                shutil.rmtree(entry)
+            (folder / "model_config.json").write_text(json.dumps(cfg.to_dict()))
+
+        _save_entry(entry, write)
+    return cfg
+
+
+def _gguf_config_uncached(path: Path) -> ModelConfig:
     import gguf
 
     try:

@@ -109,3 +109,40 @@ def test_untied_head_is_loaded_and_tied_head_is_not(tiny_models):
     _, qwen2, _ = load_model(str(tiny_models["qwen2"][0]))
     assert "lm_head" in llama and "lm_head" not in qwen2
 
+
+
+def test_gguf_config_and_tokenizer_are_converted_once(tmp_path, monkeypatch):
+    """The second open of a GGUF file reads its converted config and tokenizer from the disk cache."""
+    import transformers
+
+    from sigmascale_jax.sources import open_model
+
+    gguf = str(require(SMOLLM2_GGUF))
+    text = "Hello world! Über naïve café 1234\n\n<|im_start|>user\nhi<|im_end|>"
+    monkeypatch.setenv("SIGMASCALE_CACHE", "off")
+    plain = open_model(gguf)
+    plain_tok = plain.tokenizer()
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path))
+    first = open_model(gguf)
+    first.tokenizer()
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    real_config = transformers.AutoConfig.from_pretrained
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: no_conversion() if "gguf_file" in k else real_config(*a, **k))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: no_conversion() if "gguf_file" in k else real_from_pretrained(*a, **k))
+    second = open_model(gguf)
+    tok = second.tokenizer()
+    assert second.cfg == first.cfg == plain.cfg
+    assert tok(text).input_ids == plain_tok(text).input_ids
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == plain_tok.apply_chat_template(chat, tokenize=False)
+    assert (tok.eos_token_id, tok.bos_token_id) == (plain_tok.eos_token_id, plain_tok.bos_token_id)
+
+
+from transformers import AutoTokenizer as _AutoTokenizer  # noqa: E402
+
+real_from_pretrained = _AutoTokenizer.from_pretrained
