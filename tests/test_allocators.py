@@ -44,13 +44,18 @@ def test_fermi_weights_and_soft_count_are_differentiable():
     assert np.isfinite(jac).all() and (np.asarray(jac[0, :, 0]) > 0).all() and np.allclose(jac[0, :, 1], 0)
 
     def count(m):
-        return soft_count({"q": m}, {"q": 12}, {"q": 20}, 0.7)
+        return soft_count({"q": m}, {"q": (12, 20)}, 0.7)
 
     g = jax.grad(count)(mu)
     eps = 1e-3
     fd = [(count(mu.at[j].add(eps)) - count(mu.at[j].add(-eps))) / (2 * eps) for j in range(2)]
     np.testing.assert_allclose(np.asarray(g), np.asarray(fd), rtol=2e-2)
-    assert float(count(mu)) == pytest.approx(20 * (3.3 + 0.5 + 7.8 + 0.5), rel=0.02)  # Σ f ≈ μ + ½ at small T
+    assert float(count(mu)) == pytest.approx(32 * (3.3 + 0.5 + 7.8 + 0.5), rel=0.02)  # Σ f ≈ μ + ½ at small T
+    # PivGa's count k(m+n) − k² of the soft rank, differentiable too
+    from sigmascale_jax.compress.encode.pivga import pivga_params
+
+    piv = jax.grad(lambda m: soft_count({"q": m}, {"q": (12, 20)}, 0.7, pivga_params))(mu)
+    assert np.isfinite(piv).all() and (np.asarray(piv) < np.asarray(g)).all()
     # the temperature too: a gradient exists for an annealing schedule that would learn it
     assert np.isfinite(float(jax.grad(lambda t: jnp.sum(fermi_weights(mu, 12, t)))(0.7)))
 

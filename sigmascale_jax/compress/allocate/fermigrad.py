@@ -9,7 +9,7 @@ model's inputs, `G/T + 1e-4 I` as in ZS-SVD), component i is kept with weight
 so `f_i > ½` for `i < μ_ℓ`. All μ_ℓ learn jointly by Adam (optax) on the model's
 next-token cross-entropy on calibration windows (a few random windows per step)
 plus `λ (S/B − 1)²`, where `S = Σ_ℓ (m_ℓ + n_ℓ) Σ_i f_i` is the soft number of
-stored parameters and B the budget; T anneals geometrically from `--fermi-t0` to
+stored parameters (the encoding's count of each soft rank `Σ_i f_i`) and B the budget; T anneals geometrically from `--fermi-t0` to
 `--fermi-t1`. The first `min(8, N/4)` calibration windows are held out: the
 cross-entropy of the hard-truncated model on them, at the starting and at the
 learned ranks, is recorded. Learning is one jit-compiled pure function (`learn_mu`: `lax.scan`
@@ -41,7 +41,7 @@ from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.config import ModelConfig
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS, block_forward, rope_cos_sin
-from sigmascale_jax.ranks import block_ranks
+from sigmascale_jax.ranks import block_ranks, factored_params
 
 # ------------------------------------------------------------------ pure pieces
 
@@ -52,9 +52,14 @@ def fermi_weights(mu: jax.Array, size: int, temperature) -> jax.Array:
     return jax.nn.sigmoid((mu[..., None] - i) / temperature)
 
 
-def soft_count(mu: dict, sizes: dict, costs: dict, temperature) -> jax.Array:
-    """`Σ (m + n) Σ_i f_i` over projections: `mu[p]: [L]`, `sizes[p] = min(m, n)`, `costs[p] = m + n`."""
-    return sum(costs[p] * jnp.sum(fermi_weights(mu[p], sizes[p], temperature)) for p in mu)
+def soft_count(mu: dict, shapes: dict, temperature, count: Callable = factored_params) -> jax.Array:
+    """Soft stored numbers `Σ count(m, n, Σ_i f_i)` over projections and blocks: `mu[p]: [L]`, `shapes[p] = (m, n)`.
+
+    `count` is the encoding's (k(m+n) for plain factors, k(m+n) − k² for PivGa), applied to
+    the soft rank `Σ_i f_i`, which it takes as an array.
+    """
+    return sum(jnp.sum(count(*shapes[p], jnp.sum(fermi_weights(mu[p], min(shapes[p]), temperature), axis=-1)))
+               for p in mu)
 
 
 def round_ranks(mu: np.ndarray, sizes: np.ndarray, stored: Callable[[int, int], int], limit: int) -> np.ndarray:
@@ -118,11 +123,11 @@ def hard_loss(ranks: dict, model: FermiModel, tokens: jax.Array, cfg: ModelConfi
     return _model_loss(mu, model, tokens, 1e-3, cfg)  # at T = 1e-3 the weights are 0 or 1 to float32 precision
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "step_windows", "callback"))
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "step_windows", "callback", "count"))
 def learn_mu(
     mu0: dict, model: FermiModel, windows: jax.Array, key: jax.Array, budget: jax.Array, *, cfg: ModelConfig,
     steps: int, step_windows: int, lr: float, penalty: float, t0: float, t1: float,
-    callback: Callable | None = None,
+    callback: Callable | None = None, count: Callable = factored_params,
 ) -> tuple[dict, dict]:
     """Learn μ (`{projection: [L]}`) from `mu0`; a pure, jit-compiled function.
 
@@ -133,14 +138,14 @@ def learn_mu(
     Returns μ after the last step and the trace `{"loss", "soft_ratio", "temperature"}` per step.
     """
     sizes = {p: model.factors[p]["a"].shape[-1] for p in mu0}
-    costs = {p: model.factors[p]["a"].shape[1] + model.factors[p]["b"].shape[-1] for p in mu0}
+    shapes = {p: (model.factors[p]["a"].shape[1], model.factors[p]["b"].shape[-1]) for p in mu0}
     opt = optax.adam(lr)
     n = windows.shape[0]
     take = min(step_windows, n)
 
     def objective(mu, tokens, temperature):
         ce = _model_loss(mu, model, tokens, temperature, cfg)
-        ratio = soft_count(mu, sizes, costs, temperature) / budget
+        ratio = soft_count(mu, shapes, temperature, count) / budget
         return ce + penalty * (ratio - 1.0) ** 2, (ce, ratio)
 
     def step(carry, i):
@@ -260,7 +265,7 @@ def fermigrad(fermi_steps: int = 150, fermi_windows: int = 1, fermi_lr: float = 
             mu0, model, jnp.asarray(train), jax.random.key(ctx.spec.seed), jnp.asarray(limit, jnp.float32),
             cfg=cfg, steps=settings.fermi_steps, step_windows=settings.fermi_windows, lr=settings.fermi_lr,
             penalty=settings.fermi_penalty, t0=settings.fermi_t0, t1=settings.fermi_t1,
-            callback=progress if ctx.progress else None,
+            callback=progress if ctx.progress else None, count=budget.count,
         )
         jax.block_until_ready(mu)
         bar.close()
