@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round-to-nearest quantize a dense model's projections first (the compressor's quantizer: "
                         "quantization alone, to compare with low-rank compression)")
     p.add_argument("--group-size", type=int, default=None, help="--quantize: columns per scale group (default 128)")
+    p.add_argument("--mesh", default=None, help="data=N: split each batch of windows over N local devices "
+                                                "(default: all of them)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
@@ -95,6 +97,7 @@ def evaluate(
     tokens_per_batch: int = 4096,
     quantize: str | None = None,
     group_size: int | None = None,
+    mesh: str | None = None,
 ) -> dict:
     """Load `model` (its projections RTN-quantized if `quantize`), run each task, return the JSON-ready results."""
     import jax.numpy as jnp
@@ -103,7 +106,10 @@ def evaluate(
     from sigmascale_jax.sources import open_model
     from sigmascale_jax.zeroshot import average, score_task, task_metrics
 
+    from sigmascale_jax.parallel import make_mesh
+
     start = time.perf_counter()
+    device_mesh = make_mesh(mesh)
     folder = find_data_dir(data_dir)
     # Read (and check) every data file before loading weights.
     texts = {t: perplexity_text(t, folder) for t in tasks if t in PERPLEXITY_TASKS}
@@ -126,7 +132,7 @@ def evaluate(
         if task in texts:
             ids = np.asarray(tok(texts[task]).input_ids, dtype=np.int32)
             windows = make_windows(ids, seq_len, max_windows)
-            results[task] = perplexity(params, cfg, windows, batch_size, desc=task, progress=progress)
+            results[task] = perplexity(params, cfg, windows, batch_size, desc=task, progress=progress, mesh=device_mesh)
         else:
             lls = score_task(params, cfg, tok, zeroshot[task], task, tokens_per_batch, progress)
             results[task] = task_metrics(task, zeroshot[task], lls)
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens_per_batch=args.tokens_per_batch,
         quantize=args.quantize,
         group_size=args.group_size,
+        mesh=args.mesh,
     )
     window = f"  seq_len: {args.seq_len}" if any(t in PERPLEXITY_TASKS for t in tasks) else ""
     limit = f"  limit: {args.limit}" if args.limit and any(t in ZEROSHOT_TASKS for t in tasks) else ""

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from sigmascale_jax.config import ModelConfig
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.modeling import Params, token_nll
+from sigmascale_jax.parallel import replicate, shard
 
 
 def make_windows(ids: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
@@ -37,21 +38,23 @@ def perplexity(
     batch_size: int = 1,
     desc: str = "perplexity",
     progress: bool = True,
+    mesh=None,
 ) -> dict:
-    """exp(mean NLL over every predicted token) of `windows: [N, L]`.
+    """exp(mean NLL over every predicted token) of `windows: [N, L]` (each batch split over `mesh`'s data axis).
 
     Batches are padded to `batch_size` (repeating the last window) so one
     compiled shape serves every batch; padded rows are dropped before summing.
     """
     n, seq_len = windows.shape
     total = 0.0
+    params = replicate(params, mesh)
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         chunk = windows[start : start + batch_size]
         real = len(chunk)
         if real < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
-        sums = np.asarray(_window_nll_sums(params, jnp.asarray(chunk), cfg), dtype=np.float64)[:real]
+        sums = np.asarray(_window_nll_sums(params, shard(jnp.asarray(chunk), mesh), cfg), dtype=np.float64)[:real]
         if not np.isfinite(sums).all():
             raise FloatingPointError(f"non-finite NLL in windows {start}..{start + real - 1} of {desc}")
         total += float(sums.sum())

@@ -233,8 +233,9 @@ def sigmascale_block(
     eval_every: int = 10,
     key: jax.Array | None = None,
     batch_size: int = 8,
+    mesh: Any = None,
 ) -> tuple[Params, dict[str, Any]]:
-    """Factor a dense block with SigmaScale.
+    """Factor a dense block with SigmaScale (the block loss's windows split over `mesh`'s data axis, if given).
 
     `xs, ys: [N, T, D]` are the block's calibration inputs and original outputs, `stats`
     their `stats.block_stats`; the last `max(1, round(holdout · N))` windows are held out
@@ -268,12 +269,16 @@ def sigmascale_block(
             s, route = triangular_whitening(jnp.asarray(stats[tap]["gram"], jnp.float64))
             whitening64[tap], routes[tap] = np.asarray(s), route
     white32 = {n: jnp.asarray(whitening64[PROJECTION_INPUT[n]], jnp.float32) for n in names}
+    from sigmascale_jax.parallel import replicate, shard
+
+    block, white32 = replicate(block, mesh), replicate(white32, mesh)
     if kind == "block":
         xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-        train, hold_data = (xs[:-n_hold], ys[:-n_hold]), (xs[-n_hold:], ys[-n_hold:])
+        train = (shard(xs[:-n_hold], mesh), shard(ys[:-n_hold], mesh))
+        hold_data = (shard(xs[-n_hold:], mesh), shard(ys[-n_hold:], mesh))
     else:
         # Gram matrices per token (float32-friendly); training = all windows minus the held-out ones.
-        _, held = block_stats(block, np.asarray(xs[-n_hold:]), cfg, batch_size)
+        _, held = block_stats(block, np.asarray(xs[-n_hold:]), cfg, batch_size, mesh)
         n_train_tokens = (len(xs) - n_hold) * xs.shape[1]
         train = {t: jnp.asarray((stats[t]["gram"] - held[t]["gram"]) / n_train_tokens, jnp.float32) for t in held}
         hold_data = {t: jnp.asarray(held[t]["gram"] / held[t]["tokens"], jnp.float32) for t in held}

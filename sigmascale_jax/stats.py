@@ -8,6 +8,7 @@ import numpy as np
 
 from sigmascale_jax.config import ModelConfig
 from sigmascale_jax.modeling import Params, block_forward_taps, rope_cos_sin
+from sigmascale_jax.parallel import replicate, shard
 
 
 @jax.jit(static_argnames="cfg")
@@ -22,16 +23,19 @@ def block_stats_chunk(block: Params, x: jax.Array, cfg: ModelConfig) -> tuple[ja
     return out, stats
 
 
-def block_stats(block: Params, xs: np.ndarray, cfg: ModelConfig, batch_size: int) -> tuple[np.ndarray, dict]:
+def block_stats(block: Params, xs: np.ndarray, cfg: ModelConfig, batch_size: int, mesh=None) -> tuple[np.ndarray, dict]:
     """Run `xs: [N, T, D]` through the block in chunks; combine chunk statistics in float64.
+
+    With a `mesh`, each chunk's windows are split over its data axis (`parallel.shard`).
 
     Returns the block's outputs `[N, T, D]` (float32) and
     `{tap: {"gram": [n, n] f64, "absmean": [n] f64, "tokens": int}}`.
     """
     outs = []
     acc: dict = {}
+    block = replicate(block, mesh)
     for start in range(0, len(xs), batch_size):
-        out, stats = block_stats_chunk(block, jnp.asarray(xs[start : start + batch_size]), cfg)
+        out, stats = block_stats_chunk(block, shard(jnp.asarray(xs[start : start + batch_size]), mesh), cfg)
         outs.append(np.asarray(out))
         for name, (g, s) in stats.items():
             g, s = np.asarray(g, np.float64), np.asarray(s, np.float64)

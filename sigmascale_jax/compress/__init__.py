@@ -44,6 +44,7 @@ def compress(
     seed: int = 0,
     sequential: bool = True,
     batch_size: int = 8,
+    mesh: str | None = None,
     data_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -61,7 +62,7 @@ def compress(
 
     plan = make_plan(method, ranks, ("correction",) if correction else (), encoding, **settings)
     spec = RunSpec(model=model, ratio=ratio, calib=calib, nsamples=nsamples, seq_len=seq_len, seed=seed,
-                   sequential=sequential, batch_size=batch_size)
+                   sequential=sequential, batch_size=batch_size, mesh=mesh)
     return run(spec, plan, out, data_dir=data_dir, overwrite=overwrite, progress=progress)
 
 

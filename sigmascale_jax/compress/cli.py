@@ -22,7 +22,7 @@ from sigmascale_jax.compress.settings import field_type, flag_name
 from sigmascale_jax.errors import ArgumentParser, UserError
 
 # Pipeline flags given by hand (their help and defaults come from RunSpec).
-RUN_FLAGS = ("model", "ratio", "calib", "nsamples", "seq_len", "seed", "sequential", "batch_size")
+RUN_FLAGS = ("model", "ratio", "calib", "nsamples", "seq_len", "seed", "sequential", "batch_size", "mesh")
 NESTED = {"factorize": ("method", FACTORIZERS), "allocate": ("ranks", ALLOCATORS), "encode": ("encoding", ENCODERS)}
 
 

@@ -113,14 +113,16 @@ def calibration_windows(source, spec: RunSpec, data_dir: str | None) -> np.ndarr
     return sample_windows(ids, spec.nsamples, spec.seq_len, spec.seed)
 
 
-def apply_in_chunks(block, xs: np.ndarray, cfg, batch_size: int) -> np.ndarray:
+def apply_in_chunks(block, xs: np.ndarray, cfg, batch_size: int, mesh=None) -> np.ndarray:
+    """The block applied to `xs: [N, T, D]`, `batch_size` windows a call (split over the mesh's data axis)."""
     import jax.numpy as jnp
 
     from sigmascale_jax.modeling import block_apply
+    from sigmascale_jax.parallel import replicate, shard
 
-    return np.concatenate(
-        [np.asarray(block_apply(block, jnp.asarray(xs[i : i + batch_size]), cfg)) for i in range(0, len(xs), batch_size)]
-    )
+    block = replicate(block, mesh)
+    return np.concatenate([np.asarray(block_apply(block, shard(jnp.asarray(xs[i : i + batch_size]), mesh), cfg))
+                           for i in range(0, len(xs), batch_size)])
 
 
 def check_ranks(ranks: Any, cfg) -> list[dict[str, int | None]]:
@@ -188,6 +190,9 @@ def open_checked(spec: RunSpec, plan: Plan):
         raise UserError(f"{spec.model} is already a compressed model (it holds compression.json); compress the model it "
                         f"came from instead ({source.folder / 'compression.json'} names it)")
     cfg = source.cfg
+    from sigmascale_jax.parallel import parse_mesh
+
+    parse_mesh(spec.mesh)  # a bad --mesh fails here, before any work
     if spec.seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {spec.seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
     plan.check(spec, cfg)
@@ -242,8 +247,10 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
     outer = jax.device_get(load_outer(source.reader, cfg))
     from sigmascale_jax.cache import model_fingerprint
 
+    from sigmascale_jax.parallel import make_mesh
+
     ctx = ModelContext(cfg, outer, lambda i: load_block(source.reader, cfg, i), windows, spec, progress,
-                       model_key=model_fingerprint(source))
+                       model_key=model_fingerprint(source), mesh=make_mesh(spec.mesh))
     clock.lap("load")
     alloc = _allocation(plan, ctx, budget, staging)
     clock.lap("allocate")
@@ -304,17 +311,17 @@ def _block_loop(spec: RunSpec, plan: Plan, ctx: ModelContext, alloc: Allocation,
         clock.lap("load")
         if info_file.is_file():  # finished before an interruption
             result = _resumed_block(ckpt, info_file, i, staging)
-            xs = apply_in_chunks(result.params if spec.sequential else dense, xs, cfg, spec.batch_size)
+            xs = apply_in_chunks(result.params if spec.sequential else dense, xs, cfg, spec.batch_size, ctx.mesh)
             if xs_ref is not None:
-                xs_ref = apply_in_chunks(dense, xs_ref, cfg, spec.batch_size)
+                xs_ref = apply_in_chunks(dense, xs_ref, cfg, spec.batch_size, ctx.mesh)
             clock.lap("propagate")
         else:
-            dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size)
+            dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size, ctx.mesh)
             ref_stats = None
             if xs_ref is not None:
-                xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, spec.batch_size)
+                xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, spec.batch_size, ctx.mesh)
             clock.lap("stats")
-            inputs = BlockInputs(dense, stats, xs, dense_out, cfg, spec.batch_size, ref_stats)
+            inputs = BlockInputs(dense, stats, xs, dense_out, cfg, spec.batch_size, ref_stats, ctx.mesh)
             key = jax.random.fold_in(jax.random.key(spec.seed), i)
             result = factorizer.factor(inputs, alloc.ranks[i], key)
             clock.lap("factorize")
@@ -323,7 +330,7 @@ def _block_loop(spec: RunSpec, plan: Plan, ctx: ModelContext, alloc: Allocation,
                 write_npz_atomic(staging / "blocks" / f"{i:04d}.spectra.npz", result.spectra)
             write_json_atomic(info_file, {"matrices": result.matrices, "block": result.block})  # last: marks it done
             clock.lap("checkpoint")
-            xs = apply_in_chunks(result.params, xs, cfg, spec.batch_size) if spec.sequential else dense_out
+            xs = apply_in_chunks(result.params, xs, cfg, spec.batch_size, ctx.mesh) if spec.sequential else dense_out
             clock.lap("propagate")
         blocks.append(jax.device_get(result.params))
         results.append(result)

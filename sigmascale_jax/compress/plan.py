@@ -40,6 +40,7 @@ class RunSpec(Settings):
     seed: int = setting(0, "seed of the calibration window offsets (and of SigmaScale's minibatches)", min=0)
     sequential: bool = setting(True, "feed block i+1 from the compressed block i")
     batch_size: int = setting(8, "calibration windows per device call", min=1)
+    mesh: str | None = setting(None, "data=N: split calibration windows over N local devices (default: all of them)")
 
 
 @dataclasses.dataclass
@@ -57,6 +58,7 @@ class ModelContext:
     spec: RunSpec
     progress: bool = True
     model_key: dict = dataclasses.field(default_factory=dict)  # identifies the weights (cache keys)
+    mesh: Any = None  # a `parallel.make_mesh` data mesh, or None for one device
 
     @property
     def calib_sha1(self) -> str:
@@ -109,6 +111,7 @@ class BlockInputs(NamedTuple):
     cfg: ModelConfig
     batch_size: int
     ref_stats: dict | None = None  # the dense model's stream, for factorizers with `needs_dense_stream`
+    mesh: Any = None  # windows split over its data axis (None: one device)
 
 
 class BlockResult(NamedTuple):

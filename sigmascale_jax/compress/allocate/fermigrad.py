@@ -182,7 +182,7 @@ def fermi_model(ctx: ModelContext) -> FermiModel:
     for i in tqdm(range(cfg.num_layers), desc="fermigrad: whitened SVDs", unit="block", disable=not ctx.progress,
                   leave=False):
         block = ctx.load_block(i)
-        ys, stats = block_stats(block, xs, cfg, spec.batch_size)
+        ys, stats = block_stats(block, xs, cfg, spec.batch_size, ctx.mesh)
         with jax.enable_x64(True):
             whiten = {}
             for tap in {PROJECTION_INPUT[n] for n in PROJECTIONS}:

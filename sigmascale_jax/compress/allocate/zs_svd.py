@@ -210,7 +210,7 @@ def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> Rank
         for i in tqdm(range(cfg.num_layers), desc="zs-svd sensitivities", unit="block", disable=not ctx.progress,
                       leave=False):
             block = ctx.load_block(i)
-            ys, stats = block_stats(block, xs, cfg, spec.batch_size)
+            ys, stats = block_stats(block, xs, cfg, spec.batch_size, ctx.mesh)
             with jax.enable_x64(True):
                 per = block_deltas(block, stats, grads[i])
             grads[i] = None

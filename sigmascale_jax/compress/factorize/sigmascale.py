@@ -59,7 +59,7 @@ def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None =
         new, info = sigmascale_block(
             inputs.block, inputs.stats, inputs.xs, inputs.ys, inputs.cfg, ranks, kind=settings.loss,
             steps=settings.steps, lr=settings.lr, holdout=settings.holdout, batch_windows=settings.step_windows,
-            eval_every=settings.eval_every, batch_size=inputs.batch_size, key=key,
+            eval_every=settings.eval_every, batch_size=inputs.batch_size, key=key, mesh=inputs.mesh,
         )
         block, spectra = info.pop("_block", None), info.pop("_spectra", None)
         return BlockResult(new, info, block, spectra)
