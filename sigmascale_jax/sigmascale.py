@@ -26,7 +26,7 @@ from sigmascale_jax.batching import stacked_map
 from sigmascale_jax.config import ModelConfig
 from sigmascale_jax.factorize import relative_activation_loss, split_sigma
 from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS, Params, block_forward, rope_cos_sin
-from sigmascale_jax.truncation import truncated_reconstruction
+from sigmascale_jax.truncation import TRUNCATIONS
 
 LOSS_KINDS = ("block", "layer")
 
@@ -36,11 +36,15 @@ def _unwhiten_rows(y: jax.Array, s: jax.Array) -> jax.Array:
     return solve_triangular(s, y.T, trans="T", lower=True).T
 
 
-def scaled_reconstruction(w: jax.Array, s: jax.Array, rho: jax.Array, gamma: jax.Array, rank: int) -> jax.Array:
-    """`Ŵ(ρ, γ)`: `w: [m, n]`, `s: [n, n]` lower-triangular, `rho: [m]`, `gamma: [n]` -> `[m, n]`. Differentiable."""
+def scaled_reconstruction(w: jax.Array, s: jax.Array, rho: jax.Array, gamma: jax.Array, rank: int,
+                          truncation: str = "svd") -> jax.Array:
+    """`Ŵ(ρ, γ)`: `w: [m, n]`, `s: [n, n]` lower-triangular, `rho: [m]`, `gamma: [n]` -> `[m, n]`. Differentiable.
+
+    `truncation`: how `A_k` is computed, "svd" or "eigh" (the smaller Gram matrix's; `truncation.py`).
+    """
     r, c = jnp.exp(rho), jnp.exp(gamma)
     a = r[:, None] * (w @ s) * c[None, :]
-    a_k = truncated_reconstruction(a, rank)
+    a_k = TRUNCATIONS[truncation](a, rank)
     return _unwhiten_rows(a_k / r[:, None] / c[None, :], s)
 
 
@@ -72,7 +76,8 @@ def _groups(block: Params, ranks: dict[str, int | None]) -> list[tuple[str, ...]
     return [tuple(v) for v in out.values()]
 
 
-def reconstruct_block(block: Params, whitening: dict, scales: dict, ranks: dict[str, int | None]) -> Params:
+def reconstruct_block(block: Params, whitening: dict, scales: dict, ranks: dict[str, int | None],
+                      truncation: str = "svd") -> Params:
     """The block with every low-rank projection replaced by its dense `Ŵ(ρ, γ)` (for the loss); rank None stays."""
     new = dict(block)
     for names in _groups(block, ranks):
@@ -80,19 +85,21 @@ def reconstruct_block(block: Params, whitening: dict, scales: dict, ranks: dict[
         s = jnp.stack([whitening[n] for n in names])
         rho = jnp.stack([scales[n]["rho"] for n in names])
         gamma = jnp.stack([scales[n]["gamma"] for n in names])
-        w_hat = stacked_map(scaled_reconstruction, in_axes=(0, 0, 0, 0, None))(w, s, rho, gamma, ranks[names[0]])
+        w_hat = stacked_map(functools.partial(scaled_reconstruction, truncation=truncation), in_axes=(0, 0, 0, 0, None))(
+            w, s, rho, gamma, ranks[names[0]])
         for j, n in enumerate(names):
             new[n] = {**block[n], "w": w_hat[j]}
     return new
 
 
-def layer_loss(scales: dict, block: Params, whitening: dict, grams: dict, ranks: dict[str, int | None]) -> jax.Array:
+def layer_loss(scales: dict, block: Params, whitening: dict, grams: dict, ranks: dict[str, int | None],
+               truncation: str = "svd") -> jax.Array:
     """Σ over the block's low-rank projections of the relative activation loss `tr(ΔG Δᵀ) / tr(W G Wᵀ)`, `Δ = W − Ŵ`.
 
     `grams: {tap: [in, in]}` are the Gram matrices of the projections' inputs
     (`modeling.PROJECTION_INPUT`): the loss needs no tokens, only their second moments.
     """
-    approx = reconstruct_block(block, whitening, scales, ranks)
+    approx = reconstruct_block(block, whitening, scales, ranks, truncation)
     total = 0.0
     for n in low_rank_names(ranks):
         w, g = block[n]["w"], grams[PROJECTION_INPUT[n]].astype(block[n]["w"].dtype)
@@ -101,13 +108,14 @@ def layer_loss(scales: dict, block: Params, whitening: dict, grams: dict, ranks:
 
 
 def block_loss(
-    scales: dict, block: Params, whitening: dict, x: jax.Array, target: jax.Array, cfg: ModelConfig, ranks: dict[str, int | None]
+    scales: dict, block: Params, whitening: dict, x: jax.Array, target: jax.Array, cfg: ModelConfig,
+    ranks: dict[str, int | None], truncation: str = "svd",
 ) -> jax.Array:
     """Relative MSE `‖f̂(x) − target‖² / ‖target‖²` of the block with every projection replaced by its Ŵ.
 
     `x, target: [B, T, D]`: the block's inputs and the original block's outputs on them.
     """
-    approx = reconstruct_block(block, whitening, scales, ranks)
+    approx = reconstruct_block(block, whitening, scales, ranks, truncation)
     cos, sin = rope_cos_sin(cfg, jnp.arange(x.shape[1]))
     out = block_forward(approx, x, cfg, cos, sin)
     return jnp.sum((out - target) ** 2) / jnp.sum(target**2)
@@ -121,7 +129,8 @@ def zero_scales(block: Params, names: tuple[str, ...] = PROJECTIONS) -> dict:
     }
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ranks", "kind", "steps", "lr", "batch_windows", "eval_every"))
+@functools.partial(jax.jit, static_argnames=("cfg", "ranks", "kind", "steps", "lr", "batch_windows", "eval_every",
+                                             "truncation"))
 def learn_block_scales(
     block: Params,
     whitening: dict,
@@ -136,6 +145,7 @@ def learn_block_scales(
     lr: float = 3e-2,
     batch_windows: int = 8,
     eval_every: int = 10,
+    truncation: str = "svd",
 ) -> tuple[dict, dict[str, Any]]:
     """Learn ρ, γ of all seven projections of a block jointly; a pure, jit-compiled function.
 
@@ -162,17 +172,17 @@ def learn_block_scales(
 
         def train_loss(scales, k):
             idx = jax.random.choice(k, n_train, (take,), replace=False) if take < n_train else jnp.arange(n_train)
-            return block_loss(scales, block, whitening, train[0][idx], train[1][idx], cfg, rank_map)
+            return block_loss(scales, block, whitening, train[0][idx], train[1][idx], cfg, rank_map, truncation)
 
         def hold_loss(scales):
-            return block_loss(scales, block, whitening, hold[0], hold[1], cfg, rank_map)
+            return block_loss(scales, block, whitening, hold[0], hold[1], cfg, rank_map, truncation)
     elif kind == "layer":
 
         def train_loss(scales, k):
-            return layer_loss(scales, block, whitening, train, rank_map)
+            return layer_loss(scales, block, whitening, train, rank_map, truncation)
 
         def hold_loss(scales):
-            return layer_loss(scales, block, whitening, hold, rank_map)
+            return layer_loss(scales, block, whitening, hold, rank_map, truncation)
     else:
         raise ValueError(f"unknown SigmaScale loss {kind!r}; known: {', '.join(LOSS_KINDS)}")
 
@@ -234,6 +244,7 @@ def sigmascale_block(
     key: jax.Array | None = None,
     batch_size: int = 8,
     mesh: Any = None,
+    truncation: str = "svd",
 ) -> tuple[Params, dict[str, Any]]:
     """Factor a dense block with SigmaScale (the block loss's windows split over `mesh`'s data axis, if given).
 
@@ -285,7 +296,7 @@ def sigmascale_block(
     scales, trace = learn_block_scales(
         block, white32, train, hold_data, jax.random.key(0) if key is None else key,
         cfg=cfg, ranks=tuple(sorted(ranks.items())), kind=kind, steps=steps, lr=lr,
-        batch_windows=batch_windows, eval_every=eval_every,
+        batch_windows=batch_windows, eval_every=eval_every, truncation=truncation,
     )
     new = {k: v for k, v in block.items() if k not in PROJECTIONS}
     info: dict[str, Any] = {}
