@@ -22,9 +22,9 @@ from sigmascale_jax.eval import evaluate
 
 assert jax.local_device_count() == 8, jax.local_device_count()
 model, data, tmp = sys.argv[1:4]
-kw = dict(nsamples=18, seq_len=64, batch_size=8, data_dir=data, progress=False)
+kw = dict(nsamples=18, seq_len=32, batch_size=8, data_dir=data, progress=False)
 out = {}
-for method, extra in (("svd-llm", {}), ("sigmascale", {"steps": 4, "step_windows": 8, "eval_every": 2})):
+for method, extra in (("svd-llm", {}), ("sigmascale", {"steps": 2, "step_windows": 8, "eval_every": 1})):
     trees, reports = [], []
     for mesh in ("data=1", "data=8"):
         folder = f"{tmp}/{method}-{mesh[5:]}"
