@@ -293,11 +293,16 @@ def sigmascale_block(
         n_train_tokens = (len(xs) - n_hold) * xs.shape[1]
         train = {t: jnp.asarray((stats[t]["gram"] - held[t]["gram"]) / n_train_tokens, jnp.float32) for t in held}
         hold_data = {t: jnp.asarray(held[t]["gram"] / held[t]["tokens"], jnp.float32) for t in held}
+    import time
+
+    t0 = time.perf_counter()
     scales, trace = learn_block_scales(
         block, white32, train, hold_data, jax.random.key(0) if key is None else key,
         cfg=cfg, ranks=tuple(sorted(ranks.items())), kind=kind, steps=steps, lr=lr,
         batch_windows=batch_windows, eval_every=eval_every, truncation=truncation,
     )
+    jax.block_until_ready(scales)
+    learn_s = time.perf_counter() - t0  # compilation included when this block's shapes are new
     new = {k: v for k, v in block.items() if k not in PROJECTIONS}
     info: dict[str, Any] = {}
     all_spectra: dict[str, np.ndarray] = {}
@@ -343,6 +348,8 @@ def sigmascale_block(
         "train_first": float(train_trace[0]) if steps else None,
         "train_last": float(train_trace[-1]) if steps else None,
         "holdout_trace": [[int(i), float(hold[i])] for i in measured],
+        "learn_s": round(learn_s, 3),
+        "step_s": round(learn_s / steps, 4) if steps else None,
     }
     info["_spectra"] = all_spectra  # not JSON: the pipeline stores it in spectra.npz
     return new, info

@@ -335,7 +335,9 @@ def _block_loop(spec: RunSpec, plan: Plan, ctx: ModelContext, alloc: Allocation,
         blocks.append(jax.device_get(result.params))
         results.append(result)
         if result.block:
-            bar.set_postfix(hold=f"{result.block['holdout_init']:.4f}->{result.block['holdout_best']:.4f}")
+            step = result.block.get("step_s")
+            bar.set_postfix(hold=f"{result.block['holdout_init']:.4f}->{result.block['holdout_best']:.4f}",
+                            **({"s/step": f"{step:.3f}"} if step else {}))
         else:
             losses = [m["rel_loss"] for m in result.matrices.values() if not m["dense"]]
             bar.set_postfix(rel_loss=f"{np.mean(losses) if losses else 0.0:.4f}")
