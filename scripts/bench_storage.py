@@ -133,6 +133,8 @@ def main() -> int:
     # the plain float32 runs are those of bench_ranks.py (same runs folder and commands): they are reused
     p.set_defaults(ratios="0.1,0.2,0.4,0.6", nsamples=64, runs_dir="runs/bench_ranks")
     p.add_argument("--equal-ratios", default="0.2,0.4")
+    p.add_argument("--equal-methods", default="svd-llm,sigmascale",
+                   help="methods compared plain vs pivga at --equal-ratios (an empty --ratios skips the frontier)")
     p.add_argument("--config", default="configs/smollm2-sigmascale.yaml",
                    help="SigmaScale's learning settings are read from this config")
     args = p.parse_args()
@@ -163,14 +165,16 @@ def main() -> int:
         except benchlib.NotRun:
             frontier.append({"family": f"dense {kind}", "ratio": 0.0, "not_run": True})
         write(equal, frontier)
-    for ratio in [float(r) for r in args.equal_ratios.split(",")]:
+    for ratio in [float(r) for r in args.equal_ratios.split(",") if r]:
         for method, base, extra in (("svd-llm", "svd-llm", []), ("sigmascale", "sigmascale-block", sigma)):
+            if method not in args.equal_methods.split(","):
+                continue
             for enc in ("plain", "pivga"):
                 row = run_row(base, *run_name(method, enc), ratio, args, extra + encoding_flags(enc))
                 row["method"] = method
                 equal.append(row)
                 write(equal, frontier)
-    for ratio in [float(r) for r in args.ratios.split(",")]:
+    for ratio in [float(r) for r in args.ratios.split(",") if r]:
         for enc in ("plain", "pivga"):
             row = run_row("svd-llm", run_name("svd-llm", enc)[0], f"low-rank {enc}", ratio, args, encoding_flags(enc))
             frontier.append(row)
