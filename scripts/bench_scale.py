@@ -97,7 +97,7 @@ def bench_shape(name: str, args) -> dict:
     from sigmascale_jax.sigmascale import block_loss, triangular_whitening, zero_scales
     from sigmascale_jax.sources import open_model
     from sigmascale_jax.stats import block_stats, block_stats_chunk
-    from sigmascale_jax.truncation import truncated_reconstruction
+    from sigmascale_jax.truncation import TRUNCATIONS
 
     folder = write_model(name, args.blocks, REPO / args.work / name)
     src = open_model(str(folder))
@@ -132,26 +132,35 @@ def bench_shape(name: str, args) -> dict:
     scales = zero_scales(block)
     x, y = jnp.asarray(xs[: args.step_windows]), jnp.asarray(ys[: args.step_windows])
     rank_map = dict(ranks)
-    grad_fn = jax.jit(jax.value_and_grad(lambda s: block_loss(s, block, white, x, y, cfg, rank_map)))
-    t = time.perf_counter()
-    jax.block_until_ready(grad_fn(scales))
-    row["sigmascale_step_first_s"] = time.perf_counter() - t  # with compilation
-    t = time.perf_counter()
-    jax.block_until_ready(grad_fn(scales))
-    row["sigmascale_step_s"] = time.perf_counter() - t
-    trunc = 0.0
-    for n in PROJECTIONS:
-        a = jnp.asarray(np.asarray(block[n]["w"]) @ np.asarray(white[n]))
-        f = jax.jit(jax.value_and_grad(lambda a_, k=ranks[n]: jnp.sum(truncated_reconstruction(a_, k))))
-        jax.block_until_ready(f(a))
+    for trunc_name in args.truncations.split(","):
+        suffix = "" if trunc_name == "svd" else f"_{trunc_name}"
+        grad_fn = jax.jit(jax.value_and_grad(
+            lambda s, tn=trunc_name: block_loss(s, block, white, x, y, cfg, rank_map, tn)))
         t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        trunc += time.perf_counter() - t
-    row["truncation_share_s"] = trunc
-    row["memory_sigmascale_step"] = memory_of(grad_fn, scales)
+        jax.block_until_ready(grad_fn(scales))
+        row[f"sigmascale_step_first{suffix}_s"] = time.perf_counter() - t  # with compilation
+        t = time.perf_counter()
+        jax.block_until_ready(grad_fn(scales))
+        row[f"sigmascale_step{suffix}_s"] = time.perf_counter() - t
+        trunc = 0.0
+        for n in PROJECTIONS:
+            a = jnp.asarray(np.asarray(block[n]["w"]) @ np.asarray(white[n]))
+            f = jax.jit(jax.value_and_grad(lambda a_, k=ranks[n], tn=trunc_name: jnp.sum(TRUNCATIONS[tn](a_, k))))
+            jax.block_until_ready(f(a))
+            t = time.perf_counter()
+            jax.block_until_ready(f(a))
+            trunc += time.perf_counter() - t
+        row[f"truncation_share{suffix}_s"] = trunc
+        print(f"{name}: sigmascale step ({trunc_name}) {row[f'sigmascale_step{suffix}_s']:.1f} s "
+              f"(truncations {trunc:.1f} s)", flush=True)
+        if trunc_name == args.truncations.split(",")[0]:
+            row["memory_sigmascale_step"] = memory_of(grad_fn, scales)
+    fastest = min(args.truncations.split(","), key=lambda tn: row[f"sigmascale_step{'' if tn == 'svd' else '_' + tn}_s"])
+    row["fastest_truncation"] = fastest
+    row["sigmascale_step_best_s"] = row[f"sigmascale_step{'' if fastest == 'svd' else '_' + fastest}_s"]
     row["peak_host_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steps = args.steps
-    row["sigmascale_block_s"] = row["stats_s"] + steps * row["sigmascale_step_s"]
+    row["sigmascale_block_s"] = row["stats_s"] + steps * row["sigmascale_step_best_s"]
     row["svd_llm_block_total_s"] = row["stats_s"] + row["svd_llm_block_s"]
     row["sigmascale_over_svdllm_block"] = row["sigmascale_block_s"] / row["svd_llm_block_total_s"]
     layers = row["layers"]
@@ -160,22 +169,32 @@ def bench_shape(name: str, args) -> dict:
     resident = 2 * args.nsamples * args.seq_len * cfg.hidden_size * 4  # the block's inputs and targets
     row["device_bytes_estimate"] = heaviest + resident
     row["fits_80gb"] = row["device_bytes_estimate"] < 80e9
-    print(f"{name}: sigmascale step {row['sigmascale_step_s']:.1f} s (truncations {trunc:.1f} s)", flush=True)
     return row
+
+
+def _step_cell(r: dict, trunc: str) -> str:
+    suffix = "" if trunc == "svd" else f"_{trunc}"
+    if f"sigmascale_step{suffix}_s" not in r:
+        return "not run"
+    return f"{r[f'sigmascale_step{suffix}_s']:.1f} ({r[f'truncation_share{suffix}_s']:.1f})"
 
 
 def markdown(rows: list[dict], args) -> str:
     lines = [f"# Scale: one block of 8B-model shapes on this machine\n",
              f"Calibration {args.nsamples} × {args.seq_len} random tokens; ratio {args.ratio}; SigmaScale at the shipped "
              f"config's settings ({args.steps} steps of {args.step_windows} windows). Command: `python {' '.join(sys.argv)}`\n",
-             "| shape | stats s | svd-llm factor s | SigmaScale step s (truncations) | SigmaScale block s | svd-llm block s "
+             "SigmaScale step: value and gradient of the block loss, with the truncations' share (the seven rank-k "
+             "truncations and their VJPs alone) in brackets, for `--truncation svd` and `eigh`; the block time is "
+             "stats + steps × the faster step.\n",
+             "| shape | stats s | svd-llm factor s | step s, svd (truncations) | step s, eigh (truncations) "
+             "| SigmaScale block s | svd-llm block s "
              "| ratio | full model svd-llm / SigmaScale h | heaviest jit GB | est. device GB (80 GB?) | peak host GiB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         heavy = max(r["memory_stats_chunk"]["total_bytes"], r["memory_sigmascale_step"]["total_bytes"]) / 1e9
         lines.append(
-            f"| {r['shape']} | {r['stats_s']:.0f} | {r['svd_llm_block_s']:.0f} | {r['sigmascale_step_s']:.0f} "
-            f"({r['truncation_share_s']:.0f}) | {r['sigmascale_block_s']:.0f} | {r['svd_llm_block_total_s']:.0f} "
+            f"| {r['shape']} | {r['stats_s']:.0f} | {r['svd_llm_block_s']:.0f} | {_step_cell(r, 'svd')} "
+            f"| {_step_cell(r, 'eigh')} | {r['sigmascale_block_s']:.0f} | {r['svd_llm_block_total_s']:.0f} "
             f"| {r['sigmascale_over_svdllm_block']:.1f}× | {r['full_model_s']['svd-llm'] / 3600:.1f} / "
             f"{r['full_model_s']['sigmascale'] / 3600:.1f} | {heavy:.1f} | {r['device_bytes_estimate'] / 1e9:.1f} "
             f"({'yes' if r['fits_80gb'] else 'no'}) | {r['peak_host_mib'] / 1024:.1f} |")
@@ -193,6 +212,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=50, help="SigmaScale steps per block (the shipped config: 50)")
     p.add_argument("--step-windows", type=int, default=4, help="windows per SigmaScale step (the shipped config: 4)")
     p.add_argument("--work", default="runs/scale", help="where the random models are written")
+    p.add_argument("--truncations", default="svd,eigh",
+                   help="SigmaScale step timed with each truncation (--truncation); the fastest sets the block time")
     p.add_argument("--out", default="results/scale")
     args = p.parse_args()
     from sigmascale_jax.fileio import write_json_atomic, write_text_atomic
