@@ -43,12 +43,12 @@ def alloc_seconds(r: dict) -> str:
     """Seconds the allocation took when computed (a cached one is marked *), from its own record."""
     info = r.get("allocate") or {}
     if isinstance(info.get("seconds"), dict):
-        secs = sum(info["seconds"].values())
+        secs = sum(v for k, v in info["seconds"].items() if k != "deltas_total")  # zs-svd: parts and their sum
     elif "table_seconds" in info:
         secs = info["table_seconds"]
     else:
         secs = r["timings_s"].get("allocate", 0)
-    cached = info.get("from_cache") or info.get("table_from_cache")
+    cached = info.get("from_cache") or info.get("table_from_cache") or info.get("deltas_from_cache")
     return f"{secs:.0f}{'*' if cached else ''}"
 
 

@@ -186,6 +186,39 @@ def selection_inputs(shapes: list[tuple[int, int]], deltas: list[np.ndarray], bu
     return d, c, dense - budget.limit(shapes)
 
 
+def model_deltas(ctx: ModelContext, n_grad: int) -> dict:
+    """Δ of every component of every projection, in block-major order (JSON-able, for the cache).
+
+    `{"calibration_loss", "shapes": [[m, n]...], "deltas": [[Δ_i in σ order]...], "seconds"}`: the
+    gradient of the calibration loss on the first `n_grad` windows (block by block), then
+    the dense model's input statistics and Δ per block.
+    """
+    from tqdm.auto import tqdm
+
+    from sigmascale_jax.stats import block_stats
+
+    cfg, spec = ctx.cfg, ctx.spec
+    t0 = time.perf_counter()
+    loss, grads = model_grads(ctx.outer, ctx.load_block, ctx.windows[:n_grad], cfg,
+                              batch_size=spec.batch_size, progress=ctx.progress)
+    t1 = time.perf_counter()
+    xs = np.asarray(ctx.outer["embed"])[ctx.windows]
+    shapes, deltas = [], []
+    for i in tqdm(range(cfg.num_layers), desc="zs-svd sensitivities", unit="block", disable=not ctx.progress,
+                  leave=False):
+        block = ctx.load_block(i)
+        ys, stats = block_stats(block, xs, cfg, spec.batch_size, ctx.mesh)
+        with jax.enable_x64(True):
+            per = block_deltas(block, stats, grads[i])
+        grads[i] = None
+        for n in PROJECTIONS:
+            shapes.append(list(block[n]["w"].shape))
+            deltas.append(per[n][1].tolist())  # float64 → JSON floats round-trip exactly
+        xs = ys
+    return {"calibration_loss": loss, "shapes": shapes, "deltas": deltas,
+            "seconds": {"gradient": round(t1 - t0, 3), "sensitivities": round(time.perf_counter() - t1, 3)}}
+
+
 @register(ALLOCATORS, "zs-svd", ZsSvdSettings, "ZS-SVD: global zero-sum selection of singular components")
 def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> RankAllocator:
     settings = ZsSvdSettings(grad_samples=grad_samples, min_rank_ratio=min_rank_ratio)
@@ -194,32 +227,21 @@ def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> Rank
         grad_windows(spec, settings.grad_samples)
 
     def allocate(ctx: ModelContext, budget: Budget) -> Allocation:
-        from tqdm.auto import tqdm
-
+        from sigmascale_jax.cache import cached
         from sigmascale_jax.ranks import break_even_rank
-        from sigmascale_jax.stats import block_stats
 
         cfg, spec = ctx.cfg, ctx.spec
         n_grad = grad_windows(spec, settings.grad_samples)
         t0 = time.perf_counter()
-        loss, grads = model_grads(ctx.outer, ctx.load_block, ctx.windows[:n_grad], cfg,
-                                  batch_size=spec.batch_size, progress=ctx.progress)
-        t1 = time.perf_counter()
-        xs = np.asarray(ctx.outer["embed"])[ctx.windows]
-        keys, shapes, deltas = [], [], []
-        for i in tqdm(range(cfg.num_layers), desc="zs-svd sensitivities", unit="block", disable=not ctx.progress,
-                      leave=False):
-            block = ctx.load_block(i)
-            ys, stats = block_stats(block, xs, cfg, spec.batch_size, ctx.mesh)
-            with jax.enable_x64(True):
-                per = block_deltas(block, stats, grads[i])
-            grads[i] = None
-            for n in PROJECTIONS:
-                keys.append((i, n))
-                shapes.append(tuple(block[n]["w"].shape))
-                deltas.append(per[n][1])
-            xs = ys
+        # Δ does not depend on the ratio or the encoding: cached apart, so another ratio costs only the selection
+        key = {"model": ctx.model_key, "calib_sha1": ctx.calib_sha1, "grad_samples": n_grad,
+               "batch_size": spec.batch_size}
+        sens, hit = cached("zs-svd-deltas", key, lambda: model_deltas(ctx, n_grad))
         t2 = time.perf_counter()
+        keys = [(i, n) for i in range(cfg.num_layers) for n in PROJECTIONS]
+        shapes = [tuple(s) for s in sens["shapes"]]
+        deltas = [np.asarray(d, np.float64) for d in sens["deltas"]]
+        loss = sens["calibration_loss"]
         d, c, to_remove = selection_inputs(shapes, deltas, budget)
         floors = np.array([max(1, int(np.ceil(settings.min_rank_ratio * break_even_rank(m, n)))) for m, n in shapes])
         with jax.enable_x64(True):
@@ -241,7 +263,8 @@ def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> Rank
             "removed": int(res.removed),
             "to_remove": int(to_remove),
             "matrices_dense": dense_kept,
-            "seconds": {"gradient": round(t1 - t0, 3), "sensitivities": round(t2 - t1, 3),
+            "deltas_from_cache": hit,
+            "seconds": {**sens["seconds"], "deltas_total": round(t2 - t0, 3),
                         "selection": round(time.perf_counter() - t2, 3)},
         }
         return Allocation(ranks, info)
