@@ -74,4 +74,5 @@ def load_compressed(folder: Path, dtype: Any = None) -> tuple[ModelConfig, dict]
             block[name] = from_tree(block[name], record)
     if dtype is not None:
         params = cast_params(params, dtype)
-    return cfg, params
+    # Orbax hands some leaves back as numpy arrays; on the device once, or every jit call would copy them again
+    return cfg, jax.device_put(params)
