@@ -74,6 +74,8 @@ def test_compressed_folder_loads_and_evaluates(svd_llm_run):
     from sigmascale_jax.linear import LowRank
 
     assert isinstance(block["q"], LowRank) and block["k"].b.shape == (32, report["ranks"]["k"]["rank"])
+    # every leaf already on the device: numpy leaves would be copied again by each jit call (each decode step)
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(params))
     proc = subprocess.run(
         [sys.executable, "-m", "sigmascale_jax.eval", "--model", str(out), "--tasks", "c4", "--seq-len", "128",
          "--max-windows", "4", "--json", str(out.parent / "eval.json"), "--no-progress"],
