@@ -184,7 +184,7 @@ def test_end_to_end_on_stories260k_beats_svd_llm(tmp_path):
     sl = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.4, tmp_path / "sl", **common)
     assert len(ss["blocks"]) == 5 and all(b["holdout_best"] <= b["holdout_init"] for b in ss["blocks"])
     # the learning loop's own time, per block and per step (compilation lands in the first block)
-    assert all(b["learn_s"] > 0 and b["step_s"] == round(b["learn_s"] / 20, 4) for b in ss["blocks"])
+    assert all(b["learn_s"] > 0 and b["step_s"] == pytest.approx(b["learn_s"] / 20, abs=1e-3) for b in ss["blocks"])
     assert ss["ratio_achieved"] == sl["ratio_achieved"]
     assert {"entropy_w", "entropy_whitened", "entropy_scaled"} <= set(ss["matrices"][0])
     with np.load(tmp_path / "ss" / "spectra.npz") as spectra:
