@@ -108,11 +108,10 @@ def main() -> int:
     p.add_argument("--runs-dir", default="runs/speed")
     p.add_argument("--out", default="results/compress_speed")
     args = p.parse_args()
-    from sigmascale_jax.fileio import write_json_atomic, write_text_atomic
+    import benchlib
 
     rows = [torch_gram_pass(args), ours(args, True), ours(args, False)]
-    write_json_atomic(REPO / f"{args.out}.json", {"args": vars(args), "rows": rows})
-    write_text_atomic(REPO / f"{args.out}.md", markdown(rows, args))
+    benchlib.write(args.out, {"args": vars(args), "rows": rows}, markdown(rows, args))
     print(markdown(rows, args))
     return 0
 

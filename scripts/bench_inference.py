@@ -174,7 +174,7 @@ def main() -> int:
     if args.worker:
         worker(*args.worker, args)
         return 0
-    from sigmascale_jax.fileio import write_json_atomic, write_text_atomic
+    import benchlib
 
     rows = [run_one("torch", "dense", args.model, args)]
     for item in args.models.split(","):
@@ -185,8 +185,7 @@ def main() -> int:
             rows.append({"label": label, "path": path, "not_run": True})
             continue
         rows.append(run_one("ours", label, full, args))
-    write_json_atomic(REPO / f"{args.out}.json", {"args": vars(args), "rows": rows})
-    write_text_atomic(REPO / f"{args.out}.md", markdown(rows, args))
+    benchlib.write(args.out, {"args": vars(args), "rows": rows}, markdown(rows, args))
     print(markdown(rows, args))
     return 0
 
