@@ -146,3 +146,21 @@ def eval_cli(capsys, *args: str) -> subprocess.CompletedProcess:
     from sigmascale_jax.eval import main
 
     return run_in_process(capsys, main, *args, "--no-progress")
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """`count_calls(module, name)` wraps `module.name` for this test and returns `{"n": calls so far}`."""
+
+    def wrap(module, name: str) -> dict:
+        calls = {"n": 0}
+        real = getattr(module, name)
+
+        def counted(*a, **k):
+            calls["n"] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, counted)
+        return calls
+
+    return wrap

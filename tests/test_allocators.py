@@ -144,18 +144,11 @@ def test_threshold_search_meets_the_budget(table, ctx, ratio):
         assert r == (fraction_rank(*shapes[key], min(allowed)) if allowed else None)
 
 
-def test_sensitivity_ranks_run_end_to_end_and_the_table_is_cached(tmp_path, monkeypatch):
+def test_sensitivity_ranks_run_end_to_end_and_the_table_is_cached(tmp_path, monkeypatch, count_calls):
     from sigmascale_jax.compress.allocate import sensitivity as sens_mod
 
     monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
-    calls = {"n": 0}
-    real = sens_mod.sensitivity_table
-
-    def counted(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(sens_mod, "sensitivity_table", counted)
+    calls = count_calls(sens_mod, "sensitivity_table")
     first = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "a", ranks="sensitivity", **SMALL)
     second = sigmascale_jax.compress(str(STORIES), "svd", 0.4, tmp_path / "b", ranks="sensitivity", **SMALL)
     assert calls["n"] == 1 and second["allocate"]["table_from_cache"] and not first["allocate"]["table_from_cache"]
