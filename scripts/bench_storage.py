@@ -64,6 +64,9 @@ def run_row(method: str, label: str, family: str, ratio: float, args, extra: lis
     if row.get("not_run"):
         return {"family": family, "ratio": ratio, "not_run": True}
     report = json.loads((Path(row["run"]) / "compression.json").read_text())
+    if "bytes" not in report:  # a run made before compression.json counted bytes: plain float32, 4 bytes a number
+        report = {**report, "encoding": "plain", "whole_model_byte_ratio": report["whole_model_ratio"],
+                  "bytes": {"model_compressed": 4 * report["params"]["model_compressed"]}}
     return {**row, "family": family, "model_bytes": report["bytes"]["model_compressed"],
             "byte_ratio": report["whole_model_byte_ratio"], "encoding": report["encoding"],
             "mean_rank": {n: v["mean"] for n, v in report["ranks"].items()}}
