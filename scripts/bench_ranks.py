@@ -43,7 +43,7 @@ def alloc_seconds(r: dict) -> str:
     """Seconds the allocation took when computed (a cached one is marked *), from its own record."""
     info = r.get("allocate") or {}
     if isinstance(info.get("seconds"), dict):
-        secs = sum(v for k, v in info["seconds"].items() if k != "deltas_total")  # zs-svd: parts and their sum
+        secs = sum(info["seconds"].values())
     elif "table_seconds" in info:
         secs = info["table_seconds"]
     else:

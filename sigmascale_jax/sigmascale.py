@@ -15,6 +15,7 @@ cosine decay inside `lax.scan`), keeping the step with the best held-out loss.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import jax
@@ -293,8 +294,6 @@ def sigmascale_block(
         n_train_tokens = (len(xs) - n_hold) * xs.shape[1]
         train = {t: jnp.asarray((stats[t]["gram"] - held[t]["gram"]) / n_train_tokens, jnp.float32) for t in held}
         hold_data = {t: jnp.asarray(held[t]["gram"] / held[t]["tokens"], jnp.float32) for t in held}
-    import time
-
     t0 = time.perf_counter()
     scales, trace = learn_block_scales(
         block, white32, train, hold_data, jax.random.key(0) if key is None else key,
