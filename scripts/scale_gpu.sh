@@ -1,0 +1,20 @@
+#!/bin/bash
+# The accelerator run of issue 16, as one prepared call: bench_scale.py on one Llama-3.1-8B-shaped block
+# (eigh truncation, per stage and the whole SigmaScale factorizer), one Qwen3-8B-shaped block, then the
+# svd truncation's step on the Llama block for comparison. Each part has its own time limit and writes
+# its own JSON/markdown under $OUT (default results/), so a part that runs out of time loses only itself.
+#   OUT=/tmp/x bash scripts/scale_gpu.sh            # SHAPE_A=smoke SHAPE_B=smoke to check the plumbing on a CPU
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-results}
+A=${SHAPE_A:-llama-3.1-8b}
+B=${SHAPE_B:-qwen3-8b}
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+timeout ${T1:-330} $PY scripts/bench_scale.py --shapes "$A" --truncations eigh --full-block --work /tmp/scale \
+    --out "$OUT/scale_gpu_a" || echo "part 1 failed: $?"
+timeout ${T2:-110} $PY scripts/bench_scale.py --shapes "$B" --truncations eigh --work /tmp/scale \
+    --out "$OUT/scale_gpu_b" || echo "part 2 failed: $?"
+timeout ${T3:-100} $PY scripts/bench_scale.py --shapes "$A" --truncations svd --work /tmp/scale \
+    --out "$OUT/scale_gpu_a_svd" || echo "part 3 failed: $?"
