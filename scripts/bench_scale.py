@@ -84,7 +84,7 @@ def memory_of(fn, *args, **kwargs) -> dict:
     return out
 
 
-def bench_shape(name: str, args) -> dict:
+def bench_shape(name: str, args, save=lambda row: None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -134,13 +134,14 @@ def bench_shape(name: str, args) -> dict:
     rank_map = dict(ranks)
     for trunc_name in args.truncations.split(","):
         suffix = "" if trunc_name == "svd" else f"_{trunc_name}"
+        # Weights and data are arguments, not closed-over constants: XLA would otherwise fold 2 GB of constants.
         grad_fn = jax.jit(jax.value_and_grad(
-            lambda s, tn=trunc_name: block_loss(s, block, white, x, y, cfg, rank_map, tn)))
+            lambda s, b, wh, x_, y_, tn=trunc_name: block_loss(s, b, wh, x_, y_, cfg, rank_map, tn)))
         t = time.perf_counter()
-        jax.block_until_ready(grad_fn(scales))
+        jax.block_until_ready(grad_fn(scales, block, white, x, y))
         row[f"sigmascale_step_first{suffix}_s"] = time.perf_counter() - t  # with compilation
         t = time.perf_counter()
-        jax.block_until_ready(grad_fn(scales))
+        jax.block_until_ready(grad_fn(scales, block, white, x, y))
         row[f"sigmascale_step{suffix}_s"] = time.perf_counter() - t
         trunc = 0.0
         for n in PROJECTIONS:
@@ -154,13 +155,14 @@ def bench_shape(name: str, args) -> dict:
         print(f"{name}: sigmascale step ({trunc_name}) {row[f'sigmascale_step{suffix}_s']:.1f} s "
               f"(truncations {trunc:.1f} s)", flush=True)
         if trunc_name == args.truncations.split(",")[0]:
-            row["memory_sigmascale_step"] = memory_of(grad_fn, scales)
+            row["memory_sigmascale_step"] = memory_of(grad_fn, scales, block, white, x, y)
     fastest = min(args.truncations.split(","), key=lambda tn: row[f"sigmascale_step{'' if tn == 'svd' else '_' + tn}_s"])
     row["fastest_truncation"] = fastest
     row["sigmascale_step_best_s"] = row[f"sigmascale_step{'' if fastest == 'svd' else '_' + fastest}_s"]
     steps = args.steps
     row["sigmascale_block_s"] = row["stats_s"] + steps * row["sigmascale_step_best_s"]
     if args.full_block:
+        save(summarize(dict(row), args, cfg.hidden_size))  # kept if the full block runs out of time
         # The whole factorizer once, as the compressor runs it (whitening, learning with held-out checks, final
         # float64 factors), timed twice: the second call is what every later block of the same shape costs.
         from sigmascale_jax.compress.factorize.sigmascale import sigmascale
@@ -177,6 +179,13 @@ def bench_shape(name: str, args) -> dict:
         print(f"{name}: full SigmaScale block ({fastest}) {row['sigmascale_full_block_s']:.1f} s "
               f"(first, with compilation: {row['sigmascale_full_block_first_s']:.1f} s)", flush=True)
         row["sigmascale_block_s"] = row["stats_s"] + row["sigmascale_full_block_s"]
+    return summarize(row, args, cfg.hidden_size)
+
+
+def summarize(row: dict, args, hidden: int) -> dict:
+    """The derived fields: block and full-model times, their ratio, memory; called again as more is measured."""
+    import jax
+
     row["peak_host_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mem = getattr(jax.devices()[0], "memory_stats", lambda: None)()
     if mem and "peak_bytes_in_use" in mem:
@@ -187,7 +196,7 @@ def bench_shape(name: str, args) -> dict:
     layers = row["layers"]
     row["full_model_s"] = {"svd-llm": layers * row["svd_llm_block_total_s"], "sigmascale": layers * row["sigmascale_block_s"]}
     heaviest = max(row["memory_stats_chunk"]["total_bytes"], row["memory_sigmascale_step"]["total_bytes"])
-    resident = 2 * args.nsamples * args.seq_len * cfg.hidden_size * 4  # the block's inputs and targets
+    resident = 2 * args.nsamples * args.seq_len * hidden * 4  # the block's inputs and targets
     row["device_bytes_estimate"] = heaviest + resident
     row["fits_80gb"] = row["device_bytes_estimate"] < 80e9
     return row
@@ -247,12 +256,16 @@ def main() -> int:
     args = p.parse_args()
     from sigmascale_jax.fileio import write_json_atomic, write_text_atomic
 
-    rows = []
+    rows: list[dict] = []
+
+    def write(done: list[dict]) -> None:
+        write_json_atomic(REPO / f"{args.out}.json", {"args": vars(args), "rows": done,
+                                                      "sigmascale_over_svdllm_block": done[0]["sigmascale_over_svdllm_block"]})
+        write_text_atomic(REPO / f"{args.out}.md", markdown(done, args))
+
     for name in args.shapes.split(","):
-        rows.append(bench_shape(name, args))
-        write_json_atomic(REPO / f"{args.out}.json", {"args": vars(args), "rows": rows,
-                                                      "sigmascale_over_svdllm_block": rows[0]["sigmascale_over_svdllm_block"]})
-        write_text_atomic(REPO / f"{args.out}.md", markdown(rows, args))
+        rows.append(bench_shape(name, args, save=lambda partial: write(rows + [partial])))
+        write(rows)
     print(markdown(rows, args))
     return 0
 
