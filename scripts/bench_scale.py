@@ -254,14 +254,14 @@ def main() -> int:
                    help="time the whole factorizer only once (compilation included) when that took longer (s)")
     p.add_argument("--out", default="results/scale")
     args = p.parse_args()
-    from sigmascale_jax.fileio import write_json_atomic, write_text_atomic
+    import benchlib
 
     rows: list[dict] = []
 
     def write(done: list[dict]) -> None:
-        write_json_atomic(REPO / f"{args.out}.json", {"args": vars(args), "rows": done,
-                                                      "sigmascale_over_svdllm_block": done[0]["sigmascale_over_svdllm_block"]})
-        write_text_atomic(REPO / f"{args.out}.md", markdown(done, args))
+        benchlib.write(args.out, {"args": vars(args), "rows": done,
+                                  "sigmascale_over_svdllm_block": done[0]["sigmascale_over_svdllm_block"]},
+                       markdown(done, args))
 
     for name in args.shapes.split(","):
         rows.append(bench_shape(name, args, save=lambda partial: write(rows + [partial])))
