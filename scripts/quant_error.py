@@ -26,39 +26,33 @@ import numpy as np
 import benchlib
 
 from sigmascale_jax.checkpoint import load_compressed
-from sigmascale_jax.linear import LowRank, pivga_from_factors
+from sigmascale_jax.compress.encode._quant import DEFAULT_GROUP
+from sigmascale_jax.linear import LowRank, PivGa, pivga_from_factors
 from sigmascale_jax.modeling import PROJECTIONS
 from sigmascale_jax.quant import quantize
 
 VARIANTS = ("rtn(W)", "plain", "pivga", "pivga, R only", "pivga, B' only")
 
 
-def rel(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+def rel(a, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - ref) / np.linalg.norm(ref))
 
 
 def matrix_errors(b: np.ndarray, c: np.ndarray, kind: str, group: int) -> dict[str, float]:
     """Relative errors of each variant for one pair `b: [m, k]`, `c: [k, n]` quantized as `kind`."""
-    q = lambda x: np.asarray(quantize(np.asarray(x, np.float32), kind, group).dequantize(), np.float64)  # noqa: E731
-    b, c = np.asarray(b, np.float64), np.asarray(c, np.float64)
-    w = b @ c
-    bp, r, perm = (np.asarray(x) for x in pivga_from_factors(b, c))
-    bp, r = bp.astype(np.float64), r.astype(np.float64)
-    k = bp.shape[1]
-
-    def from_pivga(bp_: np.ndarray, r_: np.ndarray) -> np.ndarray:
-        out = np.empty_like(w)
-        out[:, perm[:k]] = bp_
-        out[:, perm[k:]] = bp_ @ r_
-        return out
-
-    return {"rtn(W)": rel(q(w), w), "plain": rel(q(b) @ q(c), w), "pivga": rel(from_pivga(q(bp), q(r)), w),
-            "pivga, R only": rel(from_pivga(bp, q(r)), w), "pivga, B' only": rel(from_pivga(q(bp), r), w),
+    q = lambda x: quantize(np.asarray(x, np.float32), kind, group)  # noqa: E731
+    w = np.asarray(b, np.float64) @ np.asarray(c, np.float64)
+    bp, r, perm = pivga_from_factors(b, c)
+    qbp, qr = q(bp), q(r)
+    return {"rtn(W)": rel(q(w).dequantize(), w), "plain": rel(LowRank(q(b), q(c)).matrix(), w),
+            "pivga": rel(PivGa(qbp, qr, perm).matrix(), w),
+            "pivga, R only": rel(PivGa(np.asarray(bp, np.float32), qr, perm).matrix(), w),
+            "pivga, B' only": rel(PivGa(qbp, np.asarray(r, np.float32), perm).matrix(), w),
             "max_abs_r": float(np.abs(r).max())}
 
 
 def markdown(rows: list[dict], args) -> str:
-    out = [f"# Quantized factors: reconstruction error per matrix\n",
+    out = ["# Quantized factors: reconstruction error per matrix\n",
            f"Run: `{args.run}` (float32 plain factors). Group size {args.group_size}. Relative Frobenius error "
            f"‖Ŵ − W‖/‖W‖ of the rank-k matrix W = B·C, median over blocks (max in brackets). Command: "
            f"`{benchlib.command_line()}`\n",
@@ -73,7 +67,7 @@ def markdown(rows: list[dict], args) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a plain float32 compression folder")
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP)
     p.add_argument("--out", default="results/quant_error_smollm2", help="writes OUT.md and OUT.json")
     args = p.parse_args()
     _, params = load_compressed(Path(args.run))
