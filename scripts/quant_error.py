@@ -10,7 +10,7 @@ For every factored projection of a float32 plain compression (`B: [m, k]`, `C: [
   `pivga, R only` and `pivga, B' only`,
 
 for int8 and int4 (`--group-size` columns per scale, as `--quantize`). Reads the run's
-factors, nothing else; a few minutes on 2 CPU cores for SmolLM2. Writes OUT.md and OUT.json.
+factors, nothing else; about a minute on 2 CPU cores for SmolLM2. Writes OUT.md and OUT.json.
 
     python scripts/quant_error.py --run runs/bench_ranks/svd-llm-uniform-0.2 --out results/quant_error_smollm2
 """
