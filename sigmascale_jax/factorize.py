@@ -74,9 +74,38 @@ def unwhiten(a: jax.Array, s: jax.Array, triangular: bool = True) -> jax.Array:
     return jnp.linalg.solve(s.T, a.T).T
 
 
-def whitened_factors(w: jax.Array, s: jax.Array, rank: int, triangular: bool = True) -> tuple[jax.Array, jax.Array]:
-    """Truncated SVD of `W S`, mapped back: `B = U_k Σ_k^½`, `C = Σ_k^½ V_kᵀ S⁻¹`."""
-    u, sig, vt = jnp.linalg.svd(w @ s, full_matrices=False)
+def top_singular_gram(a: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(U_k [m, k], σ_k [k], V_kᵀ [k, n])` of `a: [m, n]` from `eigh` of its smaller-side Gram matrix.
+
+    One eigh of a min(m, n)-square matrix and two products instead of a full SVD: on CPU
+    ~0.6x the time of `svd` for SmolLM2's whitened matrices in float64. Squaring `a`
+    loses components below σ₁·√eps, so call it in float64 (√eps ≈ 1.5e-8), where the
+    rank-k product agrees with the SVD's to ~1e-12. Singular pairs come with eigh's
+    signs, not LAPACK gesdd's: `U_k Σ_k V_kᵀ` is the same, each pair may be negated.
+    """
+    m, n = a.shape
+    small = a.T @ a if m >= n else a @ a.T
+    lam, vec = jnp.linalg.eigh(small)
+    top = vec[:, ::-1][:, :rank]  # descending
+    sig = jnp.sqrt(jnp.maximum(lam[::-1][:rank], 0.0))
+    # a zero σ gives a zero column (a·v = 0), not a NaN: the product is unchanged
+    inv = 1.0 / jnp.maximum(sig, jnp.finfo(a.dtype).tiny * jnp.maximum(sig[0], 1.0))
+    if m >= n:
+        return (a @ top) * inv, sig, top.T
+    return top, sig, (top.T @ a) * inv[:, None]
+
+
+def whitened_factors(
+    w: jax.Array, s: jax.Array, rank: int, triangular: bool = True, solver: str = "svd"
+) -> tuple[jax.Array, jax.Array]:
+    """Truncated SVD of `W S`, mapped back: `B = U_k Σ_k^½`, `C = Σ_k^½ V_kᵀ S⁻¹`.
+
+    `solver="gram"` takes the top singular triples from `top_singular_gram` (float64 only).
+    """
+    if solver == "gram":
+        u, sig, vt = top_singular_gram(w @ s, rank)
+    else:
+        u, sig, vt = jnp.linalg.svd(w @ s, full_matrices=False)
     b, c_white = split_sigma(u, sig, vt, rank)
     return b, unwhiten(c_white, s, triangular)
 

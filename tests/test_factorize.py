@@ -149,3 +149,46 @@ def test_batched_svd_llm_falls_back_per_matrix():
         assert np.isfinite(np.asarray(b)).all() and np.isfinite(np.asarray(c)).all()
         b0, c0 = svd_llm_factors(w[0], g[0], 5)
         np.testing.assert_allclose(np.asarray(b[0] @ c[0]), np.asarray(b0 @ c0), atol=1e-8)
+
+
+def test_gram_solver_gives_the_svd_solvers_factors_on_smollm2():
+    """svd-llm's eigh-of-the-Gram top singular triples = the full SVD's, on real weights and real calibration text.
+
+    Block 2 of SmolLM2 (every projection shape), statistics of 8 C4 windows through blocks 0-1, ratio-0.4 ranks.
+    Each singular pair may come with the opposite sign; B C, the loss and the float32 factors agree far below
+    float32 rounding.
+    """
+    from conftest import DATA, SMOLLM2_DIR, require
+
+    from sigmascale_jax.compress.factorize._blocks import low_rank_groups, stacked
+    from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group
+    from sigmascale_jax.compress.pipeline import apply_in_chunks, calibration_windows
+    from sigmascale_jax.compress.plan import RunSpec
+    from sigmascale_jax.params import load_block, load_outer
+    from sigmascale_jax.ranks import block_ranks
+    from sigmascale_jax.sources import open_model
+    from sigmascale_jax.stats import block_stats
+
+    src = open_model(str(require(SMOLLM2_DIR)))
+    cfg = src.cfg
+    spec = RunSpec(model=str(SMOLLM2_DIR), ratio=0.4, nsamples=8, seq_len=256)
+    xs = np.asarray(load_outer(src.reader, cfg)["embed"])[calibration_windows(src, spec, str(require(DATA)))]
+    for i in range(2):
+        xs = apply_in_chunks(load_block(src.reader, cfg, i), xs, cfg, 4)
+    block = load_block(src.reader, cfg, 2)
+    _, stats = block_stats(block, xs, cfg, 4)
+    with jax.enable_x64(True):
+        for (shape, rank), names in low_rank_groups(block, block_ranks(cfg, 0.4)).items():
+            w, gram, _ = stacked(block, stats, names)
+            b_s, c_s, loss_s, _ = svd_llm_group(w, gram, rank, solver="svd")
+            b_g, c_g, loss_g, _ = svd_llm_group(w, gram, rank, solver="gram")
+            b_s, c_s, b_g, c_g = (np.asarray(a) for a in (b_s, c_s, b_g, c_g))
+            prod_s, prod_g = b_s @ c_s, b_g @ c_g
+            assert np.abs(prod_g - prod_s).max() <= 1e-9 * np.abs(prod_s).max(), names
+            np.testing.assert_allclose(np.asarray(loss_g), np.asarray(loss_s), rtol=1e-9)
+            sign = np.sign(np.sum(b_s * b_g, axis=1))  # [G, k]: +1 or -1 per singular pair
+            assert (sign != 0).all()
+            np.testing.assert_allclose(b_g * sign[:, None, :], b_s, atol=1e-8 * np.abs(b_s).max())
+            np.testing.assert_allclose(c_g * sign[:, :, None], c_s, atol=1e-8 * np.abs(c_s).max())
+        with pytest.raises(ValueError, match="float64"):
+            svd_llm_group(w.astype(jnp.float32), gram.astype(jnp.float32), rank)

@@ -28,15 +28,15 @@ _cholesky_group = jax.jit(jax.vmap(jnp.linalg.cholesky))
 _whitening_one = jax.jit(whitening)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "triangular", "update"))
-def _whitened_group(w, s, refit_gram, *, rank: int, triangular: bool, update: bool):
+@functools.partial(jax.jit, static_argnames=("rank", "triangular", "update", "solver"))
+def _whitened_group(w, s, refit_gram, *, rank: int, triangular: bool, update: bool, solver: str):
     """SVD-LLM over a stack, given each matrix's whitening `s: [G, n, n]`; returns `(B, C, rel_loss)`.
 
     With `update`, B is refit on `refit_gram`; the loss is measured on `refit_gram`.
     """
 
     def one(w, s, refit_gram):
-        b, c = whitened_factors(w, s, rank, triangular)
+        b, c = whitened_factors(w, s, rank, triangular, solver)
         if update:
             b = refit_left(w, refit_gram, c)
         return b, c, relative_activation_loss(w, b @ c, refit_gram)
@@ -44,18 +44,23 @@ def _whitened_group(w, s, refit_gram, *, rank: int, triangular: bool, update: bo
     return jax.vmap(one)(w, s, refit_gram)
 
 
-def svd_llm_group(w, gram, rank: int, refit_gram=None):
+def svd_llm_group(w, gram, rank: int, refit_gram=None, solver: str = "gram"):
     """SVD-LLM for a stack of same-shape matrices: `(B, C, rel_loss, routes)`.
 
     `gram: [G, n, n]` decides the whitening (and so C). With `refit_gram`, B is
     refit on it (SVD-LLM's parameter update); refitting on `gram` itself would
     change nothing, since the whitened truncation is already optimal there.
 
+    `solver="gram"` (the default) takes the top singular triples of `W S` from eigh of
+    its smaller Gram matrix, which needs float64 stacks; `"svd"` runs a full SVD.
+
     Cholesky runs batched; the rare matrices whose Cholesky fails get their fallback
     alone. The fallbacks' branches are not put under vmap: vmap turns `lax.cond`
     into running every branch, and XLA:CPU's concurrent scheduler was seen to
     deadlock on such a mix of LAPACK calls (576x576, jax 0.10.2, 2 cores).
     """
+    if solver == "gram" and w.dtype != jnp.float64:
+        raise ValueError(f"svd_llm_group(solver='gram') squares W S and needs float64 stacks, got {w.dtype}")
     chol = np.array(_cholesky_group(gram))  # a writable copy: failed rows are replaced below
     routes = [WHITEN_CHOLESKY] * len(chol)
     for j in range(len(chol)):
@@ -65,7 +70,8 @@ def svd_llm_group(w, gram, rank: int, refit_gram=None):
     triangular = WHITEN_EIGH not in routes
     update = refit_gram is not None
     b, c, loss = _whitened_group(
-        w, jnp.asarray(chol), refit_gram if update else gram, rank=rank, triangular=triangular, update=update
+        w, jnp.asarray(chol), refit_gram if update else gram, rank=rank, triangular=triangular, update=update,
+        solver=solver,
     )
     return b, c, loss, routes
 
