@@ -290,7 +290,7 @@ def sigmascale_block(
         hold_data = (shard(xs[-n_hold:], mesh), shard(ys[-n_hold:], mesh))
     else:
         # Gram matrices per token (float32-friendly); training = all windows minus the held-out ones.
-        _, held = block_stats(block, np.asarray(xs[-n_hold:]), cfg, batch_size, mesh)
+        _, held = block_stats(block, np.asarray(xs[-n_hold:]), cfg, batch_size, mesh, outputs=False)
         n_train_tokens = (len(xs) - n_hold) * xs.shape[1]
         train = {t: jnp.asarray((stats[t]["gram"] - held[t]["gram"]) / n_train_tokens, jnp.float32) for t in held}
         hold_data = {t: jnp.asarray(held[t]["gram"] / held[t]["tokens"], jnp.float32) for t in held}

@@ -43,3 +43,21 @@ def test_double_float_accumulation_keeps_what_float32_loses():
         acc = accumulate(acc, {"t": (jnp.ones(4, jnp.float32),)})
     (hi, lo), = acc["t"]
     np.testing.assert_array_equal(np.asarray(hi, np.float64) + np.asarray(lo, np.float64), np.full(4, 1e8 + 999))
+
+
+def test_statistics_without_outputs_are_the_same():
+    """`outputs=False` (the --sequential svd-llm pass) skips the block's output and changes no statistic."""
+    from sigmascale_jax.params import load_block
+    from sigmascale_jax.sources import open_model
+    from sigmascale_jax.stats import block_stats
+
+    src = open_model(str(require(STORIES)))
+    block = load_block(src.reader, src.cfg, 2)
+    xs = (np.random.default_rng(3).standard_normal((10, 64, src.cfg.hidden_size)) * 2).astype(np.float32)
+    ys, full = block_stats(block, xs, src.cfg, 4)
+    none, taps_only = block_stats(block, xs, src.cfg, 4, outputs=False)
+    assert none is None and ys.shape == xs.shape
+    for name, s in full.items():
+        np.testing.assert_allclose(taps_only[name]["gram"], s["gram"], rtol=1e-6, atol=1e-6 * np.abs(s["gram"]).max())
+        np.testing.assert_allclose(taps_only[name]["absmean"], s["absmean"], rtol=1e-6)
+        assert taps_only[name]["tokens"] == s["tokens"]

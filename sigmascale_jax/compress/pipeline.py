@@ -316,7 +316,9 @@ def _block_loop(spec: RunSpec, plan: Plan, ctx: ModelContext, alloc: Allocation,
                 xs_ref = apply_in_chunks(dense, xs_ref, cfg, spec.batch_size, ctx.mesh)
             clock.lap("propagate")
         else:
-            dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size, ctx.mesh)
+            # --sequential propagates the factored block instead: the dense outputs only if the factorizer reads them
+            want_out = not spec.sequential or factorizer.needs_outputs
+            dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size, ctx.mesh, outputs=want_out)
             ref_stats = None
             if xs_ref is not None:
                 xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, spec.batch_size, ctx.mesh)

@@ -107,7 +107,7 @@ class BlockInputs(NamedTuple):
     block: Params  # dense weights, `w: [out, in]`
     stats: dict  # `stats.block_stats` of the block's inputs in the pipeline's stream
     xs: np.ndarray  # [N, T, D] the block's calibration inputs
-    ys: np.ndarray  # [N, T, D] the dense block's outputs on `xs`
+    ys: np.ndarray | None  # [N, T, D] the dense block's outputs on `xs` (None unless needed)
     cfg: ModelConfig
     batch_size: int
     ref_stats: dict | None = None  # the dense model's stream, for factorizers with `needs_dense_stream`
@@ -128,6 +128,7 @@ class Factorizer(NamedTuple):
     settings: Settings
     factor: Callable[[BlockInputs, dict[str, Optional[int]], Any], BlockResult]  # (inputs, ranks, PRNG key)
     needs_dense_stream: bool = False  # also feed the dense model's activations (SVD-LLM's update)
+    needs_outputs: bool = False  # reads BlockInputs.ys (else it is None when --sequential: not computed)
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
 
 

@@ -67,4 +67,4 @@ def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None =
         block, spectra = info.pop("_block", None), info.pop("_spectra", None)
         return BlockResult(new, info, block, spectra)
 
-    return Factorizer("sigmascale", settings, factor, check=check)
+    return Factorizer("sigmascale", settings, factor, check=check, needs_outputs=True)

@@ -97,7 +97,7 @@ def correction(grad_samples: int | None = None) -> Refiner:
         records: list = [None] * cfg.num_layers
 
         def on_block(i, grads, xs):
-            _, stats = block_stats(blocks[i], xs, cfg, spec.batch_size, ctx.mesh)
+            _, stats = block_stats(blocks[i], xs, cfg, spec.batch_size, ctx.mesh, outputs=False)
             new_blocks[i], records[i] = correct_block(ctx.load_block(i), blocks[i], grads, stats, ranks[i])
 
         loss = reverse_pass(ctx.outer, blocks.__getitem__, cfg.num_layers, tokens, cfg, on_block,
