@@ -106,6 +106,37 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def lean_gguf_reader(path: Path):
+    """`gguf.GGUFReader` of `path` whose array fields (the tokenizer's tokens, types and merges) are skipped.
+
+    gguf builds one numpy view per array element (~250k for a 49k-token vocabulary:
+    seconds at every open, most of a compression's set-up). The tensors and scalar
+    metadata are all this reader needs (tokenizer and config are converted once and
+    cached, see sources), so array fields keep their type and length and no contents.
+    """
+    import struct
+
+    import gguf
+
+    class Lean(gguf.GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type == gguf.GGUFValueType.ARRAY and self.byte_order != "S":
+                raw_itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+                itype, n, offs = gguf.GGUFValueType(raw_itype[0]), int(alen[0]), orig_offs + 12
+                if itype == gguf.GGUFValueType.STRING:
+                    buf = memoryview(self.data)
+                    for _ in range(n):  # each string: uint64 length, then its bytes
+                        offs += 8 + struct.unpack_from("<Q", buf, offs)[0]
+                elif itype in self.gguf_scalar_to_np:
+                    offs += n * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
+                else:  # nested arrays: gguf's own walk
+                    return super()._get_field_parts(orig_offs, raw_type)
+                return offs - orig_offs, [raw_itype, alen], [], [gguf.GGUFValueType.ARRAY, itype]
+            return super()._get_field_parts(orig_offs, raw_type)
+
+    return Lean(str(path))
+
+
 class GGUFReader:
     """Reads a llama.cpp GGUF file, dequantizing each tensor to float32 on request."""
 
@@ -113,11 +144,9 @@ class GGUFReader:
     PERMUTED_ARCHS = ("llama", "mistral")
 
     def __init__(self, path: Path, n_head: int, n_kv_head: int):
-        import gguf
-
         self.path = path
         try:
-            self._reader = gguf.GGUFReader(str(path))
+            self._reader = lean_gguf_reader(path)
         except Exception as e:
             raise UserError(f"cannot read GGUF file {path}: {_one_line(e)}") from None
         self.arch = str(self._reader.fields["general.architecture"].contents())

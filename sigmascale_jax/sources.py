@@ -223,10 +223,10 @@ def _gguf_config(path: Path) -> ModelConfig:
 
 
 def _gguf_config_uncached(path: Path) -> ModelConfig:
-    import gguf
+    from sigmascale_jax.readers import lean_gguf_reader
 
     try:
-        arch = str(gguf.GGUFReader(str(path)).fields["general.architecture"].contents())
+        arch = str(lean_gguf_reader(path).fields["general.architecture"].contents())
     except Exception as e:
         raise UserError(f"cannot read GGUF file {path}: {' '.join(str(e).split())[:200]}") from None
     if arch not in SUPPORTED_MODEL_TYPES:

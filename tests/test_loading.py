@@ -62,6 +62,26 @@ def test_gguf_folder_and_file_resolve_the_same():
     assert np.array_equal(w, b.reader.get("model.layers.5.self_attn.k_proj.weight"))
 
 
+def test_lean_gguf_reader_sees_the_same_tensors_and_scalars():
+    """Skipping the array fields (seconds of per-element views in gguf) changes no tensor and no scalar field."""
+    import gguf
+
+    from sigmascale_jax.readers import lean_gguf_reader
+
+    lean, full = lean_gguf_reader(require(SMOLLM2_GGUF)), gguf.GGUFReader(str(SMOLLM2_GGUF))
+    assert lean.data_offset == full.data_offset and len(lean.tensors) == len(full.tensors) == 272
+    for a, b in zip(lean.tensors, full.tensors):
+        assert (a.name, a.tensor_type, a.data_offset) == (b.name, b.tensor_type, b.data_offset)
+        assert np.array_equal(a.shape, b.shape) and np.array_equal(np.asarray(a.data), np.asarray(b.data))
+    assert list(lean.fields) == list(full.fields)
+    skipped = [k for k, f in lean.fields.items() if not f.data]
+    assert "tokenizer.ggml.tokens" in skipped and "tokenizer.ggml.merges" in skipped
+    assert all(full.fields[k].types[0] == gguf.GGUFValueType.ARRAY for k in skipped)
+    for k, f in lean.fields.items():
+        if k not in skipped:
+            assert str(f.contents()) == str(full.fields[k].contents()), k
+
+
 def test_bfloat16_params(tiny_models):
     folder, torch_model = tiny_models["qwen3"]
     cfg, params, _ = load_model(str(folder), dtype=jnp.bfloat16)
