@@ -55,6 +55,17 @@ class ModelSource:
             self._tokenizer = self._load_tokenizer()
         return self._tokenizer
 
+    def save_tokenizer(self, folder: Path) -> None:
+        """Write the tokenizer's files into `folder`; a GGUF's cached conversion is copied without loading it."""
+        import shutil
+
+        if self._tokenizer is None and self.gguf_file:
+            entry = _gguf_cache_entry(self.folder / self.gguf_file)
+            if entry is not None and (entry / "tokenizer" / "tokenizer_config.json").is_file():
+                shutil.copytree(entry / "tokenizer", folder)
+                return
+        self.tokenizer().save_pretrained(str(folder))
+
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
@@ -82,8 +93,7 @@ def _gguf_cache_entry(path: Path) -> Path | None:
     and by the transformers version that converts.
     """
     import hashlib
-
-    import transformers
+    from importlib.metadata import version
 
     from sigmascale_jax.cache import cache_dir
 
@@ -94,7 +104,7 @@ def _gguf_cache_entry(path: Path) -> Path | None:
     with path.open("rb") as f:
         h.update(f.read(16 << 20))
     h.update(str(path.stat().st_size).encode())
-    return root / "gguf" / f"{h.hexdigest()}-transformers{transformers.__version__}"
+    return root / "gguf" / f"{h.hexdigest()}-transformers{version('transformers')}"
 
 
 def _save_entry(entry: Path, write) -> None:

@@ -161,6 +161,34 @@ def test_gguf_config_and_tokenizer_are_converted_once(tmp_path, monkeypatch):
     chat = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(chat, tokenize=False) == plain_tok.apply_chat_template(chat, tokenize=False)
     assert (tok.eos_token_id, tok.bos_token_id) == (plain_tok.eos_token_id, plain_tok.bos_token_id)
+    # a compression's output gets the cached conversion's files, copied without loading the tokenizer
+    third = open_model(gguf)
+    third.save_tokenizer(tmp_path / "out_tok")
+    assert third._tokenizer is None
+    copied = real_from_pretrained(str(tmp_path / "out_tok"))
+    assert copied(text).input_ids == plain_tok(text).input_ids
+    assert copied.apply_chat_template(chat, tokenize=False) == plain_tok.apply_chat_template(chat, tokenize=False)
+
+
+def test_calibration_ids_are_cached_and_equal(tmp_path, monkeypatch):
+    """The second compression's calibration windows come from the cache, token for token the same."""
+    from sigmascale_jax.compress.pipeline import calibration_windows
+    from sigmascale_jax.compress.plan import RunSpec
+    from sigmascale_jax.sources import open_model
+
+    spec = RunSpec(model=str(STORIES), ratio=0.3, nsamples=6, seq_len=64, calib="wikitext2-valid")
+    data = str(require(STORIES).parent.parent / "data")
+    monkeypatch.setenv("SIGMASCALE_CACHE", "off")
+    plain = calibration_windows(open_model(str(STORIES)), spec, data)
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path))
+    first = calibration_windows(open_model(str(STORIES)), spec, data)
+    src = open_model(str(STORIES))
+    monkeypatch.setattr(type(src), "tokenizer", lambda self: (_ for _ in ()).throw(AssertionError("tokenized again")))
+    second = calibration_windows(src, spec, data)
+    assert (tmp_path / "calibration-ids").is_dir()
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(second, plain)
+    assert second.dtype == np.int32 and second.shape == (6, 64)
 
 
 from transformers import AutoTokenizer as _AutoTokenizer  # noqa: E402

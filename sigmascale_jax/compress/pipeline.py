@@ -108,8 +108,16 @@ def calibration_windows(source, spec: RunSpec, data_dir: str | None) -> np.ndarr
     from sigmascale_jax.calibration import calibration_text, sample_windows
     from sigmascale_jax.data import find_data_dir
 
+    from importlib.metadata import version
+
+    from sigmascale_jax.cache import cached, model_fingerprint
+
     text = calibration_text(spec.calib, find_data_dir(data_dir) if spec.calib in ("c4", "wikitext2-valid") else Path("."))
-    ids = np.asarray(source.tokenizer()(text).input_ids, dtype=np.int32)
+    # Tokenizing the text is seconds a run; the ids depend only on the tokenizer's files and the text.
+    key = {"model": model_fingerprint(source), "transformers": version("transformers"),
+           "text_sha1": hashlib.sha1(text.encode()).hexdigest()}
+    ids, _ = cached("calibration-ids", key, lambda: source.tokenizer()(text).input_ids)
+    ids = np.asarray(ids, dtype=np.int32)
     return sample_windows(ids, spec.nsamples, spec.seq_len, spec.seed)
 
 
@@ -275,7 +283,7 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
             with np.load(f) as z:
                 merged.update({f"{int(f.name[:4])}.{k}": z[k] for k in z.files})
         write_npz_atomic(staging / SPECTRA_FILE, merged)
-    source.tokenizer().save_pretrained(str(staging / TOKENIZER_DIR))
+    source.save_tokenizer(staging / TOKENIZER_DIR)
     clock.lap("checkpoint")
     other = param_count(outer) + sum(param_count({k: v for k, v in b.items() if k not in PROJECTIONS}) for b in blocks)
     other += sum(int(np.size(b[n]["bias"])) for b in blocks for n in PROJECTIONS if "bias" in b[n])
