@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 import warnings
@@ -22,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchlib import cpu_name  # noqa: E402
 from sigmascale_jax.data import find_data_dir, perplexity_text  # noqa: E402
 from sigmascale_jax.fileio import write_json_atomic  # noqa: E402
 from sigmascale_jax.perplexity import make_windows  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> int:
         "jax": jax.__version__,
         "torch": torch.__version__,
         "device": jax.devices()[0].device_kind,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
     }
     print(f"{'impl':<28} {'tokens/s':>10}")

@@ -33,6 +33,19 @@ METHOD_FLAGS = {
 }
 
 
+def cpu_name() -> str:
+    """This machine's CPU model (/proc/cpuinfo), for tables that quote times."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -149,16 +148,6 @@ def setup_stages(args) -> dict:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(payload: dict) -> str:
     lines = [f"# Where svd-llm compression's time goes ({Path(payload['model']).name})", "",
              f"Machine: {payload['machine']}. One block (block {payload['block']}), one statistics chunk of "
@@ -190,6 +179,7 @@ def main() -> int:
     p.add_argument("--out", default="results/compress_profile", help="writes OUT.md and OUT.json")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from benchlib import cpu_name
     from sigmascale_jax.fileio import write_json_atomic, write_text_atomic
 
     payload = {"model": args.model, "block": args.block, "batch": args.batch, "seq_len": args.seq_len, "reps": args.reps,
