@@ -4,7 +4,9 @@ One SmolLM2 block and one statistics chunk (8 windows x 512 tokens, the compress
 batch), each piece jit-compiled alone and timed (median of --reps after a warm-up); the
 FLOPs of each piece come from XLA's own `cost_analysis()`. Then the two matmul shapes
 that dominate the pass, in XLA, PyTorch (float32, this CPU's threads) and NumPy; then
-the set-up stages (opening the GGUF, the tokenizer, the calibration windows).
+the set-up stages (opening the GGUF, the tokenizer, the calibration windows); then
+evaluation's shape (one 2048-token window): block forward, attention core and LM head,
+the last two beside PyTorch's fused attention and matmul on the same arrays.
 
     python scripts/profile_compress.py --out results/compress_profile
 
@@ -130,6 +132,55 @@ def matmuls(args) -> list[dict]:
     return rows
 
 
+def eval_forward(args) -> list[dict]:
+    """Evaluation's shape (1 window of --eval-seq-len): block forward, attention core and LM head, ours vs PyTorch."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    import sigmascale_jax.modeling as M
+    from sigmascale_jax.params import load_block, load_outer
+    from sigmascale_jax.sources import open_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    src = open_model(args.model)
+    cfg = src.cfg
+    block, head = load_block(src.reader, cfg, args.block), M.lm_head(load_outer(src.reader, cfg))
+    t = args.eval_seq_len
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, t, cfg.hidden_size)).astype(np.float32))
+    cos, sin = M.rope_cos_sin(cfg, jnp.arange(t))
+    q, k, v = jax.jit(lambda b, x: M.queries_keys_values(b, x, cfg, cos, sin))(block, x)
+
+    def core(q, k, v):
+        saved = M.queries_keys_values
+        M.queries_keys_values = lambda *a: (q, k, v)
+        try:
+            return M.attention_mix(block, x, cfg, cos, sin)
+        finally:
+            M.queries_keys_values = saved
+
+    # the same q/k/v for PyTorch's fused attention: [B, H, T, hd] queries, [B, Hkv, T, hd] keys and values
+    tq = torch.from_numpy(np.asarray(q).reshape(1, cfg.num_heads, t, cfg.head_dim).copy())
+    tk, tv = torch.from_numpy(np.asarray(k).copy()), torch.from_numpy(np.asarray(v).copy())
+    th, tx = torch.from_numpy(np.asarray(head)), torch.from_numpy(np.asarray(x)[0])
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    jit_fwd = jax.jit(lambda b, x: M.block_forward(b, x, cfg, cos, sin))
+    jit_core, jit_head = jax.jit(core), jax.jit(lambda h, x: x[0] @ h.T)
+    rows = [
+        {"piece": "block forward", "ours_s": median_time(lambda: jit_fwd(block, x), args.reps)},
+        {"piece": "attention core", "ours_s": median_time(lambda: jit_core(q, k, v), args.reps),
+         "torch_s": median_time(lambda: sdpa(tq, tk, tv, is_causal=True, enable_gqa=True), args.reps)},
+        {"piece": f"LM head [{t},{cfg.hidden_size}] x [{cfg.hidden_size},{head.shape[0]}]",
+         "ours_s": median_time(lambda: jit_head(head, x), args.reps),
+         "torch_s": median_time(lambda: tx @ th.T, args.reps)},
+    ]
+    for r in rows:
+        print(f"eval shape 1 x {t}: {r['piece']:45s} ours {r['ours_s'] * 1e3:7.1f} ms"
+              + (f"  PyTorch {r['torch_s'] * 1e3:7.1f} ms" if "torch_s" in r else ""), flush=True)
+    return rows
+
+
 def setup_stages(args) -> dict:
     """Seconds of the compressor's set-up: open the model, build the tokenizer, tokenize the calibration text."""
     from sigmascale_jax.compress.pipeline import calibration_windows
@@ -163,6 +214,13 @@ def markdown(payload: dict) -> str:
     for r in payload["matmuls"]:
         lines.append(f"| {r['matmul']} | {r['gflop']:.1f} | {r['xla_s'] * 1e3:.1f} | {r['torch_s'] * 1e3:.1f} | "
                      f"{r['numpy_s'] * 1e3:.1f} | {r['xla_s'] / r['torch_s']:.2f}x |")
+    lines += ["", f"Evaluation's shape (1 window of {payload['eval_seq_len']} tokens, one block; PyTorch on the same "
+              "q/k/v and weights: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`, `x @ Wᵀ`):", "",
+              "| piece | ours ms | PyTorch ms | PyTorch / ours speed |", "| --- | ---: | ---: | ---: |"]
+    for r in payload["eval_forward"]:
+        torch_ms = f"{r['torch_s'] * 1e3:.1f}" if "torch_s" in r else ""
+        speed = f"{r['ours_s'] / r['torch_s']:.2f}x" if "torch_s" in r else ""
+        lines.append(f"| {r['piece']} | {r['ours_s'] * 1e3:.1f} | {torch_ms} | {speed} |")
     s = payload["setup"]
     lines += ["", f"Set-up: open the model {s['open_model_s']:.2f} s, tokenizer {s['tokenizer_s']:.2f} s, "
               f"tokenize the calibration text into 64 x 512 windows {s['calibration_windows_s']:.2f} s.", ""]
@@ -175,6 +233,7 @@ def main() -> int:
     p.add_argument("--block", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="windows per statistics chunk (the compressor's --batch-size)")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-seq-len", type=int, default=2048, help="window length of the evaluation-shape section")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default="results/compress_profile", help="writes OUT.md and OUT.json")
     args = p.parse_args()
@@ -184,7 +243,8 @@ def main() -> int:
 
     payload = {"model": args.model, "block": args.block, "batch": args.batch, "seq_len": args.seq_len, "reps": args.reps,
                "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-               "setup": setup_stages(args), "pieces": block_pieces(args), "matmuls": matmuls(args)}
+               "eval_seq_len": args.eval_seq_len, "setup": setup_stages(args), "pieces": block_pieces(args),
+               "matmuls": matmuls(args), "eval_forward": eval_forward(args)}
     out = REPO / args.out
     write_json_atomic(out.with_suffix(".json"), payload)
     write_text_atomic(out.with_suffix(".md"), markdown(payload))
