@@ -131,7 +131,7 @@ def zero_scales(block: Params, names: tuple[str, ...] = PROJECTIONS) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ranks", "kind", "steps", "lr", "batch_windows", "eval_every",
-                                             "truncation"))
+                                             "truncation", "min_gain"))
 def learn_block_scales(
     block: Params,
     whitening: dict,
@@ -147,6 +147,7 @@ def learn_block_scales(
     batch_windows: int = 8,
     eval_every: int = 10,
     truncation: str = "svd",
+    min_gain: float = 0.0,
 ) -> tuple[dict, dict[str, Any]]:
     """Learn ρ, γ of all seven projections of a block jointly; a pure, jit-compiled function.
 
@@ -161,10 +162,15 @@ def learn_block_scales(
       ranks: `((projection, rank), ...)` (a tuple, so it can be static); projections not listed, or
         with rank None, stay dense and get no scales.
       eval_every: the held-out loss is measured at step 0, every `eval_every` steps and at the end.
+      min_gain: early stopping (0: off). From the second measurement on, learning stops when
+        the last `eval_every` steps lowered the held-out loss by less than `min_gain` times
+        its total drop so far; the remaining steps are skipped (`lax.cond`), the learning
+        rate schedule still spans `steps`, so what is learned up to the stop is exactly
+        what a full run learns by then.
     Returns:
       the scales of the best held-out step (step 0 = SVD-LLM included, so never worse
       than the initialization there), and a trace `{"train": [steps], "hold": [steps + 1]
-      (NaN where not measured), "best_step": int}`.
+      (NaN where not measured or skipped), "best_step": int, "steps_run": int}`.
     """
     rank_map = {n: k for n, k in ranks if k is not None}
     if kind == "block":
@@ -191,21 +197,34 @@ def learn_block_scales(
     init = zero_scales(block, low_rank_names(rank_map))
     hold0 = hold_loss(init)
 
-    def step(carry, i):
-        scales, opt_state, best, best_loss, best_step = carry
+    nan = jnp.asarray(jnp.nan, hold0.dtype)
+
+    def learn(carry, i):
+        scales, opt_state, best, best_loss, best_step, last_hold, n_measured, _, _ = carry
         loss, grads = jax.value_and_grad(train_loss)(scales, jax.random.fold_in(key, i))
         updates, opt_state = opt.update(grads, opt_state, scales)
         scales = optax.apply_updates(scales, updates)
         measure = ((i + 1) % eval_every == 0) | (i + 1 == steps)
-        hold = jax.lax.cond(measure, hold_loss, lambda _: jnp.asarray(jnp.nan, hold0.dtype), scales)
+        hold = jax.lax.cond(measure, hold_loss, lambda _: nan, scales)
         better = jnp.isfinite(hold) & (hold < best_loss)
         best = jax.tree.map(lambda new, old: jnp.where(better, new, old), scales, best)
-        carry = (scales, opt_state, best, jnp.where(better, hold, best_loss), jnp.where(better, i + 1, best_step))
+        best_loss = jnp.where(better, hold, best_loss)
+        n_measured = n_measured + measure
+        stop = False
+        if min_gain > 0:
+            stop = measure & (n_measured >= 2) & (last_hold - hold < min_gain * (hold0 - best_loss))
+        carry = (scales, opt_state, best, best_loss, jnp.where(better, i + 1, best_step),
+                 jnp.where(measure, hold, last_hold), n_measured, i + 1, jnp.asarray(stop))
         return carry, (loss, hold)
 
-    carry = (init, opt.init(init), init, hold0, jnp.asarray(0))
-    (_, _, best, _, best_step), (train_trace, hold_trace) = jax.lax.scan(step, carry, jnp.arange(steps))
-    return best, {"train": train_trace, "hold": jnp.concatenate([hold0[None], hold_trace]), "best_step": best_step}
+    def step(carry, i):
+        return jax.lax.cond(carry[-1], lambda c, i: (c, (nan, nan)), learn, carry, i)
+
+    zero = jnp.asarray(0)
+    carry = (init, opt.init(init), init, hold0, zero, hold0, zero, zero, jnp.asarray(False))
+    (_, _, best, _, best_step, _, _, steps_run, _), (train_trace, hold_trace) = jax.lax.scan(step, carry, jnp.arange(steps))
+    return best, {"train": train_trace, "hold": jnp.concatenate([hold0[None], hold_trace]), "best_step": best_step,
+                  "steps_run": steps_run}
 
 
 def holdout_windows(n_windows: int, holdout: float) -> int:
@@ -246,6 +265,7 @@ def sigmascale_block(
     batch_size: int = 8,
     mesh: Any = None,
     truncation: str = "svd",
+    min_gain: float = 0.0,
 ) -> tuple[Params, dict[str, Any]]:
     """Factor a dense block with SigmaScale (the block loss's windows split over `mesh`'s data axis, if given).
 
@@ -298,7 +318,7 @@ def sigmascale_block(
     scales, trace = learn_block_scales(
         block, white32, train, hold_data, jax.random.key(0) if key is None else key,
         cfg=cfg, ranks=tuple(sorted(ranks.items())), kind=kind, steps=steps, lr=lr,
-        batch_windows=batch_windows, eval_every=eval_every, truncation=truncation,
+        batch_windows=batch_windows, eval_every=eval_every, truncation=truncation, min_gain=min_gain,
     )
     jax.block_until_ready(scales)
     learn_s = time.perf_counter() - t0  # compilation included when this block's shapes are new
@@ -337,18 +357,20 @@ def sigmascale_block(
         new[n], info[n] = block[n], dense_info[n]
     info = {n: info[n] for n in PROJECTIONS}
     train_trace = np.asarray(trace["train"])
+    steps_run = int(trace["steps_run"])
     measured = np.flatnonzero(np.isfinite(hold))
     info["_block"] = {
         "loss": kind,
         "steps": steps,
+        "steps_run": steps_run,
         "holdout_init": float(hold[0]),
         "holdout_best": float(hold[int(trace["best_step"])]),
         "best_step": int(trace["best_step"]),
         "train_first": float(train_trace[0]) if steps else None,
-        "train_last": float(train_trace[-1]) if steps else None,
+        "train_last": float(train_trace[steps_run - 1]) if steps_run else None,
         "holdout_trace": [[int(i), float(hold[i])] for i in measured],
         "learn_s": round(learn_s, 3),
-        "step_s": round(learn_s / steps, 4) if steps else None,
+        "step_s": round(learn_s / steps_run, 4) if steps_run else None,
     }
     info["_spectra"] = all_spectra  # not JSON: the pipeline stores it in spectra.npz
     return new, info

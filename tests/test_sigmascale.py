@@ -126,6 +126,35 @@ def test_learning_lowers_the_held_out_loss_and_never_ends_worse(stories_block, k
         assert info[n]["entropy_whitened"] > 0 and info[n]["entropy_scaled"] > 0
 
 
+def test_early_stopping_skips_steps_and_learns_what_a_full_run_learns_by_then(stories_block):
+    """--min-gain stops a block when the held-out gain flattens; until then it is the full run, step for step."""
+    from sigmascale_jax.ranks import block_ranks
+
+    cfg, block, xs, ys, stats = stories_block
+    ranks = block_ranks(cfg, 0.4)
+    kw = dict(kind="block", steps=40, lr=1e-2, eval_every=5)
+    full_scales, full = sigmascale_block(block, stats, xs, ys, cfg, ranks, **kw)
+    off_scales, off = sigmascale_block(block, stats, xs, ys, cfg, ranks, **kw, min_gain=0.0)
+    assert full["_block"]["steps_run"] == off["_block"]["steps_run"] == 40
+    np.testing.assert_array_equal(np.asarray(full_scales["q"]["b"]), np.asarray(off_scales["q"]["b"]))
+    _, early = sigmascale_block(block, stats, xs, ys, cfg, ranks, **kw, min_gain=0.5)
+    e, f = early["_block"], full["_block"]
+    trace = dict((i, h) for i, h in f["holdout_trace"])
+    # the rule, replayed on the full run's trace, names the same stopping step
+    expect, best = 40, trace[0]
+    for j, i in enumerate(sorted(trace)[1:], start=1):
+        best = min(best, trace[i])
+        if j >= 2 and trace[i - 5] - trace[i] < 0.5 * (trace[0] - best):
+            expect = i
+            break
+    assert expect < 40, "this block's gain never flattened at min_gain 0.5: the test shows nothing"
+    assert e["steps_run"] == expect and e["holdout_trace"][-1][0] == expect
+    kept = [[i, h] for i, h in f["holdout_trace"] if i <= expect]
+    assert [i for i, _ in e["holdout_trace"]] == [i for i, _ in kept]
+    np.testing.assert_allclose([h for _, h in e["holdout_trace"]], [h for _, h in kept], rtol=1e-6)
+    np.testing.assert_allclose(e["holdout_best"], min(h for _, h in kept), rtol=1e-6)
+
+
 def test_learning_is_a_pure_function_under_jit_and_grad(stories_block):
     from sigmascale_jax.ranks import block_ranks
     from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS

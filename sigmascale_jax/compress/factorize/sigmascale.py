@@ -33,14 +33,17 @@ class SigmaScaleSettings(Settings):
     eval_every: int = setting(10, "sigmascale: measure the held-out loss every N steps", min=1)
     truncation: str = setting("svd", "sigmascale: the learning loop's rank-k truncation, from an SVD or from eigh of the "
                               "smaller side's Gram matrix (same VJP, cheaper)", choices=("svd", "eigh"))
+    min_gain: float = setting(0.0, "sigmascale: stop a block's learning when the last --eval-every steps lowered the "
+                              "held-out loss by less than this fraction of its drop so far (0: run all --steps)",
+                              min=0.0, below=1.0)
 
 
 @register(FACTORIZERS, "sigmascale", SigmaScaleSettings,
           "SigmaScale: learned row/column scaling around SVD-LLM's whitening")
 def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None = None, holdout: float = 0.125,
-               step_windows: int = 8, eval_every: int = 10, truncation: str = "svd") -> Factorizer:
+               step_windows: int = 8, eval_every: int = 10, truncation: str = "svd", min_gain: float = 0.0) -> Factorizer:
     settings = SigmaScaleSettings(loss=loss, steps=steps, lr=lr, holdout=holdout, step_windows=step_windows,
-                                  eval_every=eval_every, truncation=truncation)
+                                  eval_every=eval_every, truncation=truncation, min_gain=min_gain)
     default_steps, default_lr = DEFAULTS[settings.loss]
     settings = dataclasses.replace(settings, steps=default_steps if steps is None else settings.steps,
                                    lr=default_lr if lr is None else settings.lr)
@@ -62,7 +65,7 @@ def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None =
             inputs.block, inputs.stats, inputs.xs, inputs.ys, inputs.cfg, ranks, kind=settings.loss,
             steps=settings.steps, lr=settings.lr, holdout=settings.holdout, batch_windows=settings.step_windows,
             eval_every=settings.eval_every, batch_size=inputs.batch_size, key=key, mesh=inputs.mesh,
-            truncation=settings.truncation,
+            truncation=settings.truncation, min_gain=settings.min_gain,
         )
         block, spectra = info.pop("_block", None), info.pop("_spectra", None)
         return BlockResult(new, info, block, spectra)
