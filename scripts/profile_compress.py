@@ -65,14 +65,8 @@ def block_pieces(args) -> list[dict]:
     taps = jax.jit(lambda b, x: M.block_forward_taps(b, x, cfg, cos, sin)[1])(block, x)
     q, k, v = jax.jit(lambda b, x: M.queries_keys_values(b, x, cfg, cos, sin))(block, x)
 
-    def core(q, k, v):  # attention_mix after the q/k/v projections
-        b, t = x.shape[:2]
-        saved = M.queries_keys_values
-        M.queries_keys_values = lambda *a: (q, k, v)
-        try:
-            return M.attention_mix(block, x, cfg, cos, sin)
-        finally:
-            M.queries_keys_values = saved
+    def core(q, k, v):
+        return M.attention_core(q, k, v, cfg)
 
     def gram(a):
         f = a.reshape(-1, a.shape[-1])
@@ -153,12 +147,7 @@ def eval_forward(args) -> list[dict]:
     q, k, v = jax.jit(lambda b, x: M.queries_keys_values(b, x, cfg, cos, sin))(block, x)
 
     def core(q, k, v):
-        saved = M.queries_keys_values
-        M.queries_keys_values = lambda *a: (q, k, v)
-        try:
-            return M.attention_mix(block, x, cfg, cos, sin)
-        finally:
-            M.queries_keys_values = saved
+        return M.attention_core(q, k, v, cfg)
 
     # the same q/k/v for PyTorch's fused attention: [B, H, T, hd] queries, [B, Hkv, T, hd] keys and values
     tq = torch.from_numpy(np.asarray(q).reshape(1, cfg.num_heads, t, cfg.head_dim).copy())

@@ -131,9 +131,12 @@ def attention_mix(
     block: Params, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array, packing: Packing | None = None
 ) -> jax.Array:
     """Grouped-query self-attention of normed `x: [B, T, D]` up to the o projection: `[B, T, H * hd]`."""
-    b, t, _ = x.shape
-    hd = cfg.head_dim
-    q, k, v = queries_keys_values(block, x, cfg, cos, sin)
+    return attention_core(*queries_keys_values(block, x, cfg, cos, sin), cfg, packing)
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfig, packing: Packing | None = None) -> jax.Array:
+    """Causal softmax attention of `queries_keys_values`' output, in query chunks: `[B, T, H * hd]`."""
+    b, _, _, t, hd = q.shape
     outs = []
     for start in range(0, t, ATTENTION_CHUNK):
         stop = min(start + ATTENTION_CHUNK, t)
