@@ -62,7 +62,7 @@ class ModelSource:
         if self._tokenizer is None and self.gguf_file:
             entry = _gguf_cache_entry(self.folder / self.gguf_file)
             if entry is not None and (entry / "tokenizer" / "tokenizer_config.json").is_file():
-                shutil.copytree(entry / "tokenizer", folder)
+                shutil.copytree(entry / "tokenizer", folder, dirs_exist_ok=True)  # a resumed run may have one
                 return
         self.tokenizer().save_pretrained(str(folder))
 
