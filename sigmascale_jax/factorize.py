@@ -83,14 +83,14 @@ def top_singular_gram(a: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, ja
     rank-k product agrees with the SVD's to ~1e-12. Singular pairs come with eigh's
     signs, not LAPACK gesdd's: `U_k Σ_k V_kᵀ` is the same, each pair may be negated.
     """
-    m, n = a.shape
-    small = a.T @ a if m >= n else a @ a.T
-    lam, vec = jnp.linalg.eigh(small)
-    top = vec[:, ::-1][:, :rank]  # descending
-    sig = jnp.sqrt(jnp.maximum(lam[::-1][:rank], 0.0))
+    from sigmascale_jax.truncation import left_singular_gram
+
+    tall = a.shape[0] >= a.shape[1]
+    vec, sig = left_singular_gram(a.T if tall else a)  # the smaller side's singular vectors
+    top, sig = vec[:, :rank], sig[:rank]
     # a zero σ gives a zero column (a·v = 0), not a NaN: the product is unchanged
     inv = 1.0 / jnp.maximum(sig, jnp.finfo(a.dtype).tiny * jnp.maximum(sig[0], 1.0))
-    if m >= n:
+    if tall:
         return (a @ top) * inv, sig, top.T
     return top, sig, (top.T @ a) * inv[:, None]
 

@@ -200,7 +200,7 @@ def learn_block_scales(
     nan = jnp.asarray(jnp.nan, hold0.dtype)
 
     def learn(carry, i):
-        scales, opt_state, best, best_loss, best_step, last_hold, n_measured, _, _ = carry
+        scales, opt_state, best, best_loss, best_step, last_hold, _, _ = carry
         loss, grads = jax.value_and_grad(train_loss)(scales, jax.random.fold_in(key, i))
         updates, opt_state = opt.update(grads, opt_state, scales)
         scales = optax.apply_updates(scales, updates)
@@ -209,20 +209,19 @@ def learn_block_scales(
         better = jnp.isfinite(hold) & (hold < best_loss)
         best = jax.tree.map(lambda new, old: jnp.where(better, new, old), scales, best)
         best_loss = jnp.where(better, hold, best_loss)
-        n_measured = n_measured + measure
         stop = False
-        if min_gain > 0:
-            stop = measure & (n_measured >= 2) & (last_hold - hold < min_gain * (hold0 - best_loss))
+        if min_gain > 0:  # from the second measurement on: the first is at step min(eval_every, steps)
+            stop = measure & (i + 1 > eval_every) & (last_hold - hold < min_gain * (hold0 - best_loss))
         carry = (scales, opt_state, best, best_loss, jnp.where(better, i + 1, best_step),
-                 jnp.where(measure, hold, last_hold), n_measured, i + 1, jnp.asarray(stop))
+                 jnp.where(measure, hold, last_hold), i + 1, jnp.asarray(stop))
         return carry, (loss, hold)
 
     def step(carry, i):
         return jax.lax.cond(carry[-1], lambda c, i: (c, (nan, nan)), learn, carry, i)
 
     zero = jnp.asarray(0)
-    carry = (init, opt.init(init), init, hold0, zero, hold0, zero, zero, jnp.asarray(False))
-    (_, _, best, _, best_step, _, _, steps_run, _), (train_trace, hold_trace) = jax.lax.scan(step, carry, jnp.arange(steps))
+    carry = (init, opt.init(init), init, hold0, zero, hold0, zero, jnp.asarray(False))
+    (_, _, best, _, best_step, _, steps_run, _), (train_trace, hold_trace) = jax.lax.scan(step, carry, jnp.arange(steps))
     return best, {"train": train_trace, "hold": jnp.concatenate([hold0[None], hold_trace]), "best_step": best_step,
                   "steps_run": steps_run}
 

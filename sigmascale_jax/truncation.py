@@ -71,10 +71,14 @@ truncated_reconstruction.defvjp(_fwd, _bwd)
 # path on real whitened matrices).
 
 
-def _gram_parts(a: jax.Array):
+def left_singular_gram(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(U [m, m], σ [m])` of `a: [m, n]`, descending, from `eigh(A Aᵀ)` (σ² = λ, clamped at 0)."""
     lam, u = jnp.linalg.eigh(a @ a.T)
-    lam, u = lam[::-1], u[:, ::-1]  # descending
-    s = jnp.sqrt(jnp.maximum(lam, 0.0))
+    return u[:, ::-1], jnp.sqrt(jnp.maximum(lam[::-1], 0.0))
+
+
+def _gram_parts(a: jax.Array):
+    u, s = left_singular_gram(a)
     return u, s, a.T @ u  # P = Aᵀ U = V Σ
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SMOLLM2_GGUF, STORIES, require, torch_logits
+from conftest import DATA, SMOLLM2_GGUF, STORIES, require, torch_logits
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.modeling import forward_jit
 from sigmascale_jax.params import load_block, load_params
@@ -177,7 +177,7 @@ def test_calibration_ids_are_cached_and_equal(tmp_path, monkeypatch):
     from sigmascale_jax.sources import open_model
 
     spec = RunSpec(model=str(STORIES), ratio=0.3, nsamples=6, seq_len=64, calib="wikitext2-valid")
-    data = str(require(STORIES).parent.parent / "data")
+    data = str(require(DATA))
     monkeypatch.setenv("SIGMASCALE_CACHE", "off")
     plain = calibration_windows(open_model(str(STORIES)), spec, data)
     monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path))
