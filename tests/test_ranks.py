@@ -281,6 +281,36 @@ def test_correction_lowers_the_calibration_loss_and_keeps_the_ranks(zs_run):
         (m["block"], m["name"]) for m in report["matrices"] if not m["dense"]}
 
 
+def test_correction_guard_keeps_the_uncorrected_factors_when_held_out_loss_rises(tmp_path, monkeypatch, capsys, zs_run):
+    """A correction that hurts the held-out windows is dropped: the factors are the uncorrected run's, bit for bit."""
+    from sigmascale_jax.compress.refine import correction as corr_mod
+
+    _, ref = zs_run
+    assert ref["refine"][0]["kept"] == "corrected"  # stories260k's correction helps the held-out windows
+    assert ref["refine"][0]["held_out_loss_after"] < ref["refine"][0]["held_out_loss_before"]
+    real = corr_mod.correct_block
+
+    def harmful(dense, comp, grads, stats, ranks):  # a step that doubles every corrected left factor
+        new, info = real(dense, comp, grads, stats, ranks)
+        return {n: ({**p, "b": p["b"] * 2} if n in info else p) for n, p in new.items()}, info
+
+    monkeypatch.setattr(corr_mod, "correct_block", harmful)
+    kw = dict(ranks="zs-svd", grad_samples=6, **SMALL)
+    guarded = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "g", correction=True, **kw)
+    (rec,) = guarded["refine"]
+    assert rec["kept"] == "uncorrected" and rec["held_out_loss_after"] > rec["held_out_loss_before"]
+    assert "kept the uncorrected factors" in capsys.readouterr().err
+    plain = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "p", **kw)
+    assert plain["refine"] == []
+    a, b = load_pytree(tmp_path / "g" / "params"), load_pytree(tmp_path / "p" / "params")
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    unguarded = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "u", correction=True,
+                                        correction_guard=False, **kw)
+    assert unguarded["refine"][0]["kept"] == "corrected"
+    u = load_pytree(tmp_path / "u" / "params")
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(b)))
+
+
 def test_heterogeneous_ranks_load_and_evaluate(zs_run):
     out, _ = zs_run
     proc = subprocess.run(
@@ -361,6 +391,7 @@ def test_zs_svd_ranks_combine_with_every_method(tmp_path, zs_run, method, extra)
         (["--method", "svd-llm", "--grad-samples", "4"], "--grad-samples is a setting of"),
         (["--method", "svd-llm", "--ranks", "zs-svd", "--grad-samples", "13"], "exceeds --nsamples 12"),
         (["--method", "svd-llm", "--ranks", "zs-svd", "--min-rank-ratio", "2"], "--min-rank-ratio must be at most 1"),
+        (["--method", "svd-llm", "--correction", "--grad-samples", "12"], "leaves none after --grad-samples 12"),
         (["--method", "sigmascale", "--holdout", "0.99"], "leaves none to learn on"),
         (["--method", "svd-llm", "--ranks", "magic"], "invalid choice: 'magic'"),
         (["--method", "svd-llm", "--seed", "-1"], "--seed must be at least 0"),
@@ -406,7 +437,8 @@ def test_nested_yaml_config_builds_the_same_plan():
                                         "--steps", "7", "--lr", "0.01", "--ranks", "zs-svd", "--grad-samples", "4",
                                         "--correction"]))
     assert plan.key() == flat.key()
-    assert plan.key()["factorize"]["steps"] == 7 and plan.key()["refine"] == [{"name": "correction", "grad_samples": 4}]
+    assert plan.key()["factorize"]["steps"] == 7
+    assert plan.key()["refine"] == [{"name": "correction", "grad_samples": 4, "correction_guard": True}]
     # the command line wins over the file
     _, over = spec_and_plan(parse_args(["--config", f.name, "--steps", "9", "--no-correction"]))
     assert over.key()["factorize"]["steps"] == 9 and over.key()["refine"] == []

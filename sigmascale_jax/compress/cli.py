@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     spec, plan = spec_and_plan(args)
     report = run(spec, plan, args.out, data_dir=args.data_dir, overwrite=args.overwrite, progress=not args.no_progress)
     extra = (" +update" if report["update"] else "") + (f", ranks {report['ranks_method']}")
-    extra += "".join(f", {r['name']}" for r in report["refine"])
+    extra += "".join(f", {r['name']}" + (" (dropped by its guard)" if r.get("kept") == "uncorrected" else "")
+                     for r in report["refine"])
     enc = report["encode"]
     extra += f", {enc['name']}" + (f" {enc['quantize']}" if enc["quantize"] != "none" else "")
     print(f"{report['method']}{extra}: ratio asked {report['ratio_requested']:.3f}, "
