@@ -68,6 +68,8 @@ def markdown(rows: list[dict], args) -> str:
         t = r["timings_s"]
         corr = r.get("correction")
         corr_s = f"{corr['held_out_loss_before']:.4f} → {corr['held_out_loss_after']:.4f}" if corr and "held_out_loss_before" in corr else ""
+        if corr and corr.get("kept") == "uncorrected":
+            corr_s += " (dropped by the guard)"
         lines.append(
             f"| {r['ratio']} | {r['method']} | {r['ranks']} | {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {_fmt_vs(r, ref)} "
             f"| {r['ratio_achieved']:.4f} | {r['dense_matrices']} | {r['compress_s']:.0f} "
