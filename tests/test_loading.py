@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import jax
@@ -189,6 +190,27 @@ def test_calibration_ids_are_cached_and_equal(tmp_path, monkeypatch):
     np.testing.assert_array_equal(first, plain)
     np.testing.assert_array_equal(second, plain)
     assert second.dtype == np.int32 and second.shape == (6, 64)
+
+
+def test_cache_keys_follow_the_weights_content_not_where_they_lie(tmp_path, monkeypatch):
+    """A copied model folder (new path, new modification times) hits the cache; a changed byte does not."""
+    from sigmascale_jax.cache import cached, model_fingerprint
+
+    monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "copy"
+    shutil.copytree(require(STORIES), copy)  # copytree keeps mtimes; the copy must not
+    for f in copy.iterdir():
+        os.utime(f, ns=(1, 1))
+    key = model_fingerprint(open_model(str(STORIES)))
+    assert model_fingerprint(open_model(str(copy))) == key
+    assert cached("probe", {"model": key}, lambda: 1) == (1, False)
+    assert cached("probe", {"model": model_fingerprint(open_model(str(copy)))}, lambda: 2) == (1, True)
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    changed = model_fingerprint(open_model(str(copy)))
+    assert changed != key and cached("probe", {"model": changed}, lambda: 3) == (3, False)
 
 
 from transformers import AutoTokenizer as _AutoTokenizer  # noqa: E402
