@@ -40,7 +40,7 @@ def _fmt_vs(r: dict, ref: dict | None) -> str:
 
 
 def alloc_seconds(r: dict) -> str:
-    """Seconds the allocation took when computed (a cached one is marked *), from its own record."""
+    """Seconds the allocation took when computed (a cached or reused one is marked *), from its own record."""
     info = r.get("allocate") or {}
     if isinstance(info.get("seconds"), dict):
         secs = sum(info["seconds"].values())
@@ -48,7 +48,9 @@ def alloc_seconds(r: dict) -> str:
         secs = info["table_seconds"]
     else:
         secs = r["timings_s"].get("allocate", 0)
-    cached = info.get("from_cache") or info.get("table_from_cache") or info.get("deltas_from_cache")
+    # `reused_from`: the ranks were copied from another run with the same allocator and calibration
+    cached = (info.get("from_cache") or info.get("table_from_cache") or info.get("deltas_from_cache")
+              or info.get("reused_from"))
     return f"{secs:.0f}{'*' if cached else ''}"
 
 
@@ -80,8 +82,8 @@ def markdown(rows: list[dict], args) -> str:
              "sensitivity: the perplexity table on the first 4 calibration windows, computed once and cached. fermigrad: "
              "the allocator's defaults. sigmascale-paper: the released recipe (sensitivity ranks, per-matrix scaling "
              f"without whitening, AdamW lr 0.005, {args.paper_steps} steps per matrix, --no-sequential). "
-             "Allocation seconds: as computed once (* = this run reused it from the cache); compress s is this "
-             "run's wall time.\n\n")
+             "Allocation seconds: as computed once (* = this run reused it: from the cache, or copied from the "
+             "svd-llm run with the same allocator); compress s is this run's wall time.\n\n")
     return benchlib.header("Rank allocation", args) + setup + "\n".join(lines) + "\n"
 
 

@@ -381,6 +381,55 @@ def test_zs_svd_ranks_combine_with_every_method(tmp_path, zs_run, method, extra)
     assert report["method"] == method and report["ratio_achieved"] == ref["ratio_achieved"]
 
 
+# ------------------------------------------------------------------ ranks from an earlier run
+
+
+def test_from_run_gives_another_factorizer_the_same_ranks(tmp_path, zs_run):
+    out, ref = zs_run
+    report = sigmascale_jax.compress(str(STORIES), "svd", 0.3, tmp_path / "svd", ranks="from-run",
+                                     ranks_from=str(out), **SMALL)
+    assert [(m["rank"], m["dense"]) for m in report["matrices"]] == [(m["rank"], m["dense"]) for m in ref["matrices"]]
+    assert report["ratio_achieved"] == ref["ratio_achieved"] and report["ranks_method"] == "from-run"
+    assert report["allocate"]["source_allocate"]["name"] == "zs-svd"
+    assert report["allocate"]["matrices_dense"] == sum(m["dense"] for m in ref["matrices"]) > 0
+
+
+def _edited_report(tmp_path, zs_run, edit) -> str:
+    report = json.loads((zs_run[0] / "compression.json").read_text())
+    edit(report)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        (lambda run, tmp: ["--ratio", "0.4", "--ranks-from", run], "was compressed at --ratio 0.3"),
+        (lambda run, tmp: ["--ratio", "0.3"], "--ranks from-run needs --ranks-from RUN"),
+        (lambda run, tmp: ["--ratio", "0.3", "--ranks-from", str(tmp / "nowhere")], "no compression.json there"),
+        (lambda run, tmp: ["--ratio", "0.3", "--ranks-from", run, "--encoding", "pivga"],
+         "pass --encoding plain"),
+    ],
+)
+def test_from_run_refuses_ranks_that_do_not_fit(tmp_path, capsys, zs_run, flags, fragment):
+    out = tmp_path / "o"
+    proc = cli(capsys, "--model", str(STORIES), "--method", "svd", "--nsamples", "12", "--seq-len", "64",
+               "--ranks", "from-run", "--out", str(out), "--data-dir", str(DATA), *flags(str(zs_run[0]), tmp_path))
+    assert_one_line_error(proc, fragment)
+    assert not out.exists() and not out.with_name("o.partial").exists()
+
+
+def test_from_run_refuses_a_run_of_another_model(tmp_path, capsys, zs_run):
+    def reshape(report):
+        report["matrices"][3]["shape"] = [7, 7]
+
+    proc = cli(capsys, "--model", str(STORIES), "--method", "svd", "--ratio", "0.3", "--ranks", "from-run",
+               "--ranks-from", _edited_report(tmp_path, zs_run, reshape), "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "is [7, 7] there but", "another model")
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------ settings and configs
 
 

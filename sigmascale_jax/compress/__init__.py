@@ -53,8 +53,8 @@ def compress(
     """Compress `model` with `method` at `ratio` into the folder `out`; returns the report (compression.json).
 
     `method`: "svd", "asvd", "svd-llm", "sigmascale" (or a `Factorizer`); `ranks`: "uniform",
-    "zs-svd", "fermigrad", "sensitivity" (or a `RankAllocator`); `correction`: ZS-SVD's
-    correction after the block loop; `encoding`: "plain" or "pivga" (or an `Encoder`).
+    "zs-svd", "fermigrad", "sensitivity", "from-run" (with `ranks_from=RUN`; or a `RankAllocator`);
+    `correction`: ZS-SVD's correction after the block loop; `encoding`: "plain" or "pivga" (or an `Encoder`).
     `settings`: the methods' own settings by field name (`update=True`, `alpha=0.5`,
     `steps=50`, `grad_samples=8`, ...); see `python -m sigmascale_jax.compress --help`.
     """
