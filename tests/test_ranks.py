@@ -420,13 +420,21 @@ def test_from_run_refuses_ranks_that_do_not_fit(tmp_path, capsys, zs_run, flags,
     assert not out.exists() and not out.with_name("o.partial").exists()
 
 
-def test_from_run_refuses_a_run_of_another_model(tmp_path, capsys, zs_run):
-    def reshape(report):
-        report["matrices"][3]["shape"] = [7, 7]
+def _reshape(report):
+    report["matrices"][3]["shape"] = [7, 7]
 
+
+def _overrank(report):
+    m = next(m for m in report["matrices"] if not m["dense"])
+    m["rank"] = 1000000
+
+
+@pytest.mark.parametrize("edit,fragments", [(_reshape, ("is [7, 7] there but", "another model")),
+                                            (_overrank, ("edited.json: block", "rank 1000000 outside 1.."))])
+def test_from_run_refuses_a_run_of_another_model(tmp_path, capsys, zs_run, edit, fragments):
     proc = cli(capsys, "--model", str(STORIES), "--method", "svd", "--ratio", "0.3", "--ranks", "from-run",
-               "--ranks-from", _edited_report(tmp_path, zs_run, reshape), "--out", str(tmp_path / "o"))
-    assert_one_line_error(proc, "is [7, 7] there but", "another model")
+               "--ranks-from", _edited_report(tmp_path, zs_run, edit), "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, *fragments)
     assert not (tmp_path / "o").exists()
 
 

@@ -60,15 +60,17 @@ def read_run_ranks(ranks_from: str | None, cfg: ModelConfig, ratio: float) -> tu
         if list(m.get("shape", ())) != list(shapes[name]):
             raise UserError(f"{path}: block {i} {name} is {m.get('shape')} there but {list(shapes[name])} in this "
                             "model; the run was made for another model")
-        k = None if m.get("dense") else m.get("rank")
-        if k is not None and not (isinstance(k, int) and 1 <= k <= min(shapes[name])):
-            raise UserError(f"{path}: block {i} {name} has rank {k!r}, outside 1..{min(shapes[name])}")
-        ranks[i][name] = k
+        ranks[i][name] = None if m.get("dense") else m.get("rank")
     missing = [(i, n) for i, block in enumerate(ranks) for n in PROJECTIONS if n not in block]
     if missing:
         raise UserError(f"{path} records no rank for {len(missing)} matrices (first: block {missing[0][0]} "
                         f"{missing[0][1]}); the run was made for another model")
-    return ranks, report
+    from sigmascale_jax.compress.pipeline import check_ranks  # pipeline imports the allocators
+
+    try:
+        return check_ranks(ranks, cfg), report
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 @register(ALLOCATORS, "from-run", FromRunSettings, "the ranks of an earlier compressed run (--ranks-from RUN)")
