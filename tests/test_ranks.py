@@ -431,7 +431,7 @@ def _overrank(report):
 
 @pytest.mark.parametrize("edit,fragments", [(_reshape, ("is [7, 7] there but", "another model")),
                                             (_overrank, ("edited.json: block", "rank 1000000 outside 1.."))])
-def test_from_run_refuses_a_run_of_another_model(tmp_path, capsys, zs_run, edit, fragments):
+def test_from_run_refuses_a_report_that_does_not_fit_this_model(tmp_path, capsys, zs_run, edit, fragments):
     proc = cli(capsys, "--model", str(STORIES), "--method", "svd", "--ratio", "0.3", "--ranks", "from-run",
                "--ranks-from", _edited_report(tmp_path, zs_run, edit), "--out", str(tmp_path / "o"))
     assert_one_line_error(proc, *fragments)
