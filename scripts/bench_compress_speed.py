@@ -49,7 +49,7 @@ def torch_gram_pass(args) -> dict:
 
     from sigmascale_jax.compress.pipeline import calibration_windows
     from sigmascale_jax.compress.plan import RunSpec
-    from sigmascale_jax.sources import open_model
+    from sigmascale_jax.io.sources import open_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()

@@ -22,10 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchlib import cpu_name  # noqa: E402
-from sigmascale_jax.data import find_data_dir, perplexity_text  # noqa: E402
-from sigmascale_jax.fileio import write_json_atomic  # noqa: E402
-from sigmascale_jax.perplexity import make_windows  # noqa: E402
-from sigmascale_jax.sources import load_model  # noqa: E402
+from sigmascale_jax.io.data import find_data_dir, perplexity_text  # noqa: E402
+from sigmascale_jax.io.fileio import write_json_atomic  # noqa: E402
+from sigmascale_jax.eval.perplexity import make_windows  # noqa: E402
+from sigmascale_jax.io.sources import load_model  # noqa: E402
 
 
 def time_calls(fn, batches, repeats: int) -> float:
@@ -55,7 +55,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sigmascale_jax.modeling import forward_jit
+    from sigmascale_jax.model.modeling import forward_jit
 
     torch.set_num_threads(args.threads)
     cfg, params, source = load_model(args.model)

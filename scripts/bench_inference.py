@@ -49,10 +49,10 @@ def ours(path: str, args) -> dict:
     import numpy as np
 
     import sigmascale_jax  # noqa: F401
-    from sigmascale_jax.kvcache import init_cache, step
-    from sigmascale_jax.linear import as_leaf
-    from sigmascale_jax.modeling import PROJECTIONS
-    from sigmascale_jax.sources import load_model
+    from sigmascale_jax.model.kvcache import init_cache, step
+    from sigmascale_jax.model.leaves import as_leaf
+    from sigmascale_jax.model.modeling import PROJECTIONS
+    from sigmascale_jax.io.sources import load_model
 
     cfg, params, _ = load_model(path)
     weight_bytes = sum(as_leaf(b[n]).nbytes for b in params["blocks"] for n in PROJECTIONS)

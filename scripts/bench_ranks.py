@@ -9,7 +9,7 @@ loss before/after) and OUT_ranks_RATIO.png: the rank of each projection by block
     python scripts/bench_ranks.py --ratios 0.2,0.4 --nsamples 64 --max-windows 16 --out results/ranks_smollm2 \
         --ranks uniform,zs-svd,zs-svd+correction,sensitivity,fermigrad --methods svd-llm,sigmascale,sigmascale-paper
 
-Allocations are cached (`sigmascale_jax.cache`), so the ranks of zs-svd, sensitivity and
+Allocations are cached (`sigmascale_jax.io.diskcache`), so the ranks of zs-svd, sensitivity and
 fermigrad are computed once per ratio and reused by the other methods: the `allocate`
 column shows the seconds the allocation took when it was computed.
 """

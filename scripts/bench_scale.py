@@ -53,8 +53,8 @@ def write_model(name: str, blocks: int, folder: Path) -> Path:
     from safetensors.numpy import save_file
     from transformers import AutoConfig
 
-    from sigmascale_jax.config import config_from_hf
-    from sigmascale_jax.params import block_tensors, outer_tensors
+    from sigmascale_jax.model.config import config_from_hf
+    from sigmascale_jax.io.hf_map import block_tensors, outer_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "model.safetensors").is_file():
@@ -91,13 +91,14 @@ def bench_shape(name: str, args, save=lambda row: None) -> dict:
     import sigmascale_jax  # noqa: F401
     from sigmascale_jax.compress.factorize.svd_llm import svd_llm
     from sigmascale_jax.compress.plan import BlockInputs
-    from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS
-    from sigmascale_jax.params import load_block, load_outer
-    from sigmascale_jax.ranks import block_ranks
-    from sigmascale_jax.sigmascale import block_loss, triangular_whitening, zero_scales
-    from sigmascale_jax.sources import open_model
-    from sigmascale_jax.stats import block_stats, block_stats_chunk
-    from sigmascale_jax.truncation import TRUNCATIONS
+    from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
+    from sigmascale_jax.io.hf_map import load_block, load_outer
+    from sigmascale_jax.compress.ranks import block_ranks
+    from sigmascale_jax.compress.factorize.sigmascale.block import block_loss, zero_scales
+    from sigmascale_jax.linalg.whitening import triangular_whitening
+    from sigmascale_jax.io.sources import open_model
+    from sigmascale_jax.compress.stats import block_stats, block_stats_chunk
+    from sigmascale_jax.linalg.truncation import TRUNCATIONS
 
     folder = write_model(name, args.blocks, REPO / args.work / name)
     src = open_model(str(folder))

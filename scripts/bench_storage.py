@@ -151,8 +151,8 @@ def main() -> int:
              for tok in (f"--{k}", str(conf[k]))]
     import math
 
-    from sigmascale_jax.params import block_tensors, outer_tensors
-    from sigmascale_jax.sources import open_model
+    from sigmascale_jax.io.hf_map import block_tensors, outer_tensors
+    from sigmascale_jax.io.sources import open_model
 
     dense = benchlib.dense_row(args)
     cfg = open_model(args.model).cfg

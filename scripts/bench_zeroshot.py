@@ -19,7 +19,7 @@ from pathlib import Path
 
 import benchlib
 
-from sigmascale_jax.tasks import TASKS, ZEROSHOT_TASKS
+from sigmascale_jax.eval.tasks import TASKS, ZEROSHOT_TASKS
 
 
 def evaluate(label: str, model: str, args) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sigmascale_jax.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+from sigmascale_jax.io.fileio import write_json_atomic, write_text_atomic  # noqa: E402
 
 DEFAULT_MODEL = str(REPO.parent / "shared" / "models" / "smollm2-135m-instruct-q4_1")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sigmascale_jax.fileio import write_json_atomic  # noqa: E402
+from sigmascale_jax.io.fileio import write_json_atomic  # noqa: E402
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -40,7 +40,7 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sigmascale_jax.checkpoint import SPECTRA_FILE
+    from sigmascale_jax.io.checkpoint import SPECTRA_FILE
 
     run = Path(args.run)
     report = json.loads((run / "compression.json").read_text())

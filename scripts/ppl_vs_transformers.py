@@ -20,10 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sigmascale_jax.data import find_data_dir, perplexity_text  # noqa: E402
-from sigmascale_jax.fileio import write_json_atomic  # noqa: E402
-from sigmascale_jax.perplexity import make_windows  # noqa: E402
-from sigmascale_jax.sources import load_model  # noqa: E402
+from sigmascale_jax.io.data import find_data_dir, perplexity_text  # noqa: E402
+from sigmascale_jax.io.fileio import write_json_atomic  # noqa: E402
+from sigmascale_jax.eval.perplexity import make_windows  # noqa: E402
+from sigmascale_jax.io.sources import load_model  # noqa: E402
 
 
 def load_torch_model(source):
@@ -61,7 +61,7 @@ def main() -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from sigmascale_jax.perplexity import _window_nll_sums
+    from sigmascale_jax.eval.perplexity import _window_nll_sums
 
     torch.set_num_threads(args.threads)
     cfg, params, source = load_model(args.model)

@@ -51,10 +51,10 @@ def block_pieces(args) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    import sigmascale_jax.modeling as M
-    from sigmascale_jax.params import load_block
-    from sigmascale_jax.sources import open_model
-    from sigmascale_jax.stats import block_stats_chunk
+    import sigmascale_jax.model.modeling as M
+    from sigmascale_jax.io.hf_map import load_block
+    from sigmascale_jax.io.sources import open_model
+    from sigmascale_jax.compress.stats import block_stats_chunk
 
     src = open_model(args.model)
     cfg = src.cfg
@@ -133,9 +133,9 @@ def eval_forward(args) -> list[dict]:
     import numpy as np
     import torch
 
-    import sigmascale_jax.modeling as M
-    from sigmascale_jax.params import load_block, load_outer
-    from sigmascale_jax.sources import open_model
+    import sigmascale_jax.model.modeling as M
+    from sigmascale_jax.io.hf_map import load_block, load_outer
+    from sigmascale_jax.io.sources import open_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     src = open_model(args.model)
@@ -174,7 +174,7 @@ def setup_stages(args) -> dict:
     """Seconds of the compressor's set-up: open the model, build the tokenizer, tokenize the calibration text."""
     from sigmascale_jax.compress.pipeline import calibration_windows
     from sigmascale_jax.compress.plan import RunSpec
-    from sigmascale_jax.sources import open_model
+    from sigmascale_jax.io.sources import open_model
 
     t0 = time.perf_counter()
     src = open_model(args.model)
@@ -228,7 +228,7 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from benchlib import cpu_name
-    from sigmascale_jax.fileio import write_json_atomic, write_text_atomic
+    from sigmascale_jax.io.fileio import write_json_atomic, write_text_atomic
 
     payload = {"model": args.model, "block": args.block, "batch": args.batch, "seq_len": args.seq_len, "reps": args.reps,
                "machine": f"{cpu_name()}, {os.cpu_count()} cores",

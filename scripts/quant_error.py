@@ -25,11 +25,12 @@ import numpy as np
 
 import benchlib
 
-from sigmascale_jax.checkpoint import load_compressed
-from sigmascale_jax.compress.encode._quant import DEFAULT_GROUP
-from sigmascale_jax.linear import LowRank, PivGa, pivga_from_factors
-from sigmascale_jax.modeling import PROJECTIONS
-from sigmascale_jax.quant import quantize
+from sigmascale_jax.io.checkpoint import load_compressed
+from sigmascale_jax.compress.encode.quant import DEFAULT_GROUP
+from sigmascale_jax.compress.encode.pivga import PivGa, perm_codes, pivga_from_factors
+from sigmascale_jax.model.leaves import LowRank
+from sigmascale_jax.model.modeling import PROJECTIONS
+from sigmascale_jax.compress.encode.quant import quantize
 
 VARIANTS = ("rtn(W)", "plain", "pivga", "pivga, R only", "pivga, B' only")
 
@@ -43,7 +44,7 @@ def matrix_errors(b: np.ndarray, c: np.ndarray, kind: str, group: int) -> dict[s
     q = lambda x: quantize(np.asarray(x, np.float32), kind, group)  # noqa: E731
     w = np.asarray(b, np.float64) @ np.asarray(c, np.float64)
     bp, r, perm = pivga_from_factors(b, c)
-    qbp, qr = q(bp), q(r)
+    qbp, qr, perm = q(bp), q(r), perm_codes(perm)
     return {"rtn(W)": rel(q(w).dequantize(), w), "plain": rel(LowRank(q(b), q(c)).matrix(), w),
             "pivga": rel(PivGa(qbp, qr, perm).matrix(), w),
             "pivga, R only": rel(PivGa(np.asarray(bp, np.float32), qr, perm).matrix(), w),

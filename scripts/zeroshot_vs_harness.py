@@ -4,7 +4,7 @@ Both read the same local files: the documents our loaders produce (Hugging Face
 schema) are written as JSON lines, and the harness runs its own task YAMLs on them
 (its prompts, HellaSwag preprocessing, WinoGrande partial scoring, MathQA parsing,
 tokenization, scoring and metrics) through `HFLM` over transformers + torch (CPU,
-float32) on the same weights. Our side is `sigmascale_jax.zeroshot`. For every
+float32) on the same weights. Our side is `sigmascale_jax.eval.zeroshot`. For every
 document the script compares the chosen answer (acc and acc_norm) and the
 log-likelihoods, and explains each differing choice by the two models' margins.
 
@@ -30,10 +30,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sigmascale_jax.data import find_data_dir  # noqa: E402
-from sigmascale_jax.fileio import write_json_atomic, write_text_atomic  # noqa: E402
-from sigmascale_jax.tasks import TASKS, ZEROSHOT_TASKS, load_task  # noqa: E402
-from sigmascale_jax.zeroshot import predictions, score_task, task_metrics  # noqa: E402
+from sigmascale_jax.io.data import find_data_dir  # noqa: E402
+from sigmascale_jax.io.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+from sigmascale_jax.eval.tasks import TASKS, ZEROSHOT_TASKS, load_task  # noqa: E402
+from sigmascale_jax.eval.zeroshot import predictions, score_task, task_metrics  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -173,7 +173,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sigmascale_jax.sources import load_model
+    from sigmascale_jax.io.sources import load_model
 
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

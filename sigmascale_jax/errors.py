@@ -16,7 +16,7 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run `main(argv)`; a UserError (or a full disk) becomes `error: <message>` on stderr and exit code 2."""
-    from sigmascale_jax.fileio import no_space
+    from sigmascale_jax.io.fileio import no_space
 
     try:
         code = main(argv)
@@ -84,3 +84,20 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def make_callable(module_name: str, fn: Callable) -> None:
+    """Let `import sigmascale_jax.X; sigmascale_jax.X(...)` call `fn` while `python -m sigmascale_jax.X` runs the CLI.
+
+    An entry-point module and the public function of the same name share one attribute of the
+    package (importing the module sets it), so the module itself forwards calls to the function.
+    """
+    import types
+
+    class _CallableModule(types.ModuleType):
+        __doc__ = fn.__doc__
+
+        def __call__(self, *args, **kwargs):
+            return fn(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = _CallableModule

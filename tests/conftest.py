@@ -143,7 +143,7 @@ def compress_cli(capsys, *args: str) -> subprocess.CompletedProcess:
 
 
 def eval_cli(capsys, *args: str) -> subprocess.CompletedProcess:
-    from sigmascale_jax.eval import main
+    from sigmascale_jax.eval.cli import main
 
     return run_in_process(capsys, main, *args, "--no-progress")
 

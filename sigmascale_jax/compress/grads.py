@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigmascale_jax.config import ModelConfig
-from sigmascale_jax.modeling import PROJECTIONS, Params, block_forward, lm_head, rms_norm, rope_cos_sin
+from sigmascale_jax.model.config import ModelConfig
+from sigmascale_jax.model.modeling import PROJECTIONS, Params, block_forward, lm_head, rms_norm, rope_cos_sin
 
 
 def densify(block: Params) -> Params:

@@ -31,8 +31,8 @@ import numpy as np
 
 from sigmascale_jax.compress.plan import Allocation, BlockInputs, BlockResult, Budget, ModelContext, Plan, RunSpec
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.fileio import check_writable_dir, write_json_atomic, write_npz_atomic
-from sigmascale_jax.modeling import PROJECTIONS
+from sigmascale_jax.io.fileio import check_writable_dir, write_json_atomic, write_npz_atomic
+from sigmascale_jax.model.modeling import PROJECTIONS
 
 PARTIAL_SUFFIX = ".partial"
 RANKS_FILE = "ranks.json"
@@ -105,12 +105,12 @@ def _finished_work(staging: Path) -> bool:
 
 
 def calibration_windows(source, spec: RunSpec, data_dir: str | None) -> np.ndarray:
-    from sigmascale_jax.calibration import calibration_text, sample_windows
-    from sigmascale_jax.data import find_data_dir
+    from sigmascale_jax.compress.calibration import calibration_text, sample_windows
+    from sigmascale_jax.io.data import find_data_dir
 
     from importlib.metadata import version
 
-    from sigmascale_jax.cache import cached, model_fingerprint
+    from sigmascale_jax.io.diskcache import cached, model_fingerprint
 
     text = calibration_text(spec.calib, find_data_dir(data_dir) if spec.calib in ("c4", "wikitext2-valid") else Path("."))
     # Tokenizing the text is seconds a run; the ids depend only on the tokenizer's files and the text.
@@ -125,7 +125,7 @@ def apply_in_chunks(block, xs: np.ndarray, cfg, batch_size: int, mesh=None) -> n
     """The block applied to `xs: [N, T, D]`, `batch_size` windows a call (split over the mesh's data axis)."""
     import jax.numpy as jnp
 
-    from sigmascale_jax.modeling import block_apply
+    from sigmascale_jax.model.modeling import block_apply
     from sigmascale_jax.parallel import replicate, shard
 
     block = replicate(block, mesh)
@@ -155,7 +155,7 @@ def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path) ->
     if not plan.allocate.costly:
         alloc = plan.allocate.allocate(ctx, budget)
         return Allocation(check_ranks(alloc.ranks, ctx.cfg), alloc.info)
-    from sigmascale_jax.cache import cached
+    from sigmascale_jax.io.diskcache import cached
 
     # Costly allocations are also kept in the disk cache: the same ranks serve every factorizer.
     key = {"model": ctx.model_key, "calib_sha1": ctx.calib_sha1, "allocate": plan.key()["allocate"],
@@ -187,8 +187,8 @@ class _Clock:
 
 def open_checked(spec: RunSpec, plan: Plan):
     """The model source, after every check that needs no calibration data: a UserError here writes nothing."""
-    from sigmascale_jax.params import check_checkpoint
-    from sigmascale_jax.sources import open_model
+    from sigmascale_jax.io.hf_map import check_checkpoint
+    from sigmascale_jax.io.sources import open_model
 
     for name in ("model", "ratio"):
         if getattr(spec, name) is None:
@@ -242,18 +242,17 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
     """Stages (0)-(3) into `staging`; returns the report."""
     import jax
 
-    from sigmascale_jax.checkpoint import PARAMS_DIR, SPECTRA_FILE, TOKENIZER_DIR, save_pytree
+    from sigmascale_jax.io.checkpoint import PARAMS_DIR, SPECTRA_FILE, TOKENIZER_DIR, save_pytree
     from sigmascale_jax.compress.report import build_report
-    from sigmascale_jax.modeling import param_count
-    from sigmascale_jax.linear import to_tree
-    from sigmascale_jax.params import load_block, load_outer
+    from sigmascale_jax.model.modeling import param_count
+    from sigmascale_jax.io.hf_map import load_block, load_outer
 
     cfg = source.cfg
     encoder = plan.encoder()
     budget = Budget(spec.ratio, encoder.count)
     # Host copies: only the block being worked on lives on the device.
     outer = jax.device_get(load_outer(source.reader, cfg))
-    from sigmascale_jax.cache import model_fingerprint
+    from sigmascale_jax.io.diskcache import model_fingerprint
 
     from sigmascale_jax.parallel import make_mesh
 
@@ -273,7 +272,7 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
     # (3) how to store what is left: every projection becomes its encoder's typed leaf
     leaves = [{n: encoder.encode(block[n], results[i].matrices[n]) for n in PROJECTIONS} for i, block in enumerate(blocks)]
     clock.lap("encode")
-    saved = [{**block, **{n: to_tree(leaf) for n, leaf in leaves[i].items()}} for i, block in enumerate(blocks)]
+    saved = [{**block, **{n: leaf.to_tree() for n, leaf in leaves[i].items()}} for i, block in enumerate(blocks)]
     params = {**outer, "blocks": saved}
     save_pytree(staging / PARAMS_DIR, params)
     block_spectra = sorted((staging / "blocks").glob("*.spectra.npz"))
@@ -302,10 +301,10 @@ def _block_loop(spec: RunSpec, plan: Plan, ctx: ModelContext, alloc: Allocation,
     import jax
     from tqdm.auto import tqdm
 
-    from sigmascale_jax.checkpoint import load_pytree, save_pytree
-    from sigmascale_jax.modeling import param_count
-    from sigmascale_jax.params import load_block
-    from sigmascale_jax.stats import block_stats
+    from sigmascale_jax.io.checkpoint import load_pytree, save_pytree
+    from sigmascale_jax.model.modeling import param_count
+    from sigmascale_jax.io.hf_map import load_block
+    from sigmascale_jax.compress.stats import block_stats
 
     cfg, factorizer = ctx.cfg, plan.factorize
     xs = ctx.outer["embed"][ctx.windows]  # [N, L, D]
@@ -344,20 +343,14 @@ def _block_loop(spec: RunSpec, plan: Plan, ctx: ModelContext, alloc: Allocation,
             clock.lap("propagate")
         blocks.append(jax.device_get(result.params))
         results.append(result)
-        if result.block:
-            step = result.block.get("step_s")
-            bar.set_postfix(hold=f"{result.block['holdout_init']:.4f}->{result.block['holdout_best']:.4f}",
-                            **({"s/step": f"{step:.3f}"} if step else {}))
-        else:
-            losses = [m["rel_loss"] for m in result.matrices.values() if not m["dense"]]
-            bar.set_postfix(rel_loss=f"{np.mean(losses) if losses else 0.0:.4f}")
+        bar.set_postfix(factorizer.progress(result))
         if not np.isfinite(xs).all():
             raise FloatingPointError(f"non-finite activations after block {i}")
     return blocks, results, dense_count
 
 
 def _resumed_block(ckpt: Path, info_file: Path, i: int, staging: Path) -> BlockResult:
-    from sigmascale_jax.checkpoint import load_pytree
+    from sigmascale_jax.io.checkpoint import load_pytree
 
     try:
         saved = json.loads(info_file.read_text())
@@ -369,7 +362,7 @@ def _resumed_block(ckpt: Path, info_file: Path, i: int, staging: Path) -> BlockR
 
 def _finalize(staging: Path, out: Path, report: dict) -> dict:
     """Write the report and put the finished folder at `out` (an old `out` is set aside first, then removed)."""
-    from sigmascale_jax.checkpoint import REPORT_FILE
+    from sigmascale_jax.io.checkpoint import REPORT_FILE
 
     write_json_atomic(staging / REPORT_FILE, report)
     shutil.rmtree(staging / "blocks")

@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import numpy as np
 
 from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.config import ModelConfig
+from sigmascale_jax.model.config import ModelConfig
 
 Params = dict[str, Any]
 Ranks = list[dict[str, Optional[int]]]  # ranks[block][projection]: a rank, or None for a matrix kept dense
@@ -130,6 +130,14 @@ class Factorizer(NamedTuple):
     needs_dense_stream: bool = False  # also feed the dense model's activations (SVD-LLM's update)
     needs_outputs: bool = False  # reads BlockInputs.ys (else it is None when --sequential: not computed)
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
+    progress: Callable[[BlockResult], dict[str, str]] = lambda result: mean_loss(result)  # the block bar's postfix
+    flat_record: bool = False  # also copy its settings to compression.json's top-level key of its name (format 1)
+
+
+def mean_loss(result: BlockResult) -> dict[str, str]:
+    """The progress bar's default: the mean relative activation loss of the block's factored projections."""
+    losses = [m["rel_loss"] for m in result.matrices.values() if not m["dense"]]
+    return {"rel_loss": f"{np.mean(losses) if losses else 0.0:.4f}"}
 
 
 class Encoder(NamedTuple):
@@ -138,9 +146,21 @@ class Encoder(NamedTuple):
     name: str
     settings: Settings
     count: Callable[[int, int, int], int]  # numbers stored for an m × n matrix at rank k: the budget's unit
-    encode: Callable[[dict, dict], Any]  # (projection dict {"w"} or {"b","c"}, its record) -> linear.Leaf
+    encode: Callable[[dict, dict], Any]  # (projection dict {"w"} or {"b","c"}, its record) -> a typed leaf
     record: Callable[[], dict] = lambda: {}  # what compression.json says of every matrix's encoding
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
+    read: Callable[[dict, dict], Any] | None = None  # (saved dict, its compression.json record) -> the typed leaf
+    reencode: Callable[[Any, str], Any] | None = None  # (a stored leaf, where it came from) -> the leaf stored this way
+
+
+def read_leaf(tree: dict, record: dict) -> Any:
+    """A projection saved by an encoder (`Leaf.to_tree`), read back as the typed leaf its record names."""
+    load_methods()
+    name = record.get("encoding") or "plain"
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoding {name!r}; known: {', '.join(ENCODERS)}")
+    enc = ENCODERS[name].build(quantize=record.get("quantize") or "none", group_size=record.get("group_size"))
+    return enc.read(tree, record)
 
 
 class Refiner(NamedTuple):

@@ -20,21 +20,19 @@ from typing import Any
 import numpy as np
 
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.modeling import PROJECTIONS
+from sigmascale_jax.model.modeling import PROJECTIONS
 
 
 def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, quantize: str = "none",
              group_size: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write `src`'s model to `out` with its projections stored as `encoding` (default: as in `src`), quantized
     as `quantize`; returns the new report (compression.json, with `reencoded_from`)."""
-    from sigmascale_jax.checkpoint import PARAMS_DIR, REPORT_FILE, SPECTRA_FILE, TOKENIZER_DIR, read_report, save_pytree
-    from sigmascale_jax.checkpoint import load_compressed
+    from sigmascale_jax.io.checkpoint import PARAMS_DIR, REPORT_FILE, SPECTRA_FILE, TOKENIZER_DIR, read_report, save_pytree
+    from sigmascale_jax.io.checkpoint import load_compressed
     from sigmascale_jax.compress.plan import ENCODERS, load_methods
     from sigmascale_jax.compress.pipeline import check_out
     from sigmascale_jax.compress.report import matrix_bytes
-    from sigmascale_jax.fileio import write_json_atomic
-    from sigmascale_jax.linear import LowRank, PivGa, to_tree
-    from sigmascale_jax.quant import QuantMatrix
+    from sigmascale_jax.io.fileio import write_json_atomic
 
     src, out = Path(src), Path(out)
     report = read_report(src)
@@ -53,20 +51,7 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
     for i, block in enumerate(params["blocks"]):
         new = dict(block)
         for n in PROJECTIONS:
-            leaf = block[n]
-            mats = [getattr(leaf, f) for f in ("w", "b", "c", "r") if hasattr(leaf, f)]
-            if any(isinstance(m, QuantMatrix) for m in mats):
-                raise UserError(f"{src} holds quantized matrices; re-encode from an unquantized compression")
-            if isinstance(leaf, PivGa) and encoding == "plain":
-                raise UserError(f"{src} is PivGa-encoded; it can be quantized (--encoding pivga), not turned plain")
-            if isinstance(leaf, PivGa):  # already gauge-fixed: only quantization is left to do
-                new_leaf = _quantize_pivga(leaf, enc)
-            else:
-                d = {"b": np.asarray(leaf.b), "c": np.asarray(leaf.c)} if isinstance(leaf, LowRank) else {
-                    "w": np.asarray(leaf.w)}
-                if leaf.bias is not None:
-                    d["bias"] = leaf.bias
-                new_leaf = enc.encode(d, records[(i, n)])
+            new_leaf = enc.reencode(block[n], str(src))
             new[n] = new_leaf
             rec = records[(i, n)]
             k = rec["rank"] if not rec.get("dense") else None
@@ -74,7 +59,7 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
                                                                               enc.count(*rec["shape"], k))
             matrices.append({**rec, **enc.record(), "stored": stored, "bytes": matrix_bytes(new_leaf)})
         blocks.append(new)
-    saved = {**params, "blocks": [{**b, **{n: to_tree(b[n]) for n in PROJECTIONS}} for b in blocks]}
+    saved = {**params, "blocks": [{**b, **{n: b[n].to_tree() for n in PROJECTIONS}} for b in blocks]}
     save_pytree(staging / PARAMS_DIR, saved)
     shutil.copytree(src / TOKENIZER_DIR, staging / TOKENIZER_DIR)
     if (src / SPECTRA_FILE).is_file():
@@ -99,15 +84,3 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
         shutil.rmtree(out)
     staging.rename(out)
     return new_report
-
-
-def _quantize_pivga(leaf, enc) -> Any:
-    """A float PivGa leaf with its B' and R quantized as `enc` says (its permutation kept)."""
-    from sigmascale_jax.linear import PivGa
-    from sigmascale_jax.quant import quantize
-
-    kind, group = enc.settings.kind, enc.settings.group_size
-    if not kind:
-        return leaf
-    return PivGa(quantize(np.asarray(leaf.b), kind, group), quantize(np.asarray(leaf.r), kind, group), leaf.perm,
-                 leaf.bias)

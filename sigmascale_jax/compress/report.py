@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from sigmascale_jax.compress.plan import Allocation, BlockResult, Budget, Plan, RunSpec
-from sigmascale_jax.config import ModelConfig
-from sigmascale_jax.modeling import PROJECTIONS
+from sigmascale_jax.model.config import ModelConfig
+from sigmascale_jax.model.modeling import PROJECTIONS
 
 
 def versions() -> dict[str, str]:
@@ -61,7 +61,7 @@ def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation,
                  resumed: bool, timings: dict, seconds: float) -> dict[str, Any]:
     """compression.json. `counts`: `model_dense` (all parameters) and `other` (those outside the projections'
     matrices: embeddings, norms, head, biases), which stay float32."""
-    from sigmascale_jax.checkpoint import FORMAT_VERSION
+    from sigmascale_jax.io.checkpoint import FORMAT_VERSION
 
     shapes = cfg.projection_shapes()
     triples = [(*shapes[n], alloc.ranks[i][n]) for i in range(cfg.num_layers) for n in PROJECTIONS]
@@ -86,7 +86,7 @@ def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation,
         "update": settings.get("update", False),
         "sequential": spec.sequential,
         "alpha": settings.get("alpha"),
-        "sigmascale": settings if fz.name == "sigmascale" else None,
+        "sigmascale": None, **({fz.name: settings} if fz.flat_record else {}),
         "encoding": enc.name,
         "encode": {"name": enc.name, **enc.settings.asdict()},
         "ratio_requested": spec.ratio,

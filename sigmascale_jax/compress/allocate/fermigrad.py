@@ -38,10 +38,10 @@ import optax
 from sigmascale_jax.compress.grads import _head_nll_sum
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.config import ModelConfig
+from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS, block_forward, rope_cos_sin
-from sigmascale_jax.ranks import block_ranks, factored_params
+from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, block_forward, rope_cos_sin
+from sigmascale_jax.compress.ranks import block_ranks, factored_params
 
 # ------------------------------------------------------------------ pure pieces
 
@@ -173,7 +173,7 @@ def fermi_model(ctx: ModelContext) -> FermiModel:
     from tqdm.auto import tqdm
 
     from sigmascale_jax.compress.allocate.zs_svd import _whitening_jit
-    from sigmascale_jax.stats import block_stats
+    from sigmascale_jax.compress.stats import block_stats
 
     cfg, spec = ctx.cfg, ctx.spec
     xs = np.asarray(ctx.outer["embed"])[ctx.windows]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, Ranks, register
 from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.config import ModelConfig
+from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.modeling import PROJECTIONS
+from sigmascale_jax.model.modeling import PROJECTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ def _report_path(ranks_from: str | None) -> Path:
 def read_run_ranks(ranks_from: str | None, cfg: ModelConfig, ratio: float) -> tuple[Ranks, dict]:
     """`ranks[block][projection]` (None: dense) from a compressed run's report, and the report; checked against
     the model's shapes and the run's `ratio`."""
-    from sigmascale_jax.fileio import read_json
+    from sigmascale_jax.io.fileio import read_json
 
     path = _report_path(ranks_from)
     if not path.is_file():

@@ -12,7 +12,7 @@ is the highest one whose model meets the budget. The released code's binary sear
 budget; this one returns the exact boundary.
 
 The table does not depend on the ratio: it is cached per model and calibration
-(`sigmascale_jax.cache`) and reused by every ratio and factorizer.
+(`sigmascale_jax.io.diskcache`) and reused by every ratio and factorizer.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import numpy as np
 from sigmascale_jax.compress.grads import _head_nll_sum
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.config import ModelConfig
+from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.modeling import PROJECTIONS, Params, block_forward, rope_cos_sin
+from sigmascale_jax.model.modeling import PROJECTIONS, Params, block_forward, rope_cos_sin
 
 FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -151,7 +151,7 @@ def sensitivity(sensitivity_windows: int = 4) -> RankAllocator:
             raise UserError(f"--sensitivity-windows {settings.sensitivity_windows} exceeds --nsamples {spec.nsamples}")
 
     def allocate(ctx: ModelContext, budget: Budget) -> Allocation:
-        from sigmascale_jax.cache import cached
+        from sigmascale_jax.io.diskcache import cached
 
         t0 = time.perf_counter()
         key = {"model": ctx.model_key, "calib_sha1": ctx.calib_sha1, "windows": settings.sensitivity_windows,

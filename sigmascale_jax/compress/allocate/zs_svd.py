@@ -30,7 +30,7 @@ from sigmascale_jax.compress.grads import model_grads
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS
+from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
 
 COVARIANCE_JITTER = 1e-4  # added to G/T before the Cholesky, as the official code does
 DEFAULT_GRAD_SAMPLES = 16
@@ -195,7 +195,7 @@ def model_deltas(ctx: ModelContext, n_grad: int) -> dict:
     """
     from tqdm.auto import tqdm
 
-    from sigmascale_jax.stats import block_stats
+    from sigmascale_jax.compress.stats import block_stats
 
     cfg, spec = ctx.cfg, ctx.spec
     t0 = time.perf_counter()
@@ -227,8 +227,8 @@ def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> Rank
         grad_windows(spec, settings.grad_samples)
 
     def allocate(ctx: ModelContext, budget: Budget) -> Allocation:
-        from sigmascale_jax.cache import cached
-        from sigmascale_jax.ranks import break_even_rank
+        from sigmascale_jax.io.diskcache import cached
+        from sigmascale_jax.compress.ranks import break_even_rank
 
         cfg, spec = ctx.cfg, ctx.spec
         n_grad = grad_windows(spec, settings.grad_samples)

@@ -1,12 +1,133 @@
-"""PivGa (arXiv 2512.03062): the same matrix as B·C in k(m + n) − k² numbers (`linear.PivGa`)."""
+"""PivGa (arXiv 2512.03062): the same matrix as B·C in k(m + n) − k² numbers, and its leaf type.
+
+`B C = (B C_P)(C_P⁻¹ C)` for the k pivot columns P of C; `C_P⁻¹ C` is the identity on
+P, so only `B' = B C_P` (m × k), `R = C_P⁻¹ C_R` (k × (n − k)) and the permutation are
+stored: `k(m + n) − k²` numbers, the same matrix up to rounding. Applied as
+`y = B' (x_P + R x_R)`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from sigmascale_jax.compress.encode._quant import QuantSettings
-from sigmascale_jax.compress.encode.plain import encoder
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from sigmascale_jax.compress.encode.plain import make_encoder
+from sigmascale_jax.compress.encode.quant import QuantSettings
 from sigmascale_jax.compress.plan import ENCODERS, Encoder, register
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.model.leaves import (
+    FROZEN, Codes, as_array, factor_labels, is_quantized, matrix_bytes, matrix_tree, register_dict_form,
+)
+
+
+@struct.dataclass
+class PivGa:
+    b: Any  # [out, k]  B' = B C_P
+    r: Any  # [k, in − k]  R = C_P⁻¹ C_R
+    perm: Codes  # [in]: pivot columns first, then the rest
+    bias: Any = None
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        k = self.b.shape[1]
+        xp = jnp.take(x, self.perm.array(), axis=-1)
+        z = xp[..., :k]
+        if self.r.shape[1]:
+            z = z + xp[..., k:] @ as_array(self.r, x.dtype).T
+        y = z @ as_array(self.b, x.dtype).T
+        return y if self.bias is None else y + self.bias.astype(x.dtype)
+
+    def matrix(self) -> jax.Array:
+        k = self.b.shape[1]
+        c_perm = jnp.concatenate([jnp.eye(k, dtype=jnp.float32), as_array(self.r)], axis=1)  # C in permuted columns
+        c = jnp.zeros_like(c_perm).at[:, self.perm.array()].set(c_perm)
+        return as_array(self.b) @ c
+
+    @property
+    def num_params(self) -> int:
+        (m, k), n = self.b.shape, self.perm.shape[0]
+        return k * (m + n) - k * k
+
+    @property
+    def nbytes(self) -> int:
+        bias = 0 if self.bias is None else int(np.asarray(self.bias).nbytes)
+        return matrix_bytes(self.b) + matrix_bytes(self.r) + self.perm.nbytes + bias
+
+    def to_tree(self) -> dict[str, Any]:
+        out = {"b": matrix_tree(self.b), "r": matrix_tree(self.r), "perm": self.perm.numpy()}
+        return out if self.bias is None else {**out, "bias": self.bias}
+
+    def labels(self) -> "PivGa":
+        return PivGa(factor_labels(self.b), factor_labels(self.r), self.perm.labels(),
+                     None if self.bias is None else FROZEN)
+
+    def export_tensors(self, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
+        out = {f"{prefix}.b.weight": np.asarray(as_array(self.b), np.float32),
+               f"{prefix}.r.weight": np.asarray(as_array(self.r), np.float32),
+               f"{prefix}.perm": self.perm.numpy().astype(np.int64)}
+        if self.bias is not None:
+            out[f"{prefix}.b.bias"] = np.asarray(self.bias, np.float32)
+        return out, {"form": "pivga", "rank": int(self.b.shape[1])}
+
+
+def perm_codes(perm: Any) -> Codes:
+    """The permutation in 2 bytes an entry where it fits, else 4."""
+    perm = np.asarray(perm)
+    return Codes.of(perm.astype(np.int16 if perm.shape[0] <= np.iinfo(np.int16).max else np.int32))
+
+
+def _restored(p: dict) -> PivGa:
+    """A PivGa leaf from its saved dict, or from what an Orbax restore without a target gives (`perm` as a dict)."""
+    perm = p["perm"]
+    perm = perm_codes(np.asarray(perm["carrier"], np.float32).astype(np.int64)) if isinstance(perm, dict) else perm_codes(perm)
+    if isinstance(p["b"], dict) or isinstance(p["r"], dict):
+        raise ValueError("a quantized PivGa matrix restored without its target: load the folder with "
+                         "sigmascale_jax.load_model, or restore with a target")
+    return PivGa(jnp.asarray(p["b"]), jnp.asarray(p["r"]), perm, p.get("bias"))
+
+
+register_dict_form({"b", "r", "perm"}, _restored)
+
+
+def pivga_from_factors(b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(B' [m, k], R [k, n − k], perm [n])` of the rank-k pair `b: [m, k]`, `c: [k, n]` (float64, host).
+
+    The k pivot columns come from a column-pivoted QR of C (LAPACK geqp3), which keeps
+    `C_P` well conditioned and so `|R|` bounded; `R` is a solve, never an inverse.
+    """
+    from scipy.linalg import qr, solve
+
+    b, c = np.asarray(b, np.float64), np.asarray(c, np.float64)
+    k = c.shape[0]
+    _, piv = qr(c, mode="r", pivoting=True)
+    perm = np.asarray(piv, np.int32)
+    c_p, c_r = c[:, perm[:k]], c[:, perm[k:]]
+    r = solve(c_p, c_r) if c_r.shape[1] else np.zeros((k, 0))
+    return b @ c_p, r, perm
+
+
+def pivga_leaf(b, c, settings: QuantSettings | None = None, bias=None) -> PivGa:
+    """The rank-k pair `b: [m, k]`, `c: [k, n]` as a PivGa leaf, its matrices stored as `settings` say (float32)."""
+    settings = settings or QuantSettings()
+    bp, r, perm = pivga_from_factors(b, c)
+    return PivGa(settings.store(bp), settings.store(r), perm_codes(perm), bias)
+
+
+def _read(tree: dict, record: dict, settings: QuantSettings) -> PivGa:
+    k, n = record["rank"], record["shape"][1]
+    return PivGa(settings.load(tree["b"], k), settings.load(tree["r"], n - k), perm_codes(tree["perm"]),
+                 tree.get("bias"))
+
+
+def _requantize(leaf: Any, settings: QuantSettings, src: str) -> PivGa:
+    """A float PivGa leaf with its B' and R stored as `settings` say (already gauge-fixed: only quantization is left)."""
+    if is_quantized(leaf.b) or is_quantized(leaf.r):
+        raise UserError(f"{src} holds quantized matrices; re-encode from an unquantized compression")
+    return PivGa(settings.store(leaf.b), settings.store(leaf.r), leaf.perm, leaf.bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,4 +143,5 @@ def pivga_params(m: int, n: int, k):
 @register(ENCODERS, "pivga", PivGaSettings,
           "PivGa: B' = B C_P and R = C_P⁻¹ C_R with pivot columns P, lossless, k(m+n) − k² numbers")
 def pivga(quantize: str = "none", group_size: int | None = None) -> Encoder:
-    return encoder("pivga", PivGaSettings(quantize=quantize, group_size=group_size), pivga_params)
+    return make_encoder("pivga", PivGaSettings(quantize=quantize, group_size=group_size), pivga_params, pivga_leaf,
+                        _read, _requantize)

@@ -1,15 +1,15 @@
-"""Plain factors: `B` and `C` as they are (k(m + n) numbers), optionally quantized."""
+"""Plain factors: `B` and `C` as they are (k(m + n) numbers), optionally quantized (`leaves.LowRank`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-import numpy as np
-
-from sigmascale_jax.compress.encode._quant import QuantSettings
+from sigmascale_jax.compress.encode.quant import QuantSettings
 from sigmascale_jax.compress.plan import ENCODERS, Encoder, register
-from sigmascale_jax.linear import encode_dense, encode_factors
-from sigmascale_jax.ranks import factored_params
+from sigmascale_jax.compress.ranks import factored_params
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.model.leaves import Dense, LowRank, is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,21 +17,63 @@ class PlainSettings(QuantSettings):
     pass
 
 
-def encoder(name: str, settings: QuantSettings, count) -> Encoder:
-    """An encoder storing low-rank pairs as `name` (`linear.encode_factors`), dense matrices as they are."""
+def dense_leaf(p: dict, settings: QuantSettings) -> Dense:
+    """A projection kept dense (`{"w"}`), its matrix stored as `settings` say."""
+    return Dense(settings.store(p["w"]), p.get("bias"))
+
+
+def float_form(leaf: Any, src: str) -> dict:
+    """A stored leaf back in the pipeline's dict form, for re-encoding; quantized matrices cannot go back."""
+    if any(is_quantized(m) for m in jax_fields(leaf)):
+        raise UserError(f"{src} holds quantized matrices; re-encode from an unquantized compression")
+    out = {"w": leaf.w} if isinstance(leaf, Dense) else {"b": leaf.b, "c": leaf.c}
+    return out if leaf.bias is None else {**out, "bias": leaf.bias}
+
+
+def jax_fields(leaf: Any) -> list:
+    return [getattr(leaf, f.name) for f in dataclasses.fields(leaf) if f.name != "bias"]
+
+
+def make_encoder(name: str, settings: QuantSettings, count, factored, read_factored, reencode_own=None) -> Encoder:
+    """An encoder that stores low-rank pairs with `factored(b, c, settings, bias)` and dense matrices as they are.
+
+    `read_factored(tree, record, settings)` reads its saved form back; `reencode_own(leaf, settings)` re-stores a leaf
+    of its own type (None: the type is another encoder's and is refused)."""
 
     def encode(p: dict, record: dict):
         if "w" in p:
-            return encode_dense(np.asarray(p["w"]), settings.kind, settings.group_size, p.get("bias"))
-        return encode_factors(np.asarray(p["b"]), np.asarray(p["c"]), name, settings.kind, settings.group_size,
-                              p.get("bias"))
+            return dense_leaf(p, settings)
+        return factored(p["b"], p["c"], settings, p.get("bias"))
+
+    def read(tree: dict, record: dict):
+        if record.get("dense"):
+            return Dense(settings.load(tree["w"], record["shape"][1]), tree.get("bias"))
+        return read_factored(tree, record, settings)
+
+    def reencode(leaf: Any, src: str):
+        if isinstance(leaf, (Dense, LowRank)):
+            return encode(float_form(leaf, src), {})
+        if reencode_own is None:
+            raise UserError(f"{src} stores its factors as {type(leaf).__name__}; it can be quantized "
+                            f"(--encoding {type(leaf).__name__.lower()}), not turned {name}")
+        return reencode_own(leaf, settings, src)
 
     def record() -> dict:
-        return {"encoding": name, "quantize": settings.kind, "group_size": settings.group_size}
+        return {"encoding": name, **settings.record()}
 
-    return Encoder(name, settings, count, encode, record)
+    return Encoder(name, settings, count, encode, record, read=read, reencode=reencode)
+
+
+def _plain(b, c, settings: QuantSettings, bias) -> LowRank:
+    return LowRank(settings.store(b), settings.store(c), bias)
+
+
+def _read_plain(tree: dict, record: dict, settings: QuantSettings) -> LowRank:
+    return LowRank(settings.load(tree["b"], record["rank"]), settings.load(tree["c"], record["shape"][1]),
+                   tree.get("bias"))
 
 
 @register(ENCODERS, "plain", PlainSettings, "the factors B, C as they are: k(m+n) numbers")
 def plain(quantize: str = "none", group_size: int | None = None) -> Encoder:
-    return encoder("plain", PlainSettings(quantize=quantize, group_size=group_size), factored_params)
+    return make_encoder("plain", PlainSettings(quantize=quantize, group_size=group_size), factored_params, _plain,
+                        _read_plain)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sigmascale_jax.compress.plan import BlockResult, Params
-from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS
+from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
 
 
 def low_rank_groups(block: Params, ranks: dict[str, Optional[int]]) -> dict[tuple, list[str]]:

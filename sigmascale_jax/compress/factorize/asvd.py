@@ -6,11 +6,20 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
 from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, register
 from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.factorize import asvd_factors, relative_activation_loss
+from sigmascale_jax.compress.factorize.svd import svd_factors
+from sigmascale_jax.linalg.lowrank import relative_activation_loss
+
+
+def asvd_factors(w: jax.Array, absmean: jax.Array, rank: int, alpha: float = 0.5) -> tuple[jax.Array, jax.Array]:
+    """ASVD: SVD of `W diag(s)` with `s_j = mean_t|X_jt|^α` (`absmean: [n]`), then `C ← C diag(s)⁻¹`."""
+    scale = jnp.maximum(absmean, jnp.finfo(absmean.dtype).tiny) ** alpha
+    b, c = svd_factors(w * scale[None, :], rank)
+    return b, c / scale[None, :]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
 from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, register
 from sigmascale_jax.compress.settings import NoSettings
-from sigmascale_jax.factorize import relative_activation_loss, svd_factors
+from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma
+
+
+def svd_factors(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """Plain truncated SVD of `w: [m, n]`: optimal in ‖W − BC‖_F, blind to activations."""
+    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    return split_sigma(u, s, vt, rank)
 
 
 @functools.partial(jax.jit, static_argnames="rank")

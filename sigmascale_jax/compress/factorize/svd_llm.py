@@ -13,16 +13,47 @@ from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
 from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.factorize import (
-    WHITEN_CHOLESKY,
-    WHITEN_EIGH,
-    WHITEN_NAMES,
-    refit_left,
-    relative_activation_loss,
-    whitened_factors,
-    whitening,
-)
-from sigmascale_jax.modeling import PROJECTION_INPUT
+from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma, top_singular_gram
+from sigmascale_jax.linalg.whitening import WHITEN_CHOLESKY, WHITEN_EIGH, WHITEN_NAMES, unwhiten, whitening
+from sigmascale_jax.model.modeling import PROJECTION_INPUT
+
+
+def whitened_factors(
+    w: jax.Array, s: jax.Array, rank: int, triangular: bool = True, solver: str = "svd"
+) -> tuple[jax.Array, jax.Array]:
+    """Truncated SVD of `W S`, mapped back: `B = U_k Σ_k^½`, `C = Σ_k^½ V_kᵀ S⁻¹`.
+
+    `solver="gram"` takes the top singular triples from `top_singular_gram` (float64 only).
+    """
+    if solver == "gram":
+        u, sig, vt = top_singular_gram(w @ s, rank)
+    else:
+        u, sig, vt = jnp.linalg.svd(w @ s, full_matrices=False)
+    b, c_white = split_sigma(u, sig, vt, rank)
+    return b, unwhiten(c_white, s, triangular)
+
+
+def svd_llm_factors(w: jax.Array, gram: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """SVD-LLM: truncated SVD of `W S` (S the whitening of `gram`), `C = Σ_k^½ V_kᵀ S⁻¹`.
+
+    The exact minimizer of ‖(W − BC) X‖_F over rank-`rank` matrices.
+    """
+    s, route = whitening(gram)
+    return jax.lax.cond(
+        route == WHITEN_EIGH,
+        lambda: whitened_factors(w, s, rank, triangular=False),
+        lambda: whitened_factors(w, s, rank, triangular=True),
+    )
+
+
+def refit_left(w: jax.Array, gram: jax.Array, c: jax.Array) -> jax.Array:
+    """SVD-LLM's parameter update: `B = argmin ‖(W − B C) X‖ = W G Cᵀ (C G Cᵀ)⁻¹`."""
+    cg = c @ gram  # [k, n]
+    lhs = cg @ c.T  # [k, k], symmetric positive semi-definite
+    k = lhs.shape[0]
+    ridge = 1e-10 * jnp.maximum(jnp.trace(lhs) / k, jnp.finfo(lhs.dtype).tiny)
+    rhs = cg @ w.T  # [k, m] = C G Wᵀ
+    return jnp.linalg.solve(lhs + ridge * jnp.eye(k, dtype=lhs.dtype), rhs).T
 
 _cholesky_group = jax.jit(jax.vmap(jnp.linalg.cholesky))
 _whitening_one = jax.jit(whitening)

@@ -39,7 +39,7 @@ from sigmascale_jax.compress.grads import model_loss, reverse_pass
 from sigmascale_jax.compress.plan import REFINERS, ModelContext, Params, Ranks, Refiner, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.modeling import PROJECTION_INPUT, PROJECTIONS
+from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,7 @@ def correction(grad_samples: int | None = None, correction_guard: bool = True) -
                             f"--nsamples, lower --grad-samples, or pass --no-correction-guard")
 
     def refine(ctx: ModelContext, blocks: list[Params], ranks: Ranks) -> tuple[list[Params], dict]:
-        from sigmascale_jax.stats import block_stats
+        from sigmascale_jax.compress.stats import block_stats
 
         cfg, spec = ctx.cfg, ctx.spec
         n_grad = grad_windows(spec, settings.grad_samples)

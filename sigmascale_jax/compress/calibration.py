@@ -1,0 +1,39 @@
+"""Calibration windows: seeded random token windows from text that evaluation never uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sigmascale_jax.io.data import C4_FILE, c4_docs, data_file
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.io.fileio import jsonl_texts, read_text
+
+WIKITEXT2_VALID = "wikitext-2-tokenized/valid.txt"
+C4_CALIB_DOCS = range(0, 1000)
+CALIB_SOURCES = ("c4", "wikitext2-valid")
+
+
+def calibration_text(spec: str, data_dir: Path) -> str:
+    """`c4` (documents 0-999), `wikitext2-valid`, or a path to a .txt / .jsonl ("text" per line) file."""
+    if spec == "c4":
+        return "\n\n".join(c4_docs(data_file(data_dir, C4_FILE), C4_CALIB_DOCS))
+    if spec == "wikitext2-valid":
+        return read_text(data_file(data_dir, WIKITEXT2_VALID))
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"--calib {spec}: not one of {', '.join(CALIB_SOURCES)} and no such file")
+    if path.suffix == ".jsonl":
+        return "\n\n".join(jsonl_texts(path))
+    return read_text(path)
+
+
+def sample_windows(ids: np.ndarray, nsamples: int, seq_len: int, seed: int) -> np.ndarray:
+    """`[nsamples, seq_len]` windows at seeded random offsets of `ids: [T]`."""
+    if nsamples < 1:
+        raise UserError(f"--nsamples must be at least 1, got {nsamples}")
+    if len(ids) <= seq_len:
+        raise UserError(f"calibration text has {len(ids)} tokens, need more than --seq-len {seq_len}")
+    starts = np.random.default_rng(seed).integers(0, len(ids) - seq_len, size=nsamples)
+    return np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int32)

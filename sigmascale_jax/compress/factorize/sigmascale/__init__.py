@@ -1,0 +1,84 @@
+"""SigmaScale: learned row/column scales around the whitening, all projections of a block jointly (`block.py`).
+
+`--loss paper` runs the paper's released recipe instead (`paper.py`): per matrix, no
+whitening, random initialisation, AdamW, 1000 steps, the last one kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from sigmascale_jax.compress.plan import FACTORIZERS, mean_loss, BlockInputs, BlockResult, Factorizer, RunSpec, register
+from sigmascale_jax.compress.settings import Settings, setting
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.compress.factorize.sigmascale.block import LOSS_KINDS, holdout_windows, sigmascale_block
+from sigmascale_jax.compress.factorize.sigmascale.paper import sigmascale_paper_block
+
+# loss -> (steps, lr) when not given: this project's block/layer losses, and the released recipe's.
+DEFAULTS = {"block": (200, 3e-2), "layer": (200, 3e-2), "paper": (1000, 5e-3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmaScaleSettings(Settings):
+    loss: str = setting("block", "sigmascale: loss the scales learn on (paper: the released recipe, per matrix, "
+                        "no whitening)", choices=(*LOSS_KINDS, "paper"))
+    steps: int | None = setting(None, "sigmascale: Adam steps per block (per matrix for paper; default 200, paper 1000)",
+                                min=0)
+    lr: float | None = setting(None, "sigmascale: peak learning rate (default 0.03 with cosine decay; paper 0.005, "
+                               "constant, AdamW)", above=0.0)
+    holdout: float = setting(0.125, "sigmascale: fraction of windows held out to pick the step", above=0.0, below=1.0)
+    step_windows: int = setting(8, "sigmascale (block loss): calibration windows per Adam step", min=1)
+    eval_every: int = setting(10, "sigmascale: measure the held-out loss every N steps", min=1)
+    truncation: str = setting("svd", "sigmascale: the learning loop's rank-k truncation, from an SVD or from eigh of the "
+                              "smaller side's Gram matrix (same VJP, cheaper)", choices=("svd", "eigh"))
+    min_gain: float = setting(0.0, "sigmascale: stop a block's learning when the last --eval-every steps lowered the "
+                              "held-out loss by less than this fraction of its drop so far (0: run all --steps)",
+                              min=0.0, below=1.0)
+
+
+@register(FACTORIZERS, "sigmascale", SigmaScaleSettings,
+          "SigmaScale: learned row/column scaling around SVD-LLM's whitening")
+def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None = None, holdout: float = 0.125,
+               step_windows: int = 8, eval_every: int = 10, truncation: str = "svd", min_gain: float = 0.0) -> Factorizer:
+    settings = SigmaScaleSettings(loss=loss, steps=steps, lr=lr, holdout=holdout, step_windows=step_windows,
+                                  eval_every=eval_every, truncation=truncation, min_gain=min_gain)
+    default_steps, default_lr = DEFAULTS[settings.loss]
+    settings = dataclasses.replace(settings, steps=default_steps if steps is None else settings.steps,
+                                   lr=default_lr if lr is None else settings.lr)
+
+    def check(spec: RunSpec, cfg) -> None:
+        if settings.loss == "paper":
+            return
+        held = holdout_windows(spec.nsamples, settings.holdout)
+        if held >= spec.nsamples:
+            raise UserError(f"--holdout {settings.holdout} of --nsamples {spec.nsamples} holds out {held} windows and "
+                            "leaves none to learn on; raise --nsamples or lower --holdout")
+
+    def factor(inputs: BlockInputs, ranks, key) -> BlockResult:
+        if settings.loss == "paper":
+            new, info = sigmascale_paper_block(inputs.block, inputs.stats, ranks, key, steps=settings.steps,
+                                               lr=settings.lr)
+            return BlockResult(new, info)
+        new, info = sigmascale_block(
+            inputs.block, inputs.stats, inputs.xs, inputs.ys, inputs.cfg, ranks, kind=settings.loss,
+            steps=settings.steps, lr=settings.lr, holdout=settings.holdout, batch_windows=settings.step_windows,
+            eval_every=settings.eval_every, batch_size=inputs.batch_size, key=key, mesh=inputs.mesh,
+            truncation=settings.truncation, min_gain=settings.min_gain,
+        )
+        block, spectra = info.pop("_block", None), info.pop("_spectra", None)
+        return BlockResult(new, info, block, spectra)
+
+    return Factorizer("sigmascale", settings, factor, check=check, needs_outputs=True, progress=progress,
+                      flat_record=True)
+
+
+def progress(result: BlockResult) -> dict[str, str]:
+    """The block bar's postfix: the held-out loss at SVD-LLM's factors -> at the kept step (the paper recipe: the
+    mean relative loss, it has no held-out set)."""
+    if not result.block:
+        return mean_loss(result)
+    step = result.block.get("step_s")
+    return {"hold": f"{result.block['holdout_init']:.4f}->{result.block['holdout_best']:.4f}",
+            **({"s/step": f"{step:.3f}"} if step else {})}

@@ -1,0 +1,1 @@
+"""Generation with a KV cache, and export to Hugging Face / PyTorch."""

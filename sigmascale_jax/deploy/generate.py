@@ -1,0 +1,149 @@
+"""Generate text with a dense or compressed model: KV cache, greedy or nucleus sampling, streamed.
+
+    python -m sigmascale_jax.generate --model runs/smollm2-sigmascale-0.2 --chat \\
+        --prompt "What is the capital of France?" --max-new-tokens 64
+    python -m sigmascale_jax.generate --model ../shared/models/stories260k --prompt "Once upon a time" \\
+        --temperature 0.8 --top-p 0.9 --seed 1
+
+The prompt is run once (prefill), then one token at a time against the cache, each a
+jit-compiled `kvcache.step`. Temperature 0 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import numpy as np
+
+from sigmascale_jax.errors import ArgumentParser, UserError, run_cli
+
+
+def sample(logits, key, temperature: float, top_p: float):
+    """Next tokens `[B]` from `logits: [B, V]`: argmax at temperature 0, else nucleus sampling (top-p of the mass)."""
+    import jax
+    import jax.numpy as jnp
+
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
+        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # the first token always stays
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+def generate(
+    params, cfg, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+    seed: int = 0, eos_id: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """`[B, T0 + n]` tokens: `prompt: [B, T0]` and up to `max_new_tokens` more (all rows stop at EOS together).
+
+    `on_tokens(new [B])` is called after each new token (streaming).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from sigmascale_jax.model.kvcache import init_cache, step
+
+    prompt = np.asarray(prompt, np.int32)
+    b, t0 = prompt.shape
+    total = t0 + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise UserError(f"prompt ({t0} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
+                        f"{cfg.max_position_embeddings} positions")
+    cache = init_cache(cfg, b, total)
+    logits, cache = step(params, jnp.asarray(prompt), cfg, cache)
+    key = jax.random.key(seed)
+    out = [prompt]
+    done = np.zeros(b, bool)
+    for i in range(max_new_tokens):
+        nxt = np.asarray(sample(logits[:, -1], jax.random.fold_in(key, i), temperature, top_p)).astype(np.int32)
+        out.append(nxt[:, None])
+        if on_tokens:
+            on_tokens(nxt)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if done.all():
+                break
+        if i + 1 < max_new_tokens:
+            logits, cache = step(params, jnp.asarray(nxt[:, None]), cfg, cache)
+    return np.concatenate(out, axis=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m sigmascale_jax.generate", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="HF folder, .gguf file, hub id, or a folder written by the compressor")
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens holding this mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of the weights")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    import math
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number ≥ 0, got {args.temperature}")
+    if not (0 < args.top_p <= 1):
+        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be at least 0, got {args.seed}")
+    if not args.prompt and not args.chat:
+        raise UserError("--prompt is empty; give the text to continue")
+
+
+def prompt_ids(tok, text: str, chat: bool) -> list[int]:
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise UserError("--chat: this model's tokenizer has no chat template; drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = tok(text).input_ids
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    return list(ids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import jax.numpy as jnp
+
+    from sigmascale_jax.io.sources import load_model
+
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    cfg, params, source = load_model(args.model, getattr(jnp, args.dtype))
+    tok = source.tokenizer()
+    ids = prompt_ids(tok, args.prompt, args.chat)
+    eos = None if args.ignore_eos else tok.eos_token_id
+    new: list[int] = []
+    shown = ""
+
+    def stream(nxt: np.ndarray) -> None:
+        nonlocal shown
+        new.append(int(nxt[0]))
+        text = tok.decode([t for t in new if t != eos], skip_special_tokens=True)
+        if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back half a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    generate(params, cfg, np.asarray([ids]), args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+             seed=args.seed, eos_id=eos, on_tokens=stream)
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,233 @@
+"""Projections as typed pytree leaves, and the labels that say which of their arrays train.
+
+Every form has `apply(x)`, `matrix()`, `num_params` (the numbers it stands for, the
+budget's unit), `nbytes` (what it stores on disk), `to_tree()` (the plain dict it is
+saved as), `labels()` (`"factor"` / `"frozen"` per array, for `optax.multi_transform`)
+and `export_tensors(prefix)` (its Hugging Face tensors). Each is a
+`flax.struct.dataclass`, so a tree of them passes through `jit`, `vmap` and `grad`.
+
+The base forms live here because the decoder and the compressor's block loop work on
+them: `Dense` (`{"w"}`) and `LowRank` (`{"b", "c"}`). Encoders own their own forms
+(`compress/encode/pivga.py`: `PivGa`; `compress/encode/quant.py`: quantized matrices)
+and register how a restored dict of theirs reads back (`register_dict_form`).
+
+Integer payloads (PivGa's permutation, quantized codes) are `Codes`: exact integers
+held in a float carrier (bfloat16 for 8-bit codes, float32 for indices) behind
+`stop_gradient`, so `jax.grad`, optax and `nnx.Optimizer` take a compressed tree as it
+is; on disk they are written as the integers they are. `trainable(params)` labels
+them `"frozen"`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+FACTOR, FROZEN = "factor", "frozen"
+
+
+@struct.dataclass
+class Codes:
+    """An integer array (`dtype` on disk) carried as exact integers in a float array, out of reach of gradients.
+
+    8-bit codes ride in bfloat16 (its 8 significant bits hold every integer up to 256),
+    wider indices in float32 (exact up to 2²⁴).
+    """
+
+    carrier: Any
+    dtype: str = struct.field(pytree_node=False)
+
+    @classmethod
+    def of(cls, a: Any) -> "Codes":
+        a = np.asarray(a)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"Codes hold integers, got {a.dtype}")
+        small = a.dtype.itemsize == 1
+        limit = 256 if small else 2**24
+        if a.size and int(np.abs(a.astype(np.int64)).max()) > limit:
+            raise ValueError(f"{a.dtype} values above {limit} cannot ride exactly in a float carrier")
+        return cls(jnp.asarray(a.astype(np.float32), jnp.bfloat16 if small else jnp.float32), a.dtype.name)
+
+    def array(self) -> jax.Array:
+        """The integers, as `dtype` (no gradient flows to the carrier)."""
+        return jax.lax.stop_gradient(self.carrier).astype(self.dtype)
+
+    def numpy(self) -> np.ndarray:
+        return np.asarray(np.asarray(self.carrier, np.float32), self.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.carrier.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def labels(self) -> "Codes":
+        return Codes(FROZEN, self.dtype)
+
+
+def is_quantized(m: Any) -> bool:
+    """Whether a leaf's matrix is a quantized one (anything with `dequantize`), not a float array."""
+    return hasattr(m, "dequantize")
+
+
+def as_array(m: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """A leaf's matrix as a float array: dequantized if it is quantized."""
+    return m.dequantize(dtype) if is_quantized(m) else jnp.asarray(m).astype(dtype)
+
+
+def matrix_bytes(m: Any) -> int:
+    return m.nbytes if is_quantized(m) else int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
+
+
+def matrix_tree(m: Any) -> Any:
+    """A matrix as saved: a quantized one's dict, or the array."""
+    return m.to_tree() if is_quantized(m) else m
+
+
+def factor_labels(m: Any) -> Any:
+    """Labels of a low-rank factor: a float array trains; a quantized one trains its scales only."""
+    return m.labels() if is_quantized(m) else FACTOR
+
+
+def frozen_labels(tree: Any) -> Any:
+    return jax.tree.map(lambda _: FROZEN, tree)
+
+
+def _bias_bytes(bias) -> int:
+    return 0 if bias is None else int(np.prod(bias.shape)) * np.dtype(bias.dtype).itemsize
+
+
+def _with_bias(y: jax.Array, bias: Any) -> jax.Array:
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+@struct.dataclass
+class Dense:
+    w: Any  # [out, in]
+    bias: Any = None
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return _with_bias(x @ as_array(self.w, x.dtype).T, self.bias)
+
+    def matrix(self) -> jax.Array:
+        return as_array(self.w)
+
+    @property
+    def num_params(self) -> int:
+        rows, cols = self.w.shape
+        return rows * cols
+
+    @property
+    def nbytes(self) -> int:
+        return matrix_bytes(self.w) + _bias_bytes(self.bias)
+
+    def to_tree(self) -> dict[str, Any]:
+        return _tree({"w": matrix_tree(self.w)}, self.bias)
+
+    def labels(self) -> "Dense":
+        return frozen_labels(self)
+
+    def export_tensors(self, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
+        return dense_export(self, prefix)
+
+
+@struct.dataclass
+class LowRank:
+    b: Any  # [out, k]
+    c: Any  # [k, in]
+    bias: Any = None
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return _with_bias((x @ as_array(self.c, x.dtype).T) @ as_array(self.b, x.dtype).T, self.bias)
+
+    def matrix(self) -> jax.Array:
+        return as_array(self.b) @ as_array(self.c)
+
+    @property
+    def num_params(self) -> int:
+        (m, k), n = self.b.shape, self.c.shape[1]
+        return k * (m + n)
+
+    @property
+    def nbytes(self) -> int:
+        return matrix_bytes(self.b) + matrix_bytes(self.c) + _bias_bytes(self.bias)
+
+    def to_tree(self) -> dict[str, Any]:
+        return _tree({"b": matrix_tree(self.b), "c": matrix_tree(self.c)}, self.bias)
+
+    def labels(self) -> "LowRank":
+        return LowRank(factor_labels(self.b), factor_labels(self.c), None if self.bias is None else FROZEN)
+
+    def export_tensors(self, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
+        out = {f"{prefix}.b.weight": np.asarray(as_array(self.b), np.float32),
+               f"{prefix}.c.weight": np.asarray(as_array(self.c), np.float32)}
+        return _export_bias(out, f"{prefix}.b.bias", self.bias), {"form": "lowrank", "rank": int(self.b.shape[1])}
+
+
+def _tree(out: dict[str, Any], bias: Any) -> dict[str, Any]:
+    if bias is not None:
+        out["bias"] = bias
+    return out
+
+
+def _export_bias(out: dict[str, np.ndarray], name: str, bias: Any) -> dict[str, np.ndarray]:
+    if bias is not None:
+        out[name] = np.asarray(bias, np.float32)
+    return out
+
+
+def dense_export(leaf: Any, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Any leaf as one stock `Linear`: its reconstructed matrix (and bias)."""
+    out = {f"{prefix}.weight": np.asarray(leaf.matrix(), np.float32)}
+    return _export_bias(out, f"{prefix}.bias", leaf.bias), {"form": "dense"}
+
+
+# ------------------------------------------------------------------ dict forms (the pipeline's, and Orbax restores)
+
+# (keys a restored dict has, constructor): encoders add theirs (`register_dict_form`)
+_DICT_FORMS: list[tuple[frozenset[str], Callable[[dict], Any]]] = [
+    (frozenset({"w"}), lambda p: Dense(p["w"], p.get("bias"))),
+    (frozenset({"b", "c"}), lambda p: LowRank(p["b"], p["c"], p.get("bias"))),
+]
+
+
+def register_dict_form(keys: set[str], build: Callable[[dict], Any]) -> None:
+    """Let `as_leaf` read a dict with exactly `keys` (besides "bias") as the leaf `build(dict)` returns."""
+    _DICT_FORMS.append((frozenset(keys), build))
+
+
+def is_leaf(p: Any) -> bool:
+    """Whether `p` is a typed projection leaf (has `apply` and `to_tree`)."""
+    return hasattr(p, "apply") and hasattr(p, "to_tree")
+
+
+def as_leaf(p: Any) -> Any:
+    """A projection as a typed leaf: leaves pass through; dicts (`{"w"}`, `{"b", "c"}`, an encoder's saved form, or
+    what an Orbax restore without a target gives) are read by their keys."""
+    if is_leaf(p):
+        return p
+    keys = frozenset(k for k in p if k != "bias")
+    for _ in range(2):
+        for form_keys, build in _DICT_FORMS:
+            if keys == form_keys:
+                return build(p)
+        import sigmascale_jax.compress.encode  # noqa: F401  (the encoders register their forms)
+    raise ValueError(f"projection params need 'w', 'b'+'c' or an encoder's saved keys, got keys {sorted(p)}")
+
+
+def leaf_labels(p: Any) -> Any:
+    """`labels()` of a projection, structured like `p`: a typed leaf, or the pipeline's `{"w"}` / `{"b", "c"}` dict."""
+    if is_leaf(p):
+        return p.labels()
+    if set(p) - {"bias"} == {"b", "c"}:
+        return {k: FROZEN if k == "bias" else FACTOR for k in p}
+    if set(p) - {"bias"} == {"w"}:
+        return frozen_labels(p)
+    raise ValueError(f"cannot label a projection saved as keys {sorted(p)}: read it as a typed leaf first "
+                     "(sigmascale_jax.typed_params)")

@@ -1,0 +1,64 @@
+"""A data mesh of 8 simulated CPU devices gives the factors and perplexities of one device.
+
+JAX fixes its device count when it starts, so the comparison runs in a subprocess started
+with `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import DATA, REPO, STORIES, require
+
+SCRIPT = r"""
+import json, sys
+import numpy as np, jax
+import sigmascale_jax
+from sigmascale_jax.io.checkpoint import load_pytree
+from sigmascale_jax.eval.cli import evaluate
+
+assert jax.local_device_count() == 8, jax.local_device_count()
+model, data, tmp = sys.argv[1:4]
+kw = dict(nsamples=18, seq_len=32, batch_size=8, data_dir=data, progress=False)
+out = {}
+for method, extra in (("svd-llm", {}), ("sigmascale", {"steps": 2, "step_windows": 8, "eval_every": 1})):
+    trees, reports = [], []
+    for mesh in ("data=1", "data=8"):
+        folder = f"{tmp}/{method}-{mesh[5:]}"
+        reports.append(sigmascale_jax.compress(model, method, 0.3, folder, mesh=mesh, **kw, **extra))
+        trees.append(load_pytree(folder + "/params"))
+    out[method + "_rel_loss"] = max(abs(x["rel_loss"] - y["rel_loss"]) / x["rel_loss"]
+                                    for x, y in zip(reports[0]["matrices"], reports[1]["matrices"]))
+    a, b = (jax.tree.leaves(t) for t in trees)
+    out[method] = max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / (np.abs(np.asarray(x)).max() + 1e-30))
+                      for x, y in zip(a, b))
+ppl = [evaluate(f"{tmp}/svd-llm-1", ["c4"], seq_len=64, max_windows=16, batch_size=8, data_dir=data, progress=False,
+                mesh=m)["c4"]["ppl"] for m in ("data=1", "data=8")]
+out["ppl"] = ppl
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_eight_devices_give_the_factors_and_perplexity_of_one(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(require(STORIES)), str(DATA), str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    # the same factors up to float32 summation order (Gram matrices summed across devices, then whitened)
+    assert res["svd-llm"] < 1e-3 and res["svd-llm_rel_loss"] < 1e-4, res
+    assert res["sigmascale"] < 5e-2 and res["sigmascale_rel_loss"] < 1e-3, res
+    a, b = res["ppl"]
+    assert abs(a - b) <= 1e-5 * a, res
+
+
+def test_a_bad_mesh_is_a_one_line_error(tmp_path, capsys):
+    from conftest import assert_one_line_error, compress_cli
+
+    for spec, fragment in (("model=2", "--mesh takes data=N"), ("data=9", "only 1 local devices")):
+        proc = compress_cli(capsys, "--model", str(STORIES), "--method", "svd-llm", "--ratio", "0.3", "--mesh", spec,
+                            "--out", str(tmp_path / "o"))
+        assert_one_line_error(proc, fragment)
