@@ -47,14 +47,14 @@ def torch_gram_pass(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sigmascale_jax.compress.pipeline import calibration_windows
+    from sigmascale_jax.compress.pipeline import run_windows
     from sigmascale_jax.compress.plan import RunSpec
     from sigmascale_jax.io.sources import open_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
     src = open_model(args.model)
-    windows = calibration_windows(src, RunSpec(model=args.model, ratio=args.ratio, nsamples=args.nsamples,
+    windows = run_windows(src, RunSpec(model=args.model, ratio=args.ratio, nsamples=args.nsamples,
                                                seq_len=args.seq_len), None)
     p = Path(args.model)
     gguf = next(iter(p.glob("*.gguf")), None) if p.is_dir() else (p if p.suffix == ".gguf" else None)

@@ -172,7 +172,7 @@ def eval_forward(args) -> list[dict]:
 
 def setup_stages(args) -> dict:
     """Seconds of the compressor's set-up: open the model, build the tokenizer, tokenize the calibration text."""
-    from sigmascale_jax.compress.pipeline import calibration_windows
+    from sigmascale_jax.compress.pipeline import run_windows
     from sigmascale_jax.compress.plan import RunSpec
     from sigmascale_jax.io.sources import open_model
 
@@ -181,7 +181,7 @@ def setup_stages(args) -> dict:
     t1 = time.perf_counter()
     src.tokenizer()
     t2 = time.perf_counter()
-    calibration_windows(src, RunSpec(model=args.model, ratio=0.4, nsamples=64, seq_len=512), None)
+    run_windows(src, RunSpec(model=args.model, ratio=0.4, nsamples=64, seq_len=512), None)
     t3 = time.perf_counter()
     out = {"open_model_s": t1 - t0, "tokenizer_s": t2 - t1, "calibration_windows_s": t3 - t2}
     print("set-up: " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)

@@ -1,10 +1,24 @@
 """sigmascale_jax: activation-aware truncated-SVD compression of decoder LLMs in JAX/Flax.
 
-`sigmascale_jax.compress(model=..., method=..., ratio=..., out=...)` runs the whole
-pipeline; `python -m sigmascale_jax.compress` and `python -m sigmascale_jax.eval`
-are the command lines.
+The library, on in-memory pytrees (the command lines `python -m sigmascale_jax.{compress,eval,
+generate,export}` run the same code)::
+
+    import jax, optax, sigmascale_jax as ssj
+    cfg, params, source = ssj.load_model("../shared/models/stories260k")
+    windows = ssj.calibration_windows(source, "c4", nsamples=16, seq_len=128)      # int32 [16, 128]
+    plan = ssj.make_plan("svd-llm", ranks="uniform", encoding="pivga")
+    cparams, report = ssj.compress_params(params, cfg, windows, plan, 0.3)       # typed leaves, in memory
+    logits = jax.jit(ssj.forward, static_argnums=2)(cparams, windows[:2], cfg)  # [2, 128, vocab]
+    tx = optax.multi_transform({"factor": optax.adamw(1e-4), "frozen": optax.set_to_zero()},
+                               ssj.trainable(cparams))
+    ssj.save_compressed(cparams, cfg, report, "runs/mine", source=source)
+
+Each method's core is a pure function of arrays that jits: `svd_factors(w, k)`, `asvd_factors(w, absmean, k)`,
+`svd_llm_factors(w, gram, k)`, `sigmascale_factors(w, gram, k)` (one matrix), `learn_block_scales(...)`
+(a block with the user's own activations).
 """
 
+import importlib as _importlib
 import os as _os
 
 __version__ = "0.1.0"
@@ -27,12 +41,52 @@ if _XLA_CPU_FLAG not in _os.environ.get("XLA_FLAGS", ""):
 # the user chose otherwise; it must be set before OpenBLAS loads.
 _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+# public name -> the module that defines it (imported on first use, so `import sigmascale_jax` stays cheap and
+# `python -m sigmascale_jax.compress` does not find its module already imported)
+_API = {
+    # models and data
+    "load_model": "sigmascale_jax.io.sources",
+    "ModelConfig": "sigmascale_jax.model.config",
+    "calibration_windows": "sigmascale_jax.compress.calibration",
+    # compression: plan, run in memory, save
+    "make_plan": "sigmascale_jax.compress.plan",
+    "Plan": "sigmascale_jax.compress.plan",
+    "compress_params": "sigmascale_jax.compress.pipeline",
+    "save_compressed": "sigmascale_jax.compress.pipeline",
+    # the decoder
+    "forward": "sigmascale_jax.model.modeling",
+    "Decoder": "sigmascale_jax.model.modeling",
+    "trainable": "sigmascale_jax.model.modeling",
+    "typed_params": "sigmascale_jax.model.modeling",
+    "cast_params": "sigmascale_jax.model.modeling",
+    "perplexity": "sigmascale_jax.eval.perplexity",
+    "generate_tokens": "sigmascale_jax.deploy.generate",
+    "export_params": "sigmascale_jax.deploy.export",
+    # each method's core on a user's own arrays
+    "svd_factors": "sigmascale_jax.compress.factorize.svd",
+    "asvd_factors": "sigmascale_jax.compress.factorize.asvd",
+    "svd_llm_factors": "sigmascale_jax.compress.factorize.svd_llm",
+    "sigmascale_factors": "sigmascale_jax.compress.factorize.sigmascale.block",
+    "learn_block_scales": "sigmascale_jax.compress.factorize.sigmascale.block",
+    "relative_activation_loss": "sigmascale_jax.linalg.lowrank",
+    "UserError": "sigmascale_jax.errors",
+}
+_ALIASES = {"generate_tokens": "generate", "export_params": "export_params"}
+_MODULES = ("compress", "eval", "generate", "export")  # the command lines; compress/generate/export are callable
+
+__all__ = sorted([*_API, *_MODULES])
+
 
 def __getattr__(name: str):
-    # Imported lazily so that `python -m sigmascale_jax.compress` does not find the
-    # module already imported (runpy warns then) and `import sigmascale_jax` stays cheap.
-    if name == "compress":
-        import importlib
-
-        return importlib.import_module(".compress", __name__)
+    if name in _API:
+        module = _importlib.import_module(_API[name])
+        value = getattr(module, _ALIASES.get(name, name))
+        globals()[name] = value
+        return value
+    if name in _MODULES:
+        return _importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

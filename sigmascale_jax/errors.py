@@ -13,6 +13,21 @@ from typing import Callable
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2, no traceback."""
 
+    def cli(self) -> str:
+        """The message as the command line says it."""
+        return str(self)
+
+
+class ArgError(UserError):
+    """A bad value of one setting: `ratio must be ...` to Python callers, `--ratio must be ...` on the command line."""
+
+    def __init__(self, arg: str, problem: str):
+        super().__init__(f"{arg} {problem}")
+        self.arg, self.problem = arg, problem
+
+    def cli(self) -> str:
+        return f"--{self.arg.replace('_', '-')} {self.problem}"
+
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run `main(argv)`; a UserError (or a full disk) becomes `error: <message>` on stderr and exit code 2."""
@@ -21,7 +36,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         code = main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.cli()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

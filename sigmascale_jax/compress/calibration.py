@@ -37,3 +37,25 @@ def sample_windows(ids: np.ndarray, nsamples: int, seq_len: int, seed: int) -> n
         raise UserError(f"calibration text has {len(ids)} tokens, need more than --seq-len {seq_len}")
     starts = np.random.default_rng(seed).integers(0, len(ids) - seq_len, size=nsamples)
     return np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int32)
+
+
+def calibration_windows(source, calib: str = "c4", nsamples: int = 64, seq_len: int = 512, seed: int = 0, *,
+                        data_dir: str | None = None) -> np.ndarray:
+    """int32 `[nsamples, seq_len]` calibration windows of `source`'s tokenizer: the windows the CLI would use.
+
+    `source`: a `ModelSource` (`load_model(...)[2]`); `calib`: "c4" (documents 0-999), "wikitext2-valid" or a
+    .txt / .jsonl file; `seed` draws the window offsets. The data folder is `data_dir`, else `$SIGMASCALE_DATA`,
+    else `../shared/data` beside the repository.
+    """
+    import hashlib
+    from importlib.metadata import version
+
+    from sigmascale_jax.io.data import find_data_dir
+    from sigmascale_jax.io.diskcache import cached, model_fingerprint
+
+    text = calibration_text(calib, find_data_dir(data_dir) if calib in CALIB_SOURCES else Path("."))
+    # Tokenizing the text is seconds a run; the ids depend only on the tokenizer's files and the text.
+    key = {"model": model_fingerprint(source), "transformers": version("transformers"),
+           "text_sha1": hashlib.sha1(text.encode()).hexdigest()}
+    ids, _ = cached("calibration-ids", key, lambda: source.tokenizer()(text).input_ids)
+    return sample_windows(np.asarray(ids, dtype=np.int32), nsamples, seq_len, seed)

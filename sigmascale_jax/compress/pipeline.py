@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -104,21 +104,11 @@ def _finished_work(staging: Path) -> bool:
     return (staging / RANKS_FILE).is_file() or any((staging / "blocks").glob("*.json"))
 
 
-def calibration_windows(source, spec: RunSpec, data_dir: str | None) -> np.ndarray:
-    from sigmascale_jax.compress.calibration import calibration_text, sample_windows
-    from sigmascale_jax.io.data import find_data_dir
+def run_windows(source, spec: RunSpec, data_dir: str | None) -> np.ndarray:
+    """The calibration windows `spec` asks for (`calibration.calibration_windows`)."""
+    from sigmascale_jax.compress.calibration import calibration_windows
 
-    from importlib.metadata import version
-
-    from sigmascale_jax.io.diskcache import cached, model_fingerprint
-
-    text = calibration_text(spec.calib, find_data_dir(data_dir) if spec.calib in ("c4", "wikitext2-valid") else Path("."))
-    # Tokenizing the text is seconds a run; the ids depend only on the tokenizer's files and the text.
-    key = {"model": model_fingerprint(source), "transformers": version("transformers"),
-           "text_sha1": hashlib.sha1(text.encode()).hexdigest()}
-    ids, _ = cached("calibration-ids", key, lambda: source.tokenizer()(text).input_ids)
-    ids = np.asarray(ids, dtype=np.int32)
-    return sample_windows(ids, spec.nsamples, spec.seq_len, spec.seed)
+    return calibration_windows(source, spec.calib, spec.nsamples, spec.seq_len, spec.seed, data_dir=data_dir)
 
 
 def apply_in_chunks(block, xs: np.ndarray, cfg, batch_size: int, mesh=None) -> np.ndarray:
@@ -146,13 +136,16 @@ def check_ranks(ranks: Any, cfg) -> list[dict[str, int | None]]:
     return [{n: block[n] for n in PROJECTIONS} for block in ranks]
 
 
-def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path) -> Allocation:
-    """The allocator's result, from `ranks.json` when resuming (ZS-SVD's passes are not repeated)."""
-    path = staging / RANKS_FILE
-    if path.is_file():
+def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path | None) -> Allocation:
+    """The allocator's result, from `ranks.json` when resuming (ZS-SVD's passes are not repeated).
+
+    Without a staging folder (in memory) nothing is read or written, and the disk cache is used only
+    when the weights have a `model_key`."""
+    path = None if staging is None else staging / RANKS_FILE
+    if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         return Allocation(check_ranks(saved["ranks"], ctx.cfg), saved["info"])
-    if not plan.allocate.costly:
+    if not plan.allocate.costly or ctx.model_key is None:
         alloc = plan.allocate.allocate(ctx, budget)
         return Allocation(check_ranks(alloc.ranks, ctx.cfg), alloc.info)
     from sigmascale_jax.io.diskcache import cached
@@ -168,7 +161,8 @@ def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path) ->
 
     value, hit = cached("allocations", key, compute)
     alloc = Allocation(check_ranks(value["ranks"], ctx.cfg), {**value["info"], "from_cache": hit})
-    write_json_atomic(path, {"ranks": alloc.ranks, "info": alloc.info})
+    if path is not None:
+        write_json_atomic(path, {"ranks": alloc.ranks, "info": alloc.info})
     return alloc
 
 
@@ -220,7 +214,7 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
     check_out(out, overwrite, spec.model or "")
     clock = _Clock()
     source = open_checked(spec, plan)
-    windows = calibration_windows(source, spec, data_dir)
+    windows = run_windows(source, spec, data_dir)
     with out_lock(out):
         spec_key = {**spec.asdict(), **plan.key(), "calib_sha1": hashlib.sha1(windows.tobytes()).hexdigest()}
         staging, resuming = prepare_out(out, spec_key, overwrite)
@@ -239,42 +233,22 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
 
 def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: Path, clock: _Clock,
               progress: bool) -> dict[str, Any]:
-    """Stages (0)-(3) into `staging`; returns the report."""
+    """Stages (0)-(3) of a model read from `source` into `staging`; returns the report."""
     import jax
 
     from sigmascale_jax.io.checkpoint import PARAMS_DIR, SPECTRA_FILE, TOKENIZER_DIR, save_pytree
-    from sigmascale_jax.compress.report import build_report
-    from sigmascale_jax.model.modeling import param_count
-    from sigmascale_jax.io.hf_map import load_block, load_outer
-
-    cfg = source.cfg
-    encoder = plan.encoder()
-    budget = Budget(spec.ratio, encoder.count)
-    # Host copies: only the block being worked on lives on the device.
-    outer = jax.device_get(load_outer(source.reader, cfg))
     from sigmascale_jax.io.diskcache import model_fingerprint
-
+    from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.parallel import make_mesh
 
+    cfg = source.cfg
+    # Host copies: only the block being worked on lives on the device.
+    outer = jax.device_get(load_outer(source.reader, cfg))
     ctx = ModelContext(cfg, outer, lambda i: load_block(source.reader, cfg, i), windows, spec, progress,
                        model_key=model_fingerprint(source), mesh=make_mesh(spec.mesh))
     clock.lap("load")
-    alloc = _allocation(plan, ctx, budget, staging)
-    clock.lap("allocate")
-    blocks, results, dense_count = _block_loop(spec, plan, ctx, alloc, source, staging, clock)
-    refined = []
-    for refiner in plan.refine:
-        blocks, info = refiner.refine(ctx, blocks, alloc.ranks)
-        blocks = [jax.device_get(b) for b in blocks]
-        refined.append({"name": refiner.name, **refiner.settings.asdict(), **info})
-        clock.lap("refine")
-
-    # (3) how to store what is left: every projection becomes its encoder's typed leaf
-    leaves = [{n: encoder.encode(block[n], results[i].matrices[n]) for n in PROJECTIONS} for i, block in enumerate(blocks)]
-    clock.lap("encode")
-    saved = [{**block, **{n: leaf.to_tree() for n, leaf in leaves[i].items()}} for i, block in enumerate(blocks)]
-    params = {**outer, "blocks": saved}
-    save_pytree(staging / PARAMS_DIR, params)
+    done = compress_stages(plan, ctx, clock, staging)
+    save_pytree(staging / PARAMS_DIR, stored_params(done.params))
     block_spectra = sorted((staging / "blocks").glob("*.spectra.npz"))
     if block_spectra:  # SigmaScale: singular values of W, W S and the scaled matrix, per block and projection
         merged = {}
@@ -284,39 +258,88 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
         write_npz_atomic(staging / SPECTRA_FILE, merged)
     source.save_tokenizer(staging / TOKENIZER_DIR)
     clock.lap("checkpoint")
+    return stages_report(spec, plan, cfg, done, windows, clock)
+
+
+class Stages(NamedTuple):
+    """What the stages produce: typed params and what the report says of them."""
+
+    params: dict  # the outer params and blocks with every projection its encoder's typed leaf
+    alloc: Allocation
+    results: list[BlockResult]
+    refined: list[dict]
+    budget: Budget
+    counts: dict  # model_dense (all parameters) and other (outside the projections' matrices)
+
+
+def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path | None = None) -> Stages:
+    """Allocate, factor block by block, refine, encode. With `staging`, the allocation and each finished block are
+    checkpointed there (and resumed from it); without, everything stays in memory."""
+    import jax
+
+    from sigmascale_jax.model.modeling import param_count
+
+    encoder = plan.encoder()
+    budget = Budget(ctx.spec.ratio, encoder.count)
+    alloc = _allocation(plan, ctx, budget, staging)
+    clock.lap("allocate")
+    blocks, results, dense_count = _block_loop(plan, ctx, alloc, staging, clock)
+    refined = []
+    for refiner in plan.refine:
+        blocks, info = refiner.refine(ctx, blocks, alloc.ranks)
+        blocks = [jax.device_get(b) for b in blocks]
+        refined.append({"name": refiner.name, **refiner.settings.asdict(), **info})
+        clock.lap("refine")
+    # (3) how to store what is left: every projection becomes its encoder's typed leaf
+    typed = [{**block, **{n: encoder.encode(block[n], results[i].matrices[n]) for n in PROJECTIONS}}
+             for i, block in enumerate(blocks)]
+    clock.lap("encode")
+    outer = ctx.outer
     other = param_count(outer) + sum(param_count({k: v for k, v in b.items() if k not in PROJECTIONS}) for b in blocks)
     other += sum(int(np.size(b[n]["bias"])) for b in blocks for n in PROJECTIONS if "bias" in b[n])
+    return Stages({**outer, "blocks": typed}, alloc, results, refined, budget,
+                  {"model_dense": dense_count + param_count(outer), "other": other})
+
+
+def stored_params(params: dict) -> dict:
+    """Typed params as saved (Orbax): every projection as its leaf's plain dict."""
+    return {**params, "blocks": [{**b, **{n: b[n].to_tree() for n in PROJECTIONS}} for b in params["blocks"]]}
+
+
+def stages_report(spec: RunSpec, plan: Plan, cfg, done: Stages, windows: np.ndarray, clock: _Clock) -> dict[str, Any]:
+    from sigmascale_jax.compress.report import build_report
+
+    leaves = [{n: b[n] for n in PROJECTIONS} for b in done.params["blocks"]]
     return build_report(
-        spec, plan, cfg, alloc, results, refined, budget, leaves,
-        counts={"model_dense": dense_count + param_count(outer), "other": other},
+        spec, plan, cfg, done.alloc, done.results, done.refined, done.budget, leaves, counts=done.counts,
         calibration={"source": spec.calib, "nsamples": spec.nsamples, "seq_len": spec.seq_len, "seed": spec.seed,
                      "tokens": int(windows.size), "sha1": hashlib.sha1(windows.tobytes()).hexdigest()},
         resumed=False, timings=clock.timings, seconds=time.perf_counter() - clock.start,
     )
 
 
-def _block_loop(spec: RunSpec, plan: Plan, ctx: ModelContext, alloc: Allocation, source, staging: Path,
+def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path | None,
                 clock: _Clock) -> tuple[list, list[BlockResult], int]:
     """Stage (1): every block factored at its ranks (or resumed from `staging`); returns the blocks, results and dense count."""
     import jax
     from tqdm.auto import tqdm
 
-    from sigmascale_jax.io.checkpoint import load_pytree, save_pytree
-    from sigmascale_jax.model.modeling import param_count
-    from sigmascale_jax.io.hf_map import load_block
     from sigmascale_jax.compress.stats import block_stats
+    from sigmascale_jax.io.checkpoint import save_pytree
+    from sigmascale_jax.model.modeling import param_count
 
-    cfg, factorizer = ctx.cfg, plan.factorize
+    cfg, factorizer, spec = ctx.cfg, plan.factorize, ctx.spec
     xs = ctx.outer["embed"][ctx.windows]  # [N, L, D]
     xs_ref = xs if factorizer.needs_dense_stream and spec.sequential else None
     blocks, results, dense_count = [], [], 0
     bar = tqdm(range(cfg.num_layers), desc=f"{factorizer.name} r={spec.ratio}", unit="block", disable=not ctx.progress)
     for i in bar:
-        ckpt, info_file = staging / "blocks" / f"{i:04d}", staging / "blocks" / f"{i:04d}.json"
-        dense = load_block(source.reader, cfg, i)
+        ckpt = None if staging is None else staging / "blocks" / f"{i:04d}"
+        info_file = None if staging is None else staging / "blocks" / f"{i:04d}.json"
+        dense = ctx.load_block(i)
         dense_count += param_count(dense)
         clock.lap("load")
-        if info_file.is_file():  # finished before an interruption
+        if info_file is not None and info_file.is_file():  # finished before an interruption
             result = _resumed_block(ckpt, info_file, i, staging)
             xs = apply_in_chunks(result.params if spec.sequential else dense, xs, cfg, spec.batch_size, ctx.mesh)
             if xs_ref is not None:
@@ -334,11 +357,12 @@ def _block_loop(spec: RunSpec, plan: Plan, ctx: ModelContext, alloc: Allocation,
             key = jax.random.fold_in(jax.random.key(spec.seed), i)
             result = factorizer.factor(inputs, alloc.ranks[i], key)
             clock.lap("factorize")
-            save_pytree(ckpt, result.params)
-            if result.spectra:
-                write_npz_atomic(staging / "blocks" / f"{i:04d}.spectra.npz", result.spectra)
-            write_json_atomic(info_file, {"matrices": result.matrices, "block": result.block})  # last: marks it done
-            clock.lap("checkpoint")
+            if staging is not None:
+                save_pytree(ckpt, result.params)
+                if result.spectra:
+                    write_npz_atomic(staging / "blocks" / f"{i:04d}.spectra.npz", result.spectra)
+                write_json_atomic(info_file, {"matrices": result.matrices, "block": result.block})  # last: marks it done
+                clock.lap("checkpoint")
             xs = apply_in_chunks(result.params, xs, cfg, spec.batch_size, ctx.mesh) if spec.sequential else dense_out
             clock.lap("propagate")
         blocks.append(jax.device_get(result.params))
@@ -366,14 +390,104 @@ def _finalize(staging: Path, out: Path, report: dict) -> dict:
 
     write_json_atomic(staging / REPORT_FILE, report)
     shutil.rmtree(staging / "blocks")
+    for f in ("spec.json", RANKS_FILE):
+        (staging / f).unlink(missing_ok=True)
+    replace_folder(staging, out)
+    return report
+
+
+def replace_folder(staging: Path, out: Path) -> None:
+    """Put the finished `staging` folder at `out`: an old `out` is set aside first, then removed."""
     old = out.with_name(f".{out.name}.replaced")
     if out.exists():
         if old.exists():
             shutil.rmtree(old)
         out.rename(old)
-    for f in ("spec.json", RANKS_FILE):
-        (staging / f).unlink(missing_ok=True)
     staging.rename(out)
     if old.exists():
         shutil.rmtree(old)
-    return report
+
+
+# ------------------------------------------------------------------ in memory: the library's face
+
+
+def compress_params(params: dict, cfg, windows: Any, plan: Plan, ratio: float, *, mesh: Any = None,
+                    progress: bool = False, seed: int = 0, sequential: bool = True,
+                    batch_size: int = 8) -> tuple[dict, dict[str, Any]]:
+    """Compress a dense params pytree in memory: `(params, report)`, every projection its encoder's typed leaf.
+
+    Args:
+      params: dense params (`load_model(...)[1]`; projections `{"w": [out, in]}` or `Dense` leaves).
+      cfg: its `ModelConfig`.
+      windows: int `[N, T]` calibration tokens (`calibration_windows(...)`): the same windows give the
+        same factors as `python -m sigmascale_jax.compress` on that model.
+      plan: `make_plan(...)`; ratio: fraction of the projections' parameters removed, in (0, 1).
+      mesh: a `jax.sharding.Mesh` with a `data` axis: calibration windows split over it (None: one device).
+      seed: SigmaScale's minibatches and FermiGrad's windows; sequential: feed block i+1 from the compressed
+        block i; batch_size: windows per device call.
+    Returns:
+      the compressed params and the report (`compression.json`'s content; its "model" is None until saved).
+    Nothing is written to disk; costly allocations are not cached (the weights have no file to key them by).
+    """
+    import jax
+
+    from sigmascale_jax.model.leaves import Dense, is_leaf
+
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
+        raise UserError(f"windows must be an integer array [N, T], got {windows.dtype} {windows.shape}")
+    if windows.size and (windows.min() < 0 or windows.max() >= cfg.vocab_size):
+        raise UserError(f"windows hold token ids outside 0..{cfg.vocab_size - 1}")
+    if len(params.get("blocks", ())) != cfg.num_layers:
+        raise UserError(f"params hold {len(params.get('blocks', ()))} blocks, cfg says {cfg.num_layers}")
+    spec = RunSpec(model=None, ratio=ratio, calib="in-memory", nsamples=len(windows), seq_len=windows.shape[1],
+                   seed=seed, sequential=sequential, batch_size=batch_size)
+    plan.check(spec, cfg)
+
+    def dense_block(i: int) -> dict:
+        block = dict(params["blocks"][i])
+        for n in PROJECTIONS:
+            p = block[n]
+            if is_leaf(p) and not isinstance(p, Dense):
+                raise UserError(f"block {i} {n} is already compressed ({type(p).__name__}); compress dense params")
+            if isinstance(p, Dense):
+                p = {"w": p.w} if p.bias is None else {"w": p.w, "bias": p.bias}
+            block[n] = jax.device_get(p)
+        return block
+
+    clock = _Clock()
+    outer = jax.device_get({k: v for k, v in params.items() if k != "blocks"})
+    ctx = ModelContext(cfg, outer, dense_block, windows.astype(np.int32), spec, progress, model_key=None, mesh=mesh)
+    done = compress_stages(plan, ctx, clock)
+    return done.params, stages_report(spec, plan, cfg, done, windows.astype(np.int32), clock)
+
+
+def save_compressed(params: dict, cfg, report: dict, out: str | Path, *, source: Any = None,
+                    overwrite: bool = False) -> Path:
+    """Write compressed params as a folder that `eval`, `generate`, `export` and `load_model` read.
+
+    `report`: the one `compress_params` returned (it names each matrix's rank and encoding); `source`: the
+    `ModelSource` the params came from (`load_model(...)[2]`), whose tokenizer the folder carries. Written
+    under `OUT.partial` and renamed into place, holding the same lock as the compressor.
+    """
+    from sigmascale_jax.io.checkpoint import PARAMS_DIR, REPORT_FILE, TOKENIZER_DIR, save_pytree
+    from sigmascale_jax.model.leaves import is_leaf
+
+    if source is None or not hasattr(source, "save_tokenizer"):
+        raise UserError("save_compressed needs source= (the third value load_model returns): the folder carries its "
+                        "tokenizer")
+    if report.get("model_config") != cfg.to_dict() or len(report.get("matrices", ())) != 7 * cfg.num_layers:
+        raise UserError("report does not describe this model: pass the report compress_params returned with it")
+    if not all(is_leaf(b[n]) for b in params["blocks"] for n in PROJECTIONS):
+        raise UserError("params hold untyped projections: save what compress_params returned")
+    out = Path(out)
+    check_out(out, overwrite, str(getattr(source, "src", "")))
+    with out_lock(out):
+        staging = out.with_name(out.name + PARTIAL_SUFFIX)
+        if staging.exists():
+            shutil.rmtree(staging)
+        save_pytree(staging / PARAMS_DIR, stored_params(params))
+        source.save_tokenizer(staging / TOKENIZER_DIR)
+        write_json_atomic(staging / REPORT_FILE, {**report, "model": str(source.src)})
+        replace_folder(staging, out)
+    return out

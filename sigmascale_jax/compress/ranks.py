@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 
-from sigmascale_jax.errors import UserError
+from sigmascale_jax.errors import ArgError, UserError
 
 
 def uniform_rank(m: int, n: int, ratio: float) -> int:
     """Rank of an `m × n` matrix that keeps `1 − ratio` of its parameters."""
     if not 0.0 < ratio < 1.0:
-        raise UserError(f"--ratio must lie strictly between 0 and 1, got {ratio}")
+        raise ArgError("ratio", f"must lie strictly between 0 and 1, got {ratio}")
     k = math.floor((1.0 - ratio) * m * n / (m + n))
     if k < 1:
         raise UserError(f"--ratio {ratio} leaves rank 0 for a {m}x{n} matrix; use a smaller ratio")

@@ -17,7 +17,7 @@ import math
 import typing
 from typing import Any
 
-from sigmascale_jax.errors import UserError
+from sigmascale_jax.errors import ArgError, UserError
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -36,24 +36,23 @@ def flag_name(field: str) -> str:
 
 def _coerce(name: str, kind: type, value: Any) -> Any:
     """`value` as `kind` (bool, int, float or str), or a UserError naming the flag."""
-    flag = flag_name(name)
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{flag} takes true or false, got {value!r}")
+        raise ArgError(name, f"takes true or false, got {value!r}")
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
-            raise UserError(f"{flag} takes a whole number, got {value!r}")
+            raise ArgError(name, f"takes a whole number, got {value!r}")
         return int(value)
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{flag} takes a number, got {value!r}")
+            raise ArgError(name, f"takes a number, got {value!r}")
         if not math.isfinite(value):
-            raise UserError(f"{flag} must be a finite number, got {value!r}")
+            raise ArgError(name, f"must be a finite number, got {value!r}")
         return float(value)
     if kind is str:
         if not isinstance(value, str):
-            raise UserError(f"{flag} takes a string, got {value!r}")
+            raise ArgError(name, f"takes a string, got {value!r}")
         return value
     raise TypeError(f"unsupported settings type {kind} for {name}")
 
@@ -75,17 +74,17 @@ class Settings:
                 continue
             value = _coerce(f.name, field_type(type(self), f), value)
             object.__setattr__(self, f.name, value)
-            m, flag = f.metadata, flag_name(f.name)
+            m, name = f.metadata, f.name
             if m.get("choices") and value not in m["choices"]:
-                raise UserError(f"{flag} must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
+                raise ArgError(name, f"must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
             if m.get("min") is not None and value < m["min"]:
-                raise UserError(f"{flag} must be at least {m['min']}, got {value}")
+                raise ArgError(name, f"must be at least {m['min']}, got {value}")
             if m.get("max") is not None and value > m["max"]:
-                raise UserError(f"{flag} must be at most {m['max']}, got {value}")
+                raise ArgError(name, f"must be at most {m['max']}, got {value}")
             if m.get("above") is not None and not value > m["above"]:
-                raise UserError(f"{flag} must be greater than {m['above']}, got {value}")
+                raise ArgError(name, f"must be greater than {m['above']}, got {value}")
             if m.get("below") is not None and not value < m["below"]:
-                raise UserError(f"{flag} must be less than {m['below']}, got {value}")
+                raise ArgError(name, f"must be less than {m['below']}, got {value}")
 
     def asdict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,10 +41,13 @@ def sample(logits, key, temperature: float, top_p: float):
 def generate(
     params, cfg, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
     seed: int = 0, eos_id: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None,
+    key=None,
 ) -> np.ndarray:
-    """`[B, T0 + n]` tokens: `prompt: [B, T0]` and up to `max_new_tokens` more (all rows stop at EOS together).
+    """`[B, T0 + n]` tokens: `prompt: [B, T0]` (int) and up to `max_new_tokens` more (all rows stop at EOS together).
 
-    `on_tokens(new [B])` is called after each new token (streaming).
+    `params`: dense or compressed (any leaf form); `temperature` 0 is greedy, else nucleus sampling with `top_p`,
+    drawn with the PRNG `key` (default `jax.random.key(seed)`). `on_tokens(new [B])` is called after each new
+    token (streaming).
     """
     import jax
     import jax.numpy as jnp
@@ -59,7 +62,7 @@ def generate(
                         f"{cfg.max_position_embeddings} positions")
     cache = init_cache(cfg, b, total)
     logits, cache = step(params, jnp.asarray(prompt), cfg, cache)
-    key = jax.random.key(seed)
+    key = jax.random.key(seed) if key is None else key
     out = [prompt]
     done = np.zeros(b, bool)
     for i in range(max_new_tokens):

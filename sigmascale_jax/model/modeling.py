@@ -216,12 +216,52 @@ token_nll_jit = jax.jit(token_nll, static_argnames="cfg")
 
 
 def cast_params(params: Params, dtype: Any) -> Params:
-    """Cast every floating array to `dtype` (quantized values and permutations keep their integer types)."""
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    """Cast every floating array to `dtype` (quantized codes and permutations keep their exact carriers)."""
+    from sigmascale_jax.model.leaves import Codes
+
+    return jax.tree.map(lambda a: a if isinstance(a, Codes) or not jnp.issubdtype(a.dtype, jnp.floating)
+                        else a.astype(dtype), params, is_leaf=lambda a: isinstance(a, Codes))
+
+
+def typed_params(params: Params) -> Params:
+    """Every projection as a typed leaf (`leaves.as_leaf`): for trees restored from disk as plain dicts
+    (an Orbax restore without a target, the compressor's dict forms)."""
+    from sigmascale_jax.model.leaves import as_leaf
+
+    return {**params, "blocks": [{**b, **{n: as_leaf(b[n]) for n in PROJECTIONS}} for b in params["blocks"]]}
+
+
+def trainable(params: Params) -> Params:
+    """A label pytree shaped like `params`: `"factor"` on the float factors of every compressed projection
+    (B, C; PivGa's B', R; a quantized factor's scales), `"frozen"` on everything else (embeddings, norms,
+    head, biases, projections kept dense, permutations, quantized codes).
+
+    For `optax.multi_transform({"factor": optax.adamw(1e-4), "frozen": optax.set_to_zero()}, trainable(params))`:
+    `jax.grad` of a loss over the whole tree then trains exactly the factors.
+    """
+    from sigmascale_jax.model.leaves import frozen_labels, leaf_labels
+
+    labels = {k: frozen_labels(v) for k, v in params.items() if k != "blocks"}
+    labels["blocks"] = [{k: leaf_labels(v) if k in PROJECTIONS else frozen_labels(v) for k, v in b.items()}
+                        for b in params["blocks"]]
+    return labels
 
 
 def param_count(tree: Any) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
+
+
+class Factor(nnx.Param):
+    """A low-rank factor of a compressed projection: `nnx.Optimizer(model, tx, wrt=Factor)` trains only these."""
+
+
+class Buffer(nnx.Variable):
+    """An integer payload's carrier (a permutation, quantized codes): not an `nnx.Param`, never trained."""
+
+
+def _is_carrier(path) -> bool:
+    """Whether a tree path ends at a `leaves.Codes` carrier."""
+    return bool(path) and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "carrier"
 
 
 class Decoder(nnx.Module):
@@ -237,11 +277,13 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, params: Params):
         self.cfg = cfg
-        self.params = nnx.data(jax.tree.map(nnx.Param, params))
+        kinds = {"factor": Factor, "frozen": nnx.Param}
+        self.params = nnx.data(jax.tree_util.tree_map_with_path(
+            lambda path, a, label: Buffer(a) if _is_carrier(path) else kinds[label](a), params, trainable(params)))
 
     def pytree(self) -> Params:
         """The params as a plain pytree of arrays (what `forward` takes)."""
-        return jax.tree.map(lambda p: p[...], self.params, is_leaf=lambda x: isinstance(x, nnx.Param))
+        return jax.tree.map(lambda p: p[...], self.params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return forward(self.pytree(), tokens, self.cfg)

@@ -213,7 +213,7 @@ def zs_run(tmp_path_factory):
 def test_uniform_ranks_reproduce_the_plain_block_recipe(tmp_path):
     """`--ranks uniform` gives exactly what SVD-LLM block by block gives without the stage machinery."""
     from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group
-    from sigmascale_jax.compress.pipeline import apply_in_chunks, calibration_windows
+    from sigmascale_jax.compress.pipeline import apply_in_chunks, run_windows
     from sigmascale_jax.compress.plan import RunSpec
     from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.compress.ranks import block_ranks
@@ -226,7 +226,7 @@ def test_uniform_ranks_reproduce_the_plain_block_recipe(tmp_path):
     src = open_model(str(STORIES))
     cfg = src.cfg
     spec = RunSpec(model=str(STORIES), ratio=0.3, nsamples=12, seq_len=64, batch_size=4)
-    xs = np.asarray(load_outer(src.reader, cfg)["embed"])[calibration_windows(src, spec, str(DATA))]
+    xs = np.asarray(load_outer(src.reader, cfg)["embed"])[run_windows(src, spec, str(DATA))]
     ranks = block_ranks(cfg, 0.3)
     for i in range(cfg.num_layers):
         block = load_block(src.reader, cfg, i)

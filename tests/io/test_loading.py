@@ -173,19 +173,19 @@ def test_gguf_config_and_tokenizer_are_converted_once(tmp_path, monkeypatch):
 
 def test_calibration_ids_are_cached_and_equal(tmp_path, monkeypatch):
     """The second compression's calibration windows come from the cache, token for token the same."""
-    from sigmascale_jax.compress.pipeline import calibration_windows
+    from sigmascale_jax.compress.pipeline import run_windows
     from sigmascale_jax.compress.plan import RunSpec
     from sigmascale_jax.io.sources import open_model
 
     spec = RunSpec(model=str(STORIES), ratio=0.3, nsamples=6, seq_len=64, calib="wikitext2-valid")
     data = str(require(DATA))
     monkeypatch.setenv("SIGMASCALE_CACHE", "off")
-    plain = calibration_windows(open_model(str(STORIES)), spec, data)
+    plain = run_windows(open_model(str(STORIES)), spec, data)
     monkeypatch.setenv("SIGMASCALE_CACHE", str(tmp_path))
-    first = calibration_windows(open_model(str(STORIES)), spec, data)
+    first = run_windows(open_model(str(STORIES)), spec, data)
     src = open_model(str(STORIES))
     monkeypatch.setattr(type(src), "tokenizer", lambda self: (_ for _ in ()).throw(AssertionError("tokenized again")))
-    second = calibration_windows(src, spec, data)
+    second = run_windows(src, spec, data)
     assert (tmp_path / "calibration-ids").is_dir()
     np.testing.assert_array_equal(first, plain)
     np.testing.assert_array_equal(second, plain)

@@ -22,7 +22,7 @@ SMALL = dict(nsamples=12, seq_len=64, batch_size=4, data_dir=str(DATA), progress
 
 @pytest.fixture(scope="module")
 def ctx():
-    from sigmascale_jax.compress.pipeline import calibration_windows
+    from sigmascale_jax.compress.pipeline import run_windows
     from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.io.sources import open_model
 
@@ -30,7 +30,7 @@ def ctx():
     src = open_model(spec.model)
     outer = jax.device_get(load_outer(src.reader, src.cfg))
     return ModelContext(src.cfg, outer, lambda i: load_block(src.reader, src.cfg, i),
-                        calibration_windows(src, spec, str(DATA)), spec, False)
+                        run_windows(src, spec, str(DATA)), spec, False)
 
 
 # ------------------------------------------------------------------ FermiGrad
@@ -99,11 +99,11 @@ def test_fermigrad_lowers_the_calibration_loss_from_its_start(tmp_path):
 @pytest.fixture(scope="module")
 def table(ctx):
     """The table on 8 windows of 128 tokens (4 windows of 64 are too noisy to show its shape)."""
-    from sigmascale_jax.compress.pipeline import calibration_windows
+    from sigmascale_jax.compress.pipeline import run_windows
     from sigmascale_jax.io.sources import open_model
 
     spec = RunSpec(model=str(STORIES), ratio=0.3, nsamples=8, seq_len=128, batch_size=4)
-    wide = ModelContext(ctx.cfg, ctx.outer, ctx.load_block, calibration_windows(open_model(spec.model), spec, str(DATA)),
+    wide = ModelContext(ctx.cfg, ctx.outer, ctx.load_block, run_windows(open_model(spec.model), spec, str(DATA)),
                         spec, False)
     return sensitivity_table(wide, 8)
 

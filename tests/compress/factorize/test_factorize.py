@@ -156,7 +156,7 @@ def test_gram_solver_gives_the_svd_solvers_factors_on_smollm2():
 
     from sigmascale_jax.compress.factorize._blocks import low_rank_groups, stacked
     from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group
-    from sigmascale_jax.compress.pipeline import apply_in_chunks, calibration_windows
+    from sigmascale_jax.compress.pipeline import apply_in_chunks, run_windows
     from sigmascale_jax.compress.plan import RunSpec
     from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.compress.ranks import block_ranks
@@ -166,7 +166,7 @@ def test_gram_solver_gives_the_svd_solvers_factors_on_smollm2():
     src = open_model(str(require(SMOLLM2_DIR)))
     cfg = src.cfg
     spec = RunSpec(model=str(SMOLLM2_DIR), ratio=0.4, nsamples=8, seq_len=256)
-    xs = np.asarray(load_outer(src.reader, cfg)["embed"])[calibration_windows(src, spec, str(require(DATA)))]
+    xs = np.asarray(load_outer(src.reader, cfg)["embed"])[run_windows(src, spec, str(require(DATA)))]
     for i in range(2):
         xs = apply_in_chunks(load_block(src.reader, cfg, i), xs, cfg, 4)
     block = load_block(src.reader, cfg, 2)

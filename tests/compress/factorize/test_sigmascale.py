@@ -268,7 +268,7 @@ def test_gram_eigh_learns_what_the_svd_path_learns_on_a_smollm2_block():
     """Same held-out trace (to 1e-3) and the same factors' losses; float32 eigh squares the spectrum, so gradients
     of matrices with a tiny gap at the cut (gate/up: 2e-6 of σ₁²) differ by a few percent, which Adam absorbs."""
     from conftest import SMOLLM2_DIR
-    from sigmascale_jax.compress.pipeline import calibration_windows
+    from sigmascale_jax.compress.pipeline import run_windows
     from sigmascale_jax.compress.plan import RunSpec
     from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.compress.ranks import block_ranks
@@ -278,7 +278,7 @@ def test_gram_eigh_learns_what_the_svd_path_learns_on_a_smollm2_block():
     spec = RunSpec(model=str(require(SMOLLM2_DIR)), ratio=0.2, nsamples=6, seq_len=128)
     src = open_model(spec.model)
     cfg = src.cfg
-    xs = np.asarray(jax.device_get(load_outer(src.reader, cfg))["embed"])[calibration_windows(src, spec, str(DATA))]
+    xs = np.asarray(jax.device_get(load_outer(src.reader, cfg))["embed"])[run_windows(src, spec, str(DATA))]
     block = load_block(src.reader, cfg, 3)
     ys, stats = block_stats(block, xs, cfg, 3)
     runs = {tr: sigmascale_block(block, stats, xs, ys, cfg, block_ranks(cfg, 0.2), steps=6, lr=0.03, holdout=0.34,

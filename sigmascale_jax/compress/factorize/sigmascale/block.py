@@ -358,3 +358,40 @@ def sigmascale_block(
     }
     info["_spectra"] = all_spectra  # not JSON: the pipeline stores it in spectra.npz
     return new, info
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "steps", "truncation", "loss_fn"))
+def sigmascale_factors(w: jax.Array, gram: jax.Array, rank: int, *, steps: int = 200, lr: float = 3e-2,
+                       truncation: str = "svd", loss_fn: Any = None) -> tuple[jax.Array, jax.Array, dict]:
+    """SigmaScale on one matrix, a pure jit-compiled function: `(B [m, k], C [k, n], {"rho": [m], "gamma": [n]})`.
+
+    `w: [m, n]` (out × in), `gram: [n, n]` = X Xᵀ of its inputs. The scales learn with Adam (cosine decay) from
+    ρ = γ = 0, i.e. from SVD-LLM's factors, keeping the best step. `loss_fn(w_hat) -> scalar` is what they learn
+    on; the default, the relative activation loss on `gram`, is already minimal at SVD-LLM's factors (so the start
+    is kept), and the gain comes from losses that see more than the layer: pass your own (a hashable function).
+    Whitening is Cholesky of `gram` with a relative 1e-6 shift (the pipeline's host-side fallbacks aside).
+    """
+    n = gram.shape[0]
+    eps = 1e-6 * jnp.maximum(jnp.trace(gram) / n, jnp.finfo(gram.dtype).tiny)
+    s = jnp.linalg.cholesky(gram + eps * jnp.eye(n, dtype=gram.dtype))
+    loss_fn = loss_fn or (lambda w_hat: relative_activation_loss(w, w_hat, gram))
+
+    def loss(sc):
+        return loss_fn(scaled_reconstruction(w, s, sc["rho"], sc["gamma"], rank, truncation))
+
+    opt = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1)))
+    init = {"rho": jnp.zeros(w.shape[0], w.dtype), "gamma": jnp.zeros(n, w.dtype)}
+
+    def step(carry, _):
+        sc, state, best, best_loss = carry
+        value, grads = jax.value_and_grad(loss)(sc)
+        better = value < best_loss  # the loss of `sc`, measured before this step's update
+        best = jax.tree.map(lambda a, b: jnp.where(better, a, b), sc, best)
+        updates, state = opt.update(grads, state, sc)
+        return (optax.apply_updates(sc, updates), state, best, jnp.minimum(value, best_loss)), value
+
+    carry = (init, opt.init(init), init, jnp.asarray(jnp.inf, w.dtype))
+    (last, _, best, best_loss), _ = jax.lax.scan(step, carry, None, length=steps)
+    best = jax.tree.map(lambda a, b: jnp.where(loss(last) < best_loss, a, b), last, best)
+    b, c, _ = scaled_factors(w, s, best["rho"], best["gamma"], rank)
+    return b, c, best
