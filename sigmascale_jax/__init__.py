@@ -56,6 +56,7 @@ _API = {
     # the decoder
     "forward": "sigmascale_jax.model.modeling",
     "Decoder": "sigmascale_jax.model.modeling",
+    "Factor": "sigmascale_jax.model.modeling",
     "trainable": "sigmascale_jax.model.modeling",
     "typed_params": "sigmascale_jax.model.modeling",
     "cast_params": "sigmascale_jax.model.modeling",

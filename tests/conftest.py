@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
-import sigmascale_jax  # noqa: F401  (first: it sets XLA and OpenBLAS thread settings before they load)
+# One persistent XLA compilation cache for the whole run, this process and the command lines it starts: the same
+# block functions are compiled once, not once per test and per subprocess. Set before JAX is imported (it reads
+# these at import) and inherited by subprocesses through the environment.
+_OWN_XLA_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # pytest-xdist's workers inherit the controller's
+if _OWN_XLA_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sigmascale-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import sigmascale_jax  # noqa: F401,E402  (first: it sets XLA and OpenBLAS thread settings before they load)
 
 import numpy as np
 import pytest
@@ -24,6 +34,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No disk cache of allocations / sensitivity tables unless a test turns one on (with a tmp_path): results stay
 # independent of earlier runs.
 os.environ["SIGMASCALE_CACHE"] = "off"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_XLA_CACHE and not hasattr(session.config, "workerinput"):  # the process that made it, not a worker
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def require(path: Path) -> Path:

@@ -4,19 +4,19 @@
         --method svd-llm --ratio 0.2 --out runs/smollm2-svdllm-0.2 [--ranks zs-svd] [--correction]
 
 The package is also callable: ``sigmascale_jax.compress(model, method, ratio, out, ...)``.
+In memory: `sigmascale_jax.compress_params(params, cfg, windows, plan, ratio)` (`pipeline.py`).
 Layout: `plan.py` (the stage types, registries, `make_plan`), `settings.py` (checked
-settings dataclasses), `pipeline.py` (the block loop), `allocate/`, `factorize/` and
-`refine/` (one module per method), `grads.py` (block-wise model gradients),
-`report.py` (compression.json), `cli.py` (flags and YAML configs).
+settings dataclasses), `pipeline.py` (the block loop, in memory and into a folder),
+`allocate/`, `factorize/`, `refine/` and `encode/` (one module per method), `grads.py`
+(block-wise model gradients), `report.py` (compression.json), `cli.py` (flags and YAML configs).
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
+from sigmascale_jax.errors import make_callable
 from sigmascale_jax.compress.plan import (  # noqa: F401  (the public face of the package)
     Budget,
     Factorizer,
@@ -72,11 +72,4 @@ def parse_args(argv: list[str] | None = None):
     return _parse(argv)
 
 
-class _CallableModule(types.ModuleType):
-    """Lets `sigmascale_jax.compress(...)` call the function while `python -m sigmascale_jax.compress` runs the CLI."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return compress(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, compress)  # `sigmascale_jax.compress(...)` calls the function above

@@ -139,13 +139,13 @@ def check_ranks(ranks: Any, cfg) -> list[dict[str, int | None]]:
 def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path | None) -> Allocation:
     """The allocator's result, from `ranks.json` when resuming (ZS-SVD's passes are not repeated).
 
-    Without a staging folder (in memory) nothing is read or written, and the disk cache is used only
-    when the weights have a `model_key`."""
+    Without a staging folder (in memory) nothing is read or written here; the disk cache skips weights without a
+    `model_key` (`diskcache.cached`)."""
     path = None if staging is None else staging / RANKS_FILE
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         return Allocation(check_ranks(saved["ranks"], ctx.cfg), saved["info"])
-    if not plan.allocate.costly or ctx.model_key is None:
+    if not plan.allocate.costly:
         alloc = plan.allocate.allocate(ctx, budget)
         return Allocation(check_ranks(alloc.ranks, ctx.cfg), alloc.info)
     from sigmascale_jax.io.diskcache import cached

@@ -57,7 +57,7 @@ class ModelContext:
     windows: np.ndarray  # [N, T] int32 calibration tokens
     spec: RunSpec
     progress: bool = True
-    model_key: dict = dataclasses.field(default_factory=dict)  # identifies the weights (cache keys)
+    model_key: dict | None = dataclasses.field(default_factory=dict)  # identifies the weights (None: in memory, uncached)
     mesh: Any = None  # a `parallel.make_mesh` data mesh, or None for one device
 
     @property

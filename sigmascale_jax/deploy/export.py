@@ -12,7 +12,7 @@ transformers model with low-rank layers, whose parameter count is the compressed
 Quantized matrices are written dequantized (float32): the HF formats have no place for
 this project's groups and scales.
 
-Tensor names come from `params.block_tensors` / `params.outer_tensors`, the table the
+Tensor names come from `io/hf_map.block_tensors` / `outer_tensors`, the table the
 loader reads checkpoints with, so import and export cannot drift.
 """
 

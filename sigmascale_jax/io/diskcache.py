@@ -67,9 +67,10 @@ def model_fingerprint(source) -> dict[str, Any]:
 def cached(kind: str, key: dict[str, Any], compute: Callable[[], Any], versioned: bool = True) -> tuple[Any, bool]:
     """`(value, hit)`: the cached value for `key`, else `compute()` stored under it (JSON-able values only).
 
-    `versioned`: the key includes the package's code version (off only for values no code here shapes)."""
+    `versioned`: the key includes the package's code version (off only for values no code here shapes).
+    A key whose "model" is None (weights held in memory, with no files to identify them) is never cached."""
     root = cache_dir()
-    if root is None:
+    if root is None or ("model" in key and key["model"] is None):
         return compute(), False
     if versioned:
         key = {**key, "code": code_version()}

@@ -43,6 +43,10 @@ class Codes:
 
     @classmethod
     def of(cls, a: Any) -> "Codes":
+        """Codes of an integer array (a traced one too: inside `jit`, its range is the caller's promise)."""
+        if isinstance(a, jax.core.Tracer):
+            small = np.dtype(a.dtype).itemsize == 1
+            return cls(a.astype(jnp.bfloat16 if small else jnp.float32), np.dtype(a.dtype).name)
         a = np.asarray(a)
         if not np.issubdtype(a.dtype, np.integer):
             raise TypeError(f"Codes hold integers, got {a.dtype}")

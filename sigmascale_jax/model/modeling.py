@@ -34,7 +34,7 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 def project(p: Any, x: jax.Array) -> jax.Array:
     """Apply one projection to `x: [..., in]`, giving `[..., out]`.
 
-    `p` is a typed leaf of `linear` (dense, low-rank, PivGa, quantized or not), or one of
+    `p` is a typed leaf (`model/leaves.py`; an encoder's, as PivGa; quantized or not), or one of
     the dict forms the compressor works on: dense `{"w": [out, in]}` or factored
     `{"b": [out, k], "c": [k, in]}`, either with an optional `"bias": [out]`.
     """

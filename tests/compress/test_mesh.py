@@ -35,6 +35,16 @@ for method, extra in (("svd-llm", {}), ("sigmascale", {"steps": 2, "step_windows
     a, b = (jax.tree.leaves(t) for t in trees)
     out[method] = max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / (np.abs(np.asarray(x)).max() + 1e-30))
                       for x, y in zip(a, b))
+# the library with a user's Mesh object: the folder's factors exactly
+from jax.sharding import Mesh
+from sigmascale_jax.compress.pipeline import stored_params
+cfg, params, source = sigmascale_jax.load_model(model)
+windows = sigmascale_jax.calibration_windows(source, "c4", 18, 32, 0, data_dir=data)
+cparams, _ = sigmascale_jax.compress_params(params, cfg, windows, sigmascale_jax.make_plan("svd-llm"), 0.3,
+                                            mesh=Mesh(jax.local_devices(), ("data",)), batch_size=8)
+mine, disk = jax.tree.leaves(stored_params(cparams)), jax.tree.leaves(load_pytree(f"{tmp}/svd-llm-8/params"))
+out["in_memory_mesh_equal"] = len(mine) == len(disk) and all(
+    np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(mine, disk))
 ppl = [evaluate(f"{tmp}/svd-llm-1", ["c4"], seq_len=64, max_windows=16, batch_size=8, data_dir=data, progress=False,
                 mesh=m)["c4"]["ppl"] for m in ("data=1", "data=8")]
 out["ppl"] = ppl
@@ -51,6 +61,7 @@ def test_eight_devices_give_the_factors_and_perplexity_of_one(tmp_path):
     # the same factors up to float32 summation order (Gram matrices summed across devices, then whitened)
     assert res["svd-llm"] < 1e-3 and res["svd-llm_rel_loss"] < 1e-4, res
     assert res["sigmascale"] < 5e-2 and res["sigmascale_rel_loss"] < 1e-3, res
+    assert res["in_memory_mesh_equal"], res
     a, b = res["ppl"]
     assert abs(a - b) <= 1e-5 * a, res
 

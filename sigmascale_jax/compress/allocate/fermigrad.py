@@ -206,6 +206,26 @@ def fermi_model(ctx: ModelContext) -> FermiModel:
 # ------------------------------------------------------------------ the allocator
 
 
+def _uniform_start(ctx: ModelContext, budget: Budget) -> tuple[list[dict], dict]:
+    return [block_ranks(ctx.cfg, budget.ratio) for _ in range(ctx.cfg.num_layers)], {}
+
+
+def _zs_svd_start(ctx: ModelContext, budget: Budget) -> tuple[list[dict], dict]:
+    from sigmascale_jax.compress.allocate.zs_svd import zs_svd
+
+    start = zs_svd().allocate(ctx, budget)
+    shapes = ctx.cfg.projection_shapes()
+    ranks = [{p: (min(shapes[p]) if k is None else k) for p, k in r.items()} for r in start.ranks]
+    return ranks, {k: v for k, v in start.info.items() if k != "seconds"}
+
+
+# --fermi-init: (check against the run, the starting ranks (dense as full rank) and what their allocator recorded)
+STARTS = {
+    "uniform": (lambda spec, cfg: block_ranks(cfg, spec.ratio), _uniform_start),
+    "zs-svd": (lambda spec, cfg: None, _zs_svd_start),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class FermiGradSettings(Settings):
     fermi_steps: int = setting(150, "fermigrad: Adam steps on the ranks", min=1)
@@ -214,7 +234,7 @@ class FermiGradSettings(Settings):
     fermi_penalty: float = setting(1000.0, "fermigrad: weight λ of (soft count / budget − 1)²", above=0.0)
     fermi_t0: float = setting(8.0, "fermigrad: starting temperature (in ranks)", above=0.0)
     fermi_t1: float = setting(0.5, "fermigrad: final temperature (in ranks)", above=0.0)
-    fermi_init: str = setting("uniform", "fermigrad: starting ranks", choices=("uniform", "zs-svd"))
+    fermi_init: str = setting("uniform", "fermigrad: starting ranks", choices=tuple(STARTS))
 
 
 @register(ALLOCATORS, "fermigrad", FermiGradSettings,
@@ -230,8 +250,7 @@ def fermigrad(fermi_steps: int = 150, fermi_windows: int = 1, fermi_lr: float = 
         if settings.fermi_windows > trainable:
             raise UserError(f"--fermi-windows {settings.fermi_windows} exceeds the {trainable} calibration windows left "
                             f"to learn on (--nsamples {spec.nsamples}, some held out to measure the result)")
-        if settings.fermi_init == "uniform":
-            block_ranks(cfg, spec.ratio)
+        STARTS[settings.fermi_init][0](spec, cfg)
 
     def allocate(ctx: ModelContext, budget: Budget) -> Allocation:
         from tqdm.auto import tqdm
@@ -239,15 +258,7 @@ def fermigrad(fermi_steps: int = 150, fermi_windows: int = 1, fermi_lr: float = 
         cfg = ctx.cfg
         shapes = cfg.projection_shapes()
         t0 = time.perf_counter()
-        start_info = {}
-        if settings.fermi_init == "zs-svd":
-            from sigmascale_jax.compress.allocate.zs_svd import zs_svd
-
-            start = zs_svd().allocate(ctx, budget)
-            start_info = {k: v for k, v in start.info.items() if k != "seconds"}
-            ranks0 = [{p: (min(shapes[p]) if k is None else k) for p, k in r.items()} for r in start.ranks]
-        else:
-            ranks0 = [block_ranks(cfg, budget.ratio) for _ in range(cfg.num_layers)]
+        ranks0, start_info = STARTS[settings.fermi_init][1](ctx, budget)
         mu0 = {p: jnp.asarray([r[p] - 0.5 for r in ranks0], jnp.float32) for p in PROJECTIONS}
         model = fermi_model(ctx)
         t1 = time.perf_counter()

@@ -74,16 +74,24 @@ class PivGa:
         return out, {"form": "pivga", "rank": int(self.b.shape[1])}
 
 
+def perm_dtype(n: int) -> str:
+    """The permutation of `n` columns in 2 bytes an entry where it fits, else 4."""
+    return "int16" if n <= np.iinfo(np.int16).max else "int32"
+
+
 def perm_codes(perm: Any) -> Codes:
-    """The permutation in 2 bytes an entry where it fits, else 4."""
-    perm = np.asarray(perm)
-    return Codes.of(perm.astype(np.int16 if perm.shape[0] <= np.iinfo(np.int16).max else np.int32))
+    return Codes.of(perm.astype(perm_dtype(perm.shape[0])))
 
 
 def _restored(p: dict) -> PivGa:
-    """A PivGa leaf from its saved dict, or from what an Orbax restore without a target gives (`perm` as a dict)."""
+    """A PivGa leaf from its saved dict, or from what an Orbax restore without a target gives (`perm` as a dict of
+    its float carrier); works under `jit`."""
     perm = p["perm"]
-    perm = perm_codes(np.asarray(perm["carrier"], np.float32).astype(np.int64)) if isinstance(perm, dict) else perm_codes(perm)
+    if isinstance(perm, dict):
+        carrier = jnp.asarray(perm["carrier"], jnp.float32)
+        perm = Codes(carrier, perm_dtype(carrier.shape[0]))
+    else:
+        perm = perm_codes(perm)
     if isinstance(p["b"], dict) or isinstance(p["r"], dict):
         raise ValueError("a quantized PivGa matrix restored without its target: load the folder with "
                          "sigmascale_jax.load_model, or restore with a target")
