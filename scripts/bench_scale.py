@@ -19,7 +19,6 @@ an 80 GB accelerator at the given calibration size. Writes OUT.md and OUT.json.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import DATA, REPO, SHARED, STORIES, eval_cli, require
 
 import sigmascale_jax as ssj
-from conftest import DATA, REPO, SHARED, STORIES, eval_cli, require
 
 SMALL = dict(nsamples=16, seq_len=128, seed=0)
 

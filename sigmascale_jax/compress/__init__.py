@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sigmascale_jax.errors import make_callable
 from sigmascale_jax.compress.plan import (  # noqa: F401  (the public face of the package)
     Budget,
     Factorizer,
@@ -27,6 +26,7 @@ from sigmascale_jax.compress.plan import (  # noqa: F401  (the public face of th
     RunSpec,
     make_plan,
 )
+from sigmascale_jax.errors import make_callable
 
 
 def compress(

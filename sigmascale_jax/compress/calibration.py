@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sigmascale_jax.io.data import C4_FILE, c4_docs, data_file
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.io.data import C4_FILE, c4_docs, data_file
 from sigmascale_jax.io.fileio import jsonl_texts, read_text
 
 WIKITEXT2_VALID = "wikitext-2-tokenized/valid.txt"

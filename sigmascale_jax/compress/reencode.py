@@ -17,8 +17,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.model.modeling import PROJECTIONS
 
@@ -27,11 +25,18 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
              group_size: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write `src`'s model to `out` with its projections stored as `encoding` (default: as in `src`), quantized
     as `quantize`; returns the new report (compression.json, with `reencoded_from`)."""
-    from sigmascale_jax.io.checkpoint import PARAMS_DIR, REPORT_FILE, SPECTRA_FILE, TOKENIZER_DIR, read_report, save_pytree
-    from sigmascale_jax.io.checkpoint import load_compressed
+    from sigmascale_jax.compress.pipeline import check_out, stored_params
     from sigmascale_jax.compress.plan import ENCODERS, load_methods
-    from sigmascale_jax.compress.pipeline import check_out
     from sigmascale_jax.compress.report import matrix_bytes
+    from sigmascale_jax.io.checkpoint import (
+        PARAMS_DIR,
+        REPORT_FILE,
+        SPECTRA_FILE,
+        TOKENIZER_DIR,
+        load_compressed,
+        read_report,
+        save_pytree,
+    )
     from sigmascale_jax.io.fileio import write_json_atomic
 
     src, out = Path(src), Path(out)
@@ -59,8 +64,7 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
                                                                               enc.count(*rec["shape"], k))
             matrices.append({**rec, **enc.record(), "stored": stored, "bytes": matrix_bytes(new_leaf)})
         blocks.append(new)
-    saved = {**params, "blocks": [{**b, **{n: b[n].to_tree() for n in PROJECTIONS}} for b in blocks]}
-    save_pytree(staging / PARAMS_DIR, saved)
+    save_pytree(staging / PARAMS_DIR, stored_params({**params, "blocks": blocks}))
     shutil.copytree(src / TOKENIZER_DIR, staging / TOKENIZER_DIR)
     if (src / SPECTRA_FILE).is_file():
         shutil.copy2(src / SPECTRA_FILE, staging / SPECTRA_FILE)

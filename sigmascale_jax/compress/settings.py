@@ -17,7 +17,7 @@ import math
 import typing
 from typing import Any
 
-from sigmascale_jax.errors import ArgError, UserError
+from sigmascale_jax.errors import ArgError
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,

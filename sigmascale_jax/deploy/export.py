@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sigmascale_jax.errors import ArgumentParser, UserError, run_cli
+from sigmascale_jax.errors import ArgumentParser, UserError
 
 FORMATS = ("dense", "factored")
 

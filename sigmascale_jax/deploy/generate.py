@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from sigmascale_jax.errors import ArgumentParser, UserError, run_cli
+from sigmascale_jax.errors import ArgumentParser, UserError
 
 
 def sample(logits, key, temperature: float, top_p: float):

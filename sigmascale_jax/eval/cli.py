@@ -8,15 +8,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
 
-from sigmascale_jax.io.data import PERPLEXITY_TASKS, find_data_dir, perplexity_text
-from sigmascale_jax.errors import ArgumentParser, UserError, run_cli
-from sigmascale_jax.io.fileio import check_writable_file, write_json_atomic
+from sigmascale_jax.errors import ArgumentParser, UserError
 from sigmascale_jax.eval.tasks import ZEROSHOT_TASKS, load_task
+from sigmascale_jax.io.data import PERPLEXITY_TASKS, find_data_dir, perplexity_text
+from sigmascale_jax.io.fileio import check_writable_file, write_json_atomic
 
 KNOWN_TASKS = PERPLEXITY_TASKS + ZEROSHOT_TASKS
 TASK_GROUPS = {"zeroshot": ZEROSHOT_TASKS, "perplexity": PERPLEXITY_TASKS}
@@ -103,9 +102,8 @@ def evaluate(
     import jax.numpy as jnp
 
     from sigmascale_jax.eval.perplexity import make_windows, perplexity
-    from sigmascale_jax.io.sources import open_model
     from sigmascale_jax.eval.zeroshot import average, score_task, task_metrics
-
+    from sigmascale_jax.io.sources import open_model
     from sigmascale_jax.parallel import make_mesh
 
     start = time.perf_counter()

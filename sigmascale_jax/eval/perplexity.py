@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import Params, token_nll
 from sigmascale_jax.parallel import replicate, shard
 

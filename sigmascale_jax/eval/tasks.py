@@ -26,8 +26,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from sigmascale_jax.io.data import data_file
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.io.data import data_file
 from sigmascale_jax.io.fileio import read_json, read_text
 
 TARGET_DELIMITER = " "

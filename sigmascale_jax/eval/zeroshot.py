@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.eval.loglikelihood import encode_pair, score_requests
-from sigmascale_jax.model.modeling import Params
 from sigmascale_jax.eval.tasks import TASKS, MultipleChoice, load_task
+from sigmascale_jax.model.config import ModelConfig
+from sigmascale_jax.model.modeling import Params
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:

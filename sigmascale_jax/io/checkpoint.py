@@ -15,9 +15,9 @@ from typing import Any
 
 import jax
 
-from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.io.fileio import read_json
+from sigmascale_jax.model.config import ModelConfig
 
 FORMAT_VERSION = 1
 PARAMS_DIR = "params"

@@ -11,9 +11,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.io.readers import TensorReader
+from sigmascale_jax.model.config import ModelConfig
 
 # our projection name -> HF module path inside a layer
 HF_PROJECTIONS = {

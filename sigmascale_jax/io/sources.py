@@ -15,12 +15,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sigmascale_jax.errors import UserError
 from sigmascale_jax.io.checkpoint import REPORT_FILE as COMPRESSED_MARKER
 from sigmascale_jax.io.checkpoint import read_report
-from sigmascale_jax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf
-from sigmascale_jax.errors import UserError
 from sigmascale_jax.io.fileio import read_json
 from sigmascale_jax.io.readers import GGUFReader, SafetensorsReader, TensorReader
+from sigmascale_jax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 

@@ -10,13 +10,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import DATA, REPO, STORIES, assert_one_line_error, require
 
 import sigmascale_jax
-from conftest import DATA, REPO, STORIES, assert_one_line_error, require
 from sigmascale_jax.compress.factorize import svd_llm as svd_llm_mod
 from sigmascale_jax.compress.plan import FACTORIZERS
-from sigmascale_jax.io.checkpoint import load_pytree, save_pytree
 from sigmascale_jax.compress.ranks import block_ranks
+from sigmascale_jax.io.checkpoint import load_pytree, save_pytree
 from sigmascale_jax.io.sources import load_model, open_model
 
 SMALL = dict(nsamples=12, seq_len=64, batch_size=4, data_dir=str(DATA), progress=False)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import DATA, REPO, STORIES, assert_one_line_error, require
 
 

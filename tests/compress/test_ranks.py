@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import DATA, REPO, STORIES, assert_one_line_error, compress_cli, require
 
 import sigmascale_jax
-from conftest import DATA, REPO, STORIES, assert_one_line_error, compress_cli, require
-from sigmascale_jax.io.checkpoint import load_pytree
 from sigmascale_jax.compress.allocate.zs_svd import component_deltas, zero_sum_select, zs_whitening
 from sigmascale_jax.compress.grads import model_grads, model_loss
+from sigmascale_jax.io.checkpoint import load_pytree
 from sigmascale_jax.model.modeling import PROJECTIONS
 
 SMALL = dict(nsamples=12, seq_len=64, batch_size=4, data_dir=str(DATA), progress=False)
@@ -215,10 +215,10 @@ def test_uniform_ranks_reproduce_the_plain_block_recipe(tmp_path):
     from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group
     from sigmascale_jax.compress.pipeline import apply_in_chunks, run_windows
     from sigmascale_jax.compress.plan import RunSpec
-    from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.compress.ranks import block_ranks
-    from sigmascale_jax.io.sources import open_model
     from sigmascale_jax.compress.stats import block_stats
+    from sigmascale_jax.io.hf_map import load_block, load_outer
+    from sigmascale_jax.io.sources import open_model
 
     out = tmp_path / "u"
     sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, out, ranks="uniform", **SMALL)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DATA, REPO, STORIES, assert_one_line_error, compress_cli, eval_cli, require
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -85,9 +84,9 @@ def test_full_disk_is_one_line_and_resumable(tmp_path, monkeypatch, capsys):
     """ENOSPC while saving block 2 (simulated in-process): one line, the finished blocks kept, the rerun finishes."""
     import errno
 
-    from sigmascale_jax.io.checkpoint import save_pytree as real_save
     from sigmascale_jax.compress import cli
     from sigmascale_jax.errors import run_cli
+    from sigmascale_jax.io.checkpoint import save_pytree as real_save
 
     calls = {"n": 0}
 
@@ -198,8 +197,9 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes_bit_exactly(tmp_path, capsys
     assert json.loads((out / "compression.json").read_text())["resumed"]
     ref = compress_cli(capsys, "--model", str(STORIES), *extra, "--out", str(tmp_path / "ref"), *data)
     assert ref.returncode == 0, ref.stderr
-    from sigmascale_jax.io.checkpoint import load_pytree
     import jax
+
+    from sigmascale_jax.io.checkpoint import load_pytree
 
     a, b = load_pytree(out / "params"), load_pytree(tmp_path / "ref" / "params")
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

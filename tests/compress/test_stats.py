@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-
 from conftest import STORIES, require
 
 
 def test_device_accumulation_equals_a_float64_sum_of_the_chunks():
+    from sigmascale_jax.compress.stats import block_stats, block_stats_chunk
     from sigmascale_jax.io.hf_map import load_block
     from sigmascale_jax.io.sources import open_model
-    from sigmascale_jax.compress.stats import block_stats, block_stats_chunk
 
     src = open_model(str(require(STORIES)))
     cfg = src.cfg
@@ -47,9 +46,9 @@ def test_double_float_accumulation_keeps_what_float32_loses():
 
 def test_statistics_without_outputs_are_the_same():
     """`outputs=False` (the --sequential svd-llm pass) skips the block's output and changes no statistic."""
+    from sigmascale_jax.compress.stats import block_stats
     from sigmascale_jax.io.hf_map import load_block
     from sigmascale_jax.io.sources import open_model
-    from sigmascale_jax.compress.stats import block_stats
 
     src = open_model(str(require(STORIES)))
     block = load_block(src.reader, src.cfg, 2)

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import DATA, STORIES, TINY_CONFIGS, assert_one_line_error, randomize_, require, run_in_process
 
 import sigmascale_jax
-from conftest import DATA, STORIES, TINY_CONFIGS, assert_one_line_error, randomize_, require, run_in_process
 from sigmascale_jax.deploy.export import export
-from sigmascale_jax.model.modeling import forward_jit
 from sigmascale_jax.io.sources import load_model
+from sigmascale_jax.model.modeling import forward_jit
 
 SMALL = dict(nsamples=8, seq_len=64, batch_size=4, data_dir=str(DATA), progress=False)
 

@@ -8,12 +8,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import DATA, REPO, STORIES, assert_one_line_error, require, run_in_process
 
 import sigmascale_jax
-from conftest import DATA, REPO, STORIES, assert_one_line_error, require, run_in_process
 from sigmascale_jax.deploy.generate import generate, sample
-from sigmascale_jax.model.modeling import forward_jit
 from sigmascale_jax.io.sources import load_model
+from sigmascale_jax.model.modeling import forward_jit
 
 
 def argmax_by_full_passes(params, cfg, prompt: np.ndarray, n: int) -> np.ndarray:

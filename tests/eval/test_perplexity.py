@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import DATA, REPO, STORIES, require
-from sigmascale_jax.io.data import c4_docs, find_data_dir, perplexity_text, wikitext2_rows
+
 from sigmascale_jax.eval.perplexity import make_windows, perplexity
+from sigmascale_jax.io.data import c4_docs, find_data_dir, perplexity_text, wikitext2_rows
 from sigmascale_jax.io.sources import load_model
 
 

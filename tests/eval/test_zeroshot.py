@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import DATA, REPO, STORIES, assert_one_line_error, require
+
 from sigmascale_jax.eval.loglikelihood import bucket_length, encode_pair, score_requests
 from sigmascale_jax.eval.tasks import NO_GOLD, TASKS, hellaswag_preprocess, load_task, mathqa_choices
 from sigmascale_jax.eval.zeroshot import mean_and_stderr, predictions, task_metrics

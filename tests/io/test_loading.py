@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import DATA, SMOLLM2_GGUF, STORIES, require, torch_logits
+
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.model.modeling import forward_jit
 from sigmascale_jax.io.hf_map import load_block, load_params
 from sigmascale_jax.io.readers import unpermute_qk
 from sigmascale_jax.io.sources import detect_kind, load_model, open_model
+from sigmascale_jax.model.modeling import forward_jit
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:

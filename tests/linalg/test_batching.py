@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, SMOLLM2_GGUF, require
+
 from sigmascale_jax.linalg import batching
 from sigmascale_jax.linalg.batching import stacked_map
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import STORIES, require
 from flax import nnx
 
-from conftest import STORIES, require
-from sigmascale_jax.model.modeling import Decoder, forward, forward_jit, project
 from sigmascale_jax.io.sources import load_model
+from sigmascale_jax.model.modeling import Decoder, forward, forward_jit, project
 
 
 def full_rank_factors(w: jax.Array) -> dict:

@@ -7,10 +7,10 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import SMOLLM2_GGUF, STORIES, require, torch_logits
-from sigmascale_jax.model.modeling import forward_jit
+
 from sigmascale_jax.io.sources import load_model
+from sigmascale_jax.model.modeling import forward_jit
 
 TOL = 1e-4
 

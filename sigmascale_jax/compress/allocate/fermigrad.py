@@ -37,11 +37,11 @@ import optax
 
 from sigmascale_jax.compress.grads import _head_nll_sum
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, RunSpec, register
-from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.model.config import ModelConfig
-from sigmascale_jax.errors import UserError
-from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, block_forward, rope_cos_sin
 from sigmascale_jax.compress.ranks import block_ranks, factored_params
+from sigmascale_jax.compress.settings import Settings, setting
+from sigmascale_jax.errors import UserError
+from sigmascale_jax.model.config import ModelConfig
+from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, block_forward, rope_cos_sin
 
 # ------------------------------------------------------------------ pure pieces
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, Ranks, register
 from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import PROJECTIONS
 
 

@@ -28,8 +28,8 @@ import numpy as np
 from sigmascale_jax.compress.grads import _head_nll_sum
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import PROJECTIONS, Params, block_forward, rope_cos_sin
 
 FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

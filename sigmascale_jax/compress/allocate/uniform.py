@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, register
+from sigmascale_jax.compress.ranks import block_ranks, factored_params
 from sigmascale_jax.compress.settings import NoSettings
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.compress.ranks import block_ranks, factored_params
 
 
 def largest_rank(m: int, n: int, budget: Budget) -> int:

@@ -227,8 +227,8 @@ def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> Rank
         grad_windows(spec, settings.grad_samples)
 
     def allocate(ctx: ModelContext, budget: Budget) -> Allocation:
-        from sigmascale_jax.io.diskcache import cached
         from sigmascale_jax.compress.ranks import break_even_rank
+        from sigmascale_jax.io.diskcache import cached
 
         cfg, spec = ctx.cfg, ctx.spec
         n_grad = grad_windows(spec, settings.grad_samples)

@@ -21,7 +21,14 @@ from sigmascale_jax.compress.encode.quant import QuantSettings
 from sigmascale_jax.compress.plan import ENCODERS, Encoder, register
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.model.leaves import (
-    FROZEN, Codes, as_array, factor_labels, is_quantized, matrix_bytes, matrix_tree, register_dict_form,
+    FROZEN,
+    Codes,
+    as_array,
+    factor_labels,
+    is_quantized,
+    matrix_bytes,
+    matrix_tree,
+    register_dict_form,
 )
 
 

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
+from sigmascale_jax.compress.factorize.svd import svd_factors
 from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, register
 from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.compress.factorize.svd import svd_factors
 from sigmascale_jax.linalg.lowrank import relative_activation_loss
 
 

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import DATA, REPO, STORIES, require
 
 import sigmascale_jax
-from conftest import DATA, REPO, STORIES, require
 from sigmascale_jax.compress.allocate.fermigrad import fermi_weights, round_ranks, soft_count
 from sigmascale_jax.compress.allocate.sensitivity import FRACTIONS, fraction_rank, search_threshold, sensitivity_table
 from sigmascale_jax.compress.plan import Budget, ModelContext, RunSpec
-from sigmascale_jax.model.modeling import PROJECTIONS
 from sigmascale_jax.compress.ranks import factored_params
+from sigmascale_jax.model.modeling import PROJECTIONS
 
 SMALL = dict(nsamples=12, seq_len=64, batch_size=4, data_dir=str(DATA), progress=False)
 

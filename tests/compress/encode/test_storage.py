@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import DATA, STORIES, assert_one_line_error, compress_cli, eval_cli, require
 
 import sigmascale_jax
-from conftest import DATA, STORIES, assert_one_line_error, compress_cli, eval_cli, require
 from sigmascale_jax.compress.encode.pivga import PivGa, pivga_from_factors, pivga_leaf
-from sigmascale_jax.model.leaves import LowRank
 from sigmascale_jax.compress.encode.quant import quantize
+from sigmascale_jax.model.leaves import LowRank
 
 SMALL = dict(nsamples=12, seq_len=64, batch_size=4, data_dir=str(DATA), progress=False)
 
@@ -56,8 +56,8 @@ def test_pivoting_keeps_r_bounded_on_an_ill_conditioned_c():
 
 
 def test_pivga_model_logits_equal_the_plain_model(plain_run):
-    from sigmascale_jax.model.modeling import forward_jit
     from sigmascale_jax.io.sources import load_model
+    from sigmascale_jax.model.modeling import forward_jit
 
     out, _ = plain_run
     cfg, params, source = load_model(str(out))
@@ -107,10 +107,10 @@ def test_round_trip_error_is_within_half_a_step(kind, group):
 
 
 def test_quantized_compression_saves_loads_and_counts_bytes(tmp_path, plain_run):
-    from sigmascale_jax.io.checkpoint import load_pytree
-    from sigmascale_jax.model.modeling import forward_jit
     from sigmascale_jax.compress.encode.quant import QuantMatrix
+    from sigmascale_jax.io.checkpoint import load_pytree
     from sigmascale_jax.io.sources import load_model
+    from sigmascale_jax.model.modeling import forward_jit
 
     _, ref = plain_run
     reports = {}
@@ -156,8 +156,8 @@ def test_eval_quantizes_dense_models_only(capsys, plain_run):
 
 
 def test_reencoding_a_folder_equals_compressing_with_that_encoding(tmp_path):
-    from sigmascale_jax.io.checkpoint import load_pytree
     from sigmascale_jax.compress.reencode import reencode
+    from sigmascale_jax.io.checkpoint import load_pytree
 
     kw = dict(encoding="pivga", **SMALL)
     sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "f32", **kw)

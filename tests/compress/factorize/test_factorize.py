@@ -10,9 +10,9 @@ import pytest
 from sigmascale_jax.compress.factorize.asvd import asvd_factors
 from sigmascale_jax.compress.factorize.svd import svd_factors
 from sigmascale_jax.compress.factorize.svd_llm import refit_left, svd_llm_factors
+from sigmascale_jax.compress.ranks import achieved_ratio, break_even_rank, uniform_rank
 from sigmascale_jax.linalg.lowrank import activation_loss
 from sigmascale_jax.linalg.whitening import WHITEN_CHOLESKY, WHITEN_EIGH, WHITEN_SHIFTED, whitening
-from sigmascale_jax.compress.ranks import achieved_ratio, break_even_rank, uniform_rank
 
 
 def correlated_problem(m=24, n=32, t=400, seed=0):
@@ -158,10 +158,10 @@ def test_gram_solver_gives_the_svd_solvers_factors_on_smollm2():
     from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group
     from sigmascale_jax.compress.pipeline import apply_in_chunks, run_windows
     from sigmascale_jax.compress.plan import RunSpec
-    from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.compress.ranks import block_ranks
-    from sigmascale_jax.io.sources import open_model
     from sigmascale_jax.compress.stats import block_stats
+    from sigmascale_jax.io.hf_map import load_block, load_outer
+    from sigmascale_jax.io.sources import open_model
 
     src = open_model(str(require(SMOLLM2_DIR)))
     cfg = src.cfg

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import DATA, STORIES, require
 
 import sigmascale_jax
-from conftest import DATA, STORIES, require
-from sigmascale_jax.compress.factorize.svd_llm import svd_llm_factors
 from sigmascale_jax.compress.factorize.sigmascale.block import (
     effective_rank_entropy,
     learn_block_scales,
@@ -19,6 +18,7 @@ from sigmascale_jax.compress.factorize.sigmascale.block import (
     scaled_reconstruction,
     sigmascale_block,
 )
+from sigmascale_jax.compress.factorize.svd_llm import svd_llm_factors
 from sigmascale_jax.linalg.truncation import truncated_reconstruction
 
 
@@ -87,11 +87,11 @@ def test_effective_rank_entropy():
 def stories_block():
     """Block 1 of stories260k with its real calibration inputs (through dense block 0) and outputs."""
     from sigmascale_jax.compress.calibration import calibration_text, sample_windows
+    from sigmascale_jax.compress.stats import block_stats
     from sigmascale_jax.io.data import find_data_dir
-    from sigmascale_jax.model.modeling import block_apply
     from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.io.sources import open_model
-    from sigmascale_jax.compress.stats import block_stats
+    from sigmascale_jax.model.modeling import block_apply
 
     src = open_model(str(require(STORIES)))
     ids = np.asarray(src.tokenizer()(calibration_text("c4", find_data_dir(str(DATA)))).input_ids)
@@ -156,9 +156,9 @@ def test_early_stopping_skips_steps_and_learns_what_a_full_run_learns_by_then(st
 
 
 def test_learning_is_a_pure_function_under_jit_and_grad(stories_block):
+    from sigmascale_jax.compress.factorize.sigmascale.block import block_loss, zero_scales
     from sigmascale_jax.compress.ranks import block_ranks
     from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
-    from sigmascale_jax.compress.factorize.sigmascale.block import block_loss, zero_scales
 
     cfg, block, xs, ys, stats = stories_block
     ranks = block_ranks(cfg, 0.4)
@@ -181,9 +181,9 @@ def test_learning_is_a_pure_function_under_jit_and_grad(stories_block):
 
 def test_layer_loss_from_grams_equals_the_loss_on_tokens(stories_block):
     """The layer loss needs only Gram matrices: it equals Σ ‖(W − Ŵ)X‖² / ‖W X‖² computed on the tokens."""
+    from sigmascale_jax.compress.factorize.sigmascale.block import layer_loss, reconstruct_block
     from sigmascale_jax.compress.ranks import block_ranks
     from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, block_forward_taps, rope_cos_sin
-    from sigmascale_jax.compress.factorize.sigmascale.block import layer_loss, reconstruct_block
 
     cfg, block, xs, ys, stats = stories_block
     ranks = block_ranks(cfg, 0.4)
@@ -268,12 +268,13 @@ def test_gram_eigh_learns_what_the_svd_path_learns_on_a_smollm2_block():
     """Same held-out trace (to 1e-3) and the same factors' losses; float32 eigh squares the spectrum, so gradients
     of matrices with a tiny gap at the cut (gate/up: 2e-6 of σ₁²) differ by a few percent, which Adam absorbs."""
     from conftest import SMOLLM2_DIR
+
     from sigmascale_jax.compress.pipeline import run_windows
     from sigmascale_jax.compress.plan import RunSpec
-    from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.compress.ranks import block_ranks
-    from sigmascale_jax.io.sources import open_model
     from sigmascale_jax.compress.stats import block_stats
+    from sigmascale_jax.io.hf_map import load_block, load_outer
+    from sigmascale_jax.io.sources import open_model
 
     spec = RunSpec(model=str(require(SMOLLM2_DIR)), ratio=0.2, nsamples=6, seq_len=128)
     src = open_model(spec.model)

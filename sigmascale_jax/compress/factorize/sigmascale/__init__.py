@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
-from sigmascale_jax.compress.plan import FACTORIZERS, mean_loss, BlockInputs, BlockResult, Factorizer, RunSpec, register
-from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.errors import UserError
 from sigmascale_jax.compress.factorize.sigmascale.block import LOSS_KINDS, holdout_windows, sigmascale_block
 from sigmascale_jax.compress.factorize.sigmascale.paper import sigmascale_paper_block
+from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, RunSpec, mean_loss, register
+from sigmascale_jax.compress.settings import Settings, setting
+from sigmascale_jax.errors import UserError
 
 # loss -> (steps, lr) when not given: this project's block/layer losses, and the released recipe's.
 DEFAULTS = {"block": (200, 3e-2), "layer": (200, 3e-2), "paper": (1000, 5e-3)}

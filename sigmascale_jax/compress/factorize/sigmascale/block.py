@@ -24,10 +24,10 @@ import optax
 from jax.scipy.linalg import solve_triangular
 
 from sigmascale_jax.linalg.batching import stacked_map
-from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma
-from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, Params, block_forward, rope_cos_sin
 from sigmascale_jax.linalg.truncation import TRUNCATIONS
+from sigmascale_jax.model.config import ModelConfig
+from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, Params, block_forward, rope_cos_sin
 
 LOSS_KINDS = ("block", "layer")
 
@@ -263,8 +263,8 @@ def sigmascale_block(
     """
     import numpy as np
 
-    from sigmascale_jax.linalg.whitening import WHITEN_NAMES, triangular_whitening
     from sigmascale_jax.compress.stats import block_stats
+    from sigmascale_jax.linalg.whitening import WHITEN_NAMES, triangular_whitening
 
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown SigmaScale loss {kind!r}; known: {', '.join(LOSS_KINDS)}")

@@ -28,8 +28,8 @@ import numpy as np
 import optax
 
 from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma
-from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, Params
 from sigmascale_jax.linalg.truncation import truncated_reconstruction
+from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, Params
 
 PAPER_NOISE = 1e-6
 PAPER_L2 = 1e-6
