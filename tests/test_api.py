@@ -182,3 +182,7 @@ def test_python_errors_name_arguments_not_flags(model):
         ssj.compress_params(params, cfg, windows, ssj.make_plan("svd"), 1.5)
     with pytest.raises(ssj.UserError, match="windows must be an integer array"):
         ssj.compress_params(params, cfg, windows.astype(np.float32), ssj.make_plan("svd"), 0.3)
+    with pytest.raises(ssj.UserError, match=r"^method 'nope' is unknown; known: "):
+        ssj.make_plan("nope")
+    with pytest.raises(ssj.UserError, match=r"^alpha is a setting of asvd"):
+        ssj.make_plan("svd-llm", alpha=0.5)

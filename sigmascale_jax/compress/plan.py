@@ -245,7 +245,7 @@ def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), encoding:
     named stage whose settings have that field (`grad_samples` serves both ZS-SVD
     and its correction); one that no chosen stage takes is a UserError.
     """
-    from sigmascale_jax.errors import UserError
+    from sigmascale_jax.errors import ArgError
 
     load_methods()
     chosen: list[tuple[str, dict[str, Entry], Any]] = [("method", FACTORIZERS, method), ("ranks", ALLOCATORS, ranks)]
@@ -254,7 +254,7 @@ def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), encoding:
     for flag, table, value in chosen:
         if isinstance(value, str):
             if value not in table:
-                raise UserError(f"unknown --{flag} {value!r}; known: {', '.join(table)}")
+                raise ArgError(flag, f"{value!r} is unknown; known: {', '.join(table)}")
             entries.append((flag, table[value]))
         else:
             built[flag, id(value)] = value
@@ -271,8 +271,8 @@ def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), encoding:
         owners = [e.name for t in (FACTORIZERS, ALLOCATORS, REFINERS, ENCODERS) for e in t.values()
                   if key in {f.name for f in dataclasses.fields(e.settings)}]
         if not owners:
-            raise UserError(f"unknown setting {key!r}")
-        raise UserError(f"--{key.replace('_', '-')} is a setting of {' / '.join(owners)}, which this run does not use")
+            raise ArgError(key, "is not a setting of any method")
+        raise ArgError(key, f"is a setting of {' / '.join(owners)}, which this run does not use")
     for (flag, _), value in built.items():
         stages.setdefault(flag, []).append(value)
     return Plan(factorize=stages["method"][0], allocate=stages["ranks"][0], refine=tuple(stages.get("refine", ())),
