@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import DATA, REPO, SHARED, STORIES, eval_cli, require
+from conftest import DATA, REPO, SHARED, STORIES, compress_cli, eval_cli, require
 
 import sigmascale_jax as ssj
 
@@ -57,14 +57,16 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("encoding", ["plain", "pivga"])
-def test_in_memory_compression_equals_the_cli_folder_bit_for_bit(model, tmp_path, encoding):
+def test_in_memory_compression_equals_the_cli_folder_bit_for_bit(model, tmp_path, capsys, encoding):
     from sigmascale_jax.compress.pipeline import stored_params
     from sigmascale_jax.io.checkpoint import load_pytree
 
     cfg, params, _, windows = model
     out = tmp_path / "cli"
-    ssj.compress(str(STORIES), "svd-llm", 0.3, out, encoding=encoding, batch_size=8, data_dir=str(DATA),
-                 progress=False, **SMALL)
+    proc = compress_cli(capsys, "--model", str(STORIES), "--method", "svd-llm", "--ratio", "0.3", "--encoding", encoding,
+                        "--nsamples", "16", "--seq-len", "128", "--batch-size", "8", "--data-dir", str(DATA),
+                        "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
     cparams, report = ssj.compress_params(params, cfg, windows, ssj.make_plan("svd-llm", encoding=encoding), 0.3)
     disk = load_pytree(out / "params")
     mine = jax.device_get(stored_params(cparams))
