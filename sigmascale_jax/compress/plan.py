@@ -174,6 +174,9 @@ class Refiner(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """A compression's stages: how to cut (`factorize`), where (`allocate`), the refinements after the block loop and
+    how to store what is left (`encode`). Built by `make_plan`; any stage may be a user's own object."""
+
     factorize: Factorizer
     allocate: RankAllocator
     refine: tuple[Refiner, ...] = ()

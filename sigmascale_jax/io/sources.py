@@ -265,6 +265,12 @@ def open_model(src: str) -> ModelSource:
 
 
 def load_model(src: str, dtype: Any = None, progress: bool = False) -> tuple[ModelConfig, dict, ModelSource]:
-    """Config, params pytree and the source (for its tokenizer) of SRC."""
+    """`(cfg, params, source)` of SRC: a Hugging Face folder, a `.gguf` file (or a folder holding one), a hub id, or
+    a folder the compressor (or `save_compressed`) wrote.
+
+    `params`: `{"embed": [V, D], "blocks": [...], "final_norm": [D], "lm_head": [V, D]}` (`model/modeling.py`), each
+    projection `{"w": [out, in]}` for a checkpoint or its typed leaf for a compressed folder; `dtype` casts the float
+    arrays (default float32). `source` gives the tokenizer (`source.tokenizer()`) and the calibration windows.
+    """
     source = open_model(src)
     return source.cfg, source.load_params(dtype, progress=progress), source
