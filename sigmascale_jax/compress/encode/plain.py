@@ -22,23 +22,19 @@ def dense_leaf(p: dict, settings: QuantSettings) -> Dense:
     return Dense(settings.store(p["w"]), p.get("bias"))
 
 
-def float_form(leaf: Any, src: str) -> dict:
+def float_form(leaf: Dense | LowRank, src: str) -> dict:
     """A stored leaf back in the pipeline's dict form, for re-encoding; quantized matrices cannot go back."""
-    if any(is_quantized(m) for m in jax_fields(leaf)):
-        raise UserError(f"{src} holds quantized matrices; re-encode from an unquantized compression")
     out = {"w": leaf.w} if isinstance(leaf, Dense) else {"b": leaf.b, "c": leaf.c}
+    if any(is_quantized(m) for m in out.values()):
+        raise UserError(f"{src} holds quantized matrices; re-encode from an unquantized compression")
     return out if leaf.bias is None else {**out, "bias": leaf.bias}
-
-
-def jax_fields(leaf: Any) -> list:
-    return [getattr(leaf, f.name) for f in dataclasses.fields(leaf) if f.name != "bias"]
 
 
 def make_encoder(name: str, settings: QuantSettings, count, factored, read_factored, reencode_own=None) -> Encoder:
     """An encoder that stores low-rank pairs with `factored(b, c, settings, bias)` and dense matrices as they are.
 
-    `read_factored(tree, record, settings)` reads its saved form back; `reencode_own(leaf, settings)` re-stores a leaf
-    of its own type (None: the type is another encoder's and is refused)."""
+    `read_factored(tree, record, settings)` reads its saved form back; `reencode_own(leaf, settings, src)` re-stores
+    a leaf of its own type (None: this encoder has no type of its own, and another encoder's leaf is refused)."""
 
     def encode(p: dict, record: dict):
         if "w" in p:
@@ -54,8 +50,8 @@ def make_encoder(name: str, settings: QuantSettings, count, factored, read_facto
         if isinstance(leaf, (Dense, LowRank)):
             return encode(float_form(leaf, src), {})
         if reencode_own is None:
-            raise UserError(f"{src} stores its factors as {type(leaf).__name__}; it can be quantized "
-                            f"(--encoding {type(leaf).__name__.lower()}), not turned {name}")
+            raise UserError(f"{src} stores its factors as {type(leaf).__name__}; it can be quantized in its own "
+                            f"encoding, not turned {name}")
         return reencode_own(leaf, settings, src)
 
     def record() -> dict:
