@@ -188,3 +188,20 @@ def test_python_errors_name_arguments_not_flags(model):
         ssj.make_plan("nope")
     with pytest.raises(ssj.UserError, match=r"^alpha is a setting of asvd"):
         ssj.make_plan("svd-llm", alpha=0.5)
+
+
+def test_export_writes_in_memory_params_that_pytorch_loads(model, pivga_int8, tmp_path):
+    import torch
+
+    from sigmascale_jax.deploy.torch_lowrank import load_factored
+
+    cfg, _, source, windows = model
+    cparams, report = pivga_int8
+    info = ssj.export(cparams, cfg, source.tokenizer(), tmp_path / "hf", "factored")
+    assert info["format"] == "factored"
+    torch_model = load_factored(tmp_path / "hf")
+    ids = np.asarray(windows[:1, :32])
+    with torch.no_grad():
+        theirs = torch_model(torch.from_numpy(ids.astype(np.int64))).logits.float().numpy()
+    ours = np.asarray(jax.jit(ssj.forward, static_argnums=2)(cparams, jnp.asarray(ids), cfg))
+    assert np.abs(theirs - ours).max() <= 1e-4 * max(1.0, np.abs(ours).max())
