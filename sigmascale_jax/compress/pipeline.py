@@ -334,13 +334,12 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
     blocks, results, dense_count = [], [], 0
     bar = tqdm(range(cfg.num_layers), desc=f"{factorizer.name} r={spec.ratio}", unit="block", disable=not ctx.progress)
     for i in bar:
-        ckpt = None if staging is None else staging / "blocks" / f"{i:04d}"
-        info_file = None if staging is None else staging / "blocks" / f"{i:04d}.json"
+        ckpt = None if staging is None else staging / "blocks" / f"{i:04d}"  # + .json (written last), .spectra.npz
         dense = ctx.load_block(i)
         dense_count += param_count(dense)
         clock.lap("load")
-        if info_file is not None and info_file.is_file():  # finished before an interruption
-            result = _resumed_block(ckpt, info_file, i, staging)
+        if ckpt is not None and ckpt.with_suffix(".json").is_file():  # finished before an interruption
+            result = _resumed_block(ckpt, ckpt.with_suffix(".json"), i, staging)
             xs = apply_in_chunks(result.params if spec.sequential else dense, xs, cfg, spec.batch_size, ctx.mesh)
             if xs_ref is not None:
                 xs_ref = apply_in_chunks(dense, xs_ref, cfg, spec.batch_size, ctx.mesh)
@@ -357,11 +356,11 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
             key = jax.random.fold_in(jax.random.key(spec.seed), i)
             result = factorizer.factor(inputs, alloc.ranks[i], key)
             clock.lap("factorize")
-            if staging is not None:
+            if ckpt is not None:
                 save_pytree(ckpt, result.params)
                 if result.spectra:
-                    write_npz_atomic(staging / "blocks" / f"{i:04d}.spectra.npz", result.spectra)
-                write_json_atomic(info_file, {"matrices": result.matrices, "block": result.block})  # last: marks it done
+                    write_npz_atomic(ckpt.with_suffix(".spectra.npz"), result.spectra)
+                write_json_atomic(ckpt.with_suffix(".json"), {"matrices": result.matrices, "block": result.block})
                 clock.lap("checkpoint")
             xs = apply_in_chunks(result.params, xs, cfg, spec.batch_size, ctx.mesh) if spec.sequential else dense_out
             clock.lap("propagate")

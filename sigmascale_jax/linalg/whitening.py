@@ -53,14 +53,16 @@ def unwhiten(a: jax.Array, s: jax.Array, triangular: bool = True) -> jax.Array:
     return jnp.linalg.solve(s.T, a.T).T
 
 
-def triangular_whitening(gram: jax.Array) -> tuple[jax.Array, int]:
-    """A lower-triangular `L` with `L Lᵀ ≈ G` through `whitening`'s fallbacks (host-level: returns the route as int).
+def triangular_whitening(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A lower-triangular `L` with `L Lᵀ ≈ G` through `whitening`'s fallbacks, and the route (`WHITEN_*`); jit-able.
 
     The eigh fallback gives a symmetric root `R`; the QR of `Rᵀ` turns it into a
     triangular factor of the same product, so `Ŵ` can always use a triangular solve.
     """
     s, route = whitening(gram)
-    if int(route) == WHITEN_EIGH:
-        r = jnp.linalg.qr(s.T, mode="r")
-        s = (r * jnp.sign(jnp.diagonal(r))[:, None]).T
-    return s, int(route)
+
+    def triangular(root):
+        r = jnp.linalg.qr(root.T, mode="r")
+        return (r * jnp.sign(jnp.diagonal(r))[:, None]).T
+
+    return jax.lax.cond(route == WHITEN_EIGH, triangular, lambda root: root, s), route

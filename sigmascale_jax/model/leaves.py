@@ -44,17 +44,18 @@ class Codes:
     @classmethod
     def of(cls, a: Any) -> "Codes":
         """Codes of an integer array (a traced one too: inside `jit`, its range is the caller's promise)."""
-        if isinstance(a, jax.core.Tracer):
-            small = np.dtype(a.dtype).itemsize == 1
-            return cls(a.astype(jnp.bfloat16 if small else jnp.float32), np.dtype(a.dtype).name)
-        a = np.asarray(a)
-        if not np.issubdtype(a.dtype, np.integer):
-            raise TypeError(f"Codes hold integers, got {a.dtype}")
-        small = a.dtype.itemsize == 1
-        limit = 256 if small else 2**24
-        if a.size and int(np.abs(a.astype(np.int64)).max()) > limit:
-            raise ValueError(f"{a.dtype} values above {limit} cannot ride exactly in a float carrier")
-        return cls(jnp.asarray(a.astype(np.float32), jnp.bfloat16 if small else jnp.float32), a.dtype.name)
+        if not isinstance(a, jax.core.Tracer):
+            a = np.asarray(a)
+        dtype = np.dtype(a.dtype)
+        if not np.issubdtype(dtype, np.integer):
+            raise TypeError(f"Codes hold integers, got {dtype}")
+        small = dtype.itemsize == 1
+        if isinstance(a, np.ndarray):
+            limit = 256 if small else 2**24
+            if a.size and int(np.abs(a.astype(np.int64)).max()) > limit:
+                raise ValueError(f"{dtype} values above {limit} cannot ride exactly in a float carrier")
+            a = a.astype(np.float32)
+        return cls(jnp.asarray(a).astype(jnp.bfloat16 if small else jnp.float32), dtype.name)
 
     def array(self) -> jax.Array:
         """The integers, as `dtype` (no gradient flows to the carrier)."""
@@ -103,11 +104,11 @@ def frozen_labels(tree: Any) -> Any:
     return jax.tree.map(lambda _: FROZEN, tree)
 
 
-def _bias_bytes(bias) -> int:
+def bias_bytes(bias) -> int:
     return 0 if bias is None else int(np.prod(bias.shape)) * np.dtype(bias.dtype).itemsize
 
 
-def _with_bias(y: jax.Array, bias: Any) -> jax.Array:
+def with_bias(y: jax.Array, bias: Any) -> jax.Array:
     return y if bias is None else y + bias.astype(y.dtype)
 
 
@@ -117,7 +118,7 @@ class Dense:
     bias: Any = None
 
     def apply(self, x: jax.Array) -> jax.Array:
-        return _with_bias(x @ as_array(self.w, x.dtype).T, self.bias)
+        return with_bias(x @ as_array(self.w, x.dtype).T, self.bias)
 
     def matrix(self) -> jax.Array:
         return as_array(self.w)
@@ -129,10 +130,10 @@ class Dense:
 
     @property
     def nbytes(self) -> int:
-        return matrix_bytes(self.w) + _bias_bytes(self.bias)
+        return matrix_bytes(self.w) + bias_bytes(self.bias)
 
     def to_tree(self) -> dict[str, Any]:
-        return _tree({"w": matrix_tree(self.w)}, self.bias)
+        return with_bias_tree({"w": matrix_tree(self.w)}, self.bias)
 
     def labels(self) -> "Dense":
         return frozen_labels(self)
@@ -148,7 +149,7 @@ class LowRank:
     bias: Any = None
 
     def apply(self, x: jax.Array) -> jax.Array:
-        return _with_bias((x @ as_array(self.c, x.dtype).T) @ as_array(self.b, x.dtype).T, self.bias)
+        return with_bias((x @ as_array(self.c, x.dtype).T) @ as_array(self.b, x.dtype).T, self.bias)
 
     def matrix(self) -> jax.Array:
         return as_array(self.b) @ as_array(self.c)
@@ -160,10 +161,10 @@ class LowRank:
 
     @property
     def nbytes(self) -> int:
-        return matrix_bytes(self.b) + matrix_bytes(self.c) + _bias_bytes(self.bias)
+        return matrix_bytes(self.b) + matrix_bytes(self.c) + bias_bytes(self.bias)
 
     def to_tree(self) -> dict[str, Any]:
-        return _tree({"b": matrix_tree(self.b), "c": matrix_tree(self.c)}, self.bias)
+        return with_bias_tree({"b": matrix_tree(self.b), "c": matrix_tree(self.c)}, self.bias)
 
     def labels(self) -> "LowRank":
         return LowRank(factor_labels(self.b), factor_labels(self.c), None if self.bias is None else FROZEN)
@@ -171,16 +172,16 @@ class LowRank:
     def export_tensors(self, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
         out = {f"{prefix}.b.weight": np.asarray(as_array(self.b), np.float32),
                f"{prefix}.c.weight": np.asarray(as_array(self.c), np.float32)}
-        return _export_bias(out, f"{prefix}.b.bias", self.bias), {"form": "lowrank", "rank": int(self.b.shape[1])}
+        return export_bias(out, f"{prefix}.b.bias", self.bias), {"form": "lowrank", "rank": int(self.b.shape[1])}
 
 
-def _tree(out: dict[str, Any], bias: Any) -> dict[str, Any]:
+def with_bias_tree(out: dict[str, Any], bias: Any) -> dict[str, Any]:
     if bias is not None:
         out["bias"] = bias
     return out
 
 
-def _export_bias(out: dict[str, np.ndarray], name: str, bias: Any) -> dict[str, np.ndarray]:
+def export_bias(out: dict[str, np.ndarray], name: str, bias: Any) -> dict[str, np.ndarray]:
     if bias is not None:
         out[name] = np.asarray(bias, np.float32)
     return out
@@ -189,7 +190,7 @@ def _export_bias(out: dict[str, np.ndarray], name: str, bias: Any) -> dict[str, 
 def dense_export(leaf: Any, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
     """Any leaf as one stock `Linear`: its reconstructed matrix (and bias)."""
     out = {f"{prefix}.weight": np.asarray(leaf.matrix(), np.float32)}
-    return _export_bias(out, f"{prefix}.bias", leaf.bias), {"form": "dense"}
+    return export_bias(out, f"{prefix}.bias", leaf.bias), {"form": "dense"}
 
 
 # ------------------------------------------------------------------ dict forms (the pipeline's, and Orbax restores)

@@ -16,19 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sigmascale_jax.compress.encode.plain import make_encoder
+from sigmascale_jax.compress.encode.plain import make_encoder, refuse_quantized
 from sigmascale_jax.compress.encode.quant import QuantSettings
 from sigmascale_jax.compress.plan import ENCODERS, Encoder, register
-from sigmascale_jax.errors import UserError
 from sigmascale_jax.model.leaves import (
     FROZEN,
     Codes,
     as_array,
+    bias_bytes,
+    export_bias,
     factor_labels,
-    is_quantized,
     matrix_bytes,
     matrix_tree,
     register_dict_form,
+    with_bias,
+    with_bias_tree,
 )
 
 
@@ -45,8 +47,7 @@ class PivGa:
         z = xp[..., :k]
         if self.r.shape[1]:
             z = z + xp[..., k:] @ as_array(self.r, x.dtype).T
-        y = z @ as_array(self.b, x.dtype).T
-        return y if self.bias is None else y + self.bias.astype(x.dtype)
+        return with_bias(z @ as_array(self.b, x.dtype).T, self.bias)
 
     def matrix(self) -> jax.Array:
         k = self.b.shape[1]
@@ -61,12 +62,10 @@ class PivGa:
 
     @property
     def nbytes(self) -> int:
-        bias = 0 if self.bias is None else int(np.asarray(self.bias).nbytes)
-        return matrix_bytes(self.b) + matrix_bytes(self.r) + self.perm.nbytes + bias
+        return matrix_bytes(self.b) + matrix_bytes(self.r) + self.perm.nbytes + bias_bytes(self.bias)
 
     def to_tree(self) -> dict[str, Any]:
-        out = {"b": matrix_tree(self.b), "r": matrix_tree(self.r), "perm": self.perm.numpy()}
-        return out if self.bias is None else {**out, "bias": self.bias}
+        return with_bias_tree({"b": matrix_tree(self.b), "r": matrix_tree(self.r), "perm": self.perm.numpy()}, self.bias)
 
     def labels(self) -> "PivGa":
         return PivGa(factor_labels(self.b), factor_labels(self.r), self.perm.labels(),
@@ -76,9 +75,7 @@ class PivGa:
         out = {f"{prefix}.b.weight": np.asarray(as_array(self.b), np.float32),
                f"{prefix}.r.weight": np.asarray(as_array(self.r), np.float32),
                f"{prefix}.perm": self.perm.numpy().astype(np.int64)}
-        if self.bias is not None:
-            out[f"{prefix}.b.bias"] = np.asarray(self.bias, np.float32)
-        return out, {"form": "pivga", "rank": int(self.b.shape[1])}
+        return export_bias(out, f"{prefix}.b.bias", self.bias), {"form": "pivga", "rank": int(self.b.shape[1])}
 
 
 def perm_dtype(n: int) -> str:
@@ -140,8 +137,7 @@ def _read(tree: dict, record: dict, settings: QuantSettings) -> PivGa:
 
 def _requantize(leaf: Any, settings: QuantSettings, src: str) -> PivGa:
     """A float PivGa leaf with its B' and R stored as `settings` say (already gauge-fixed: only quantization is left)."""
-    if is_quantized(leaf.b) or is_quantized(leaf.r):
-        raise UserError(f"{src} holds quantized matrices; re-encode from an unquantized compression")
+    refuse_quantized((leaf.b, leaf.r), src)
     return PivGa(settings.store(leaf.b), settings.store(leaf.r), leaf.perm, leaf.bias)
 
 

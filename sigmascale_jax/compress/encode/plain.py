@@ -22,11 +22,16 @@ def dense_leaf(p: dict, settings: QuantSettings) -> Dense:
     return Dense(settings.store(p["w"]), p.get("bias"))
 
 
-def float_form(leaf: Dense | LowRank, src: str) -> dict:
-    """A stored leaf back in the pipeline's dict form, for re-encoding; quantized matrices cannot go back."""
-    out = {"w": leaf.w} if isinstance(leaf, Dense) else {"b": leaf.b, "c": leaf.c}
-    if any(is_quantized(m) for m in out.values()):
+def refuse_quantized(matrices, src: str) -> None:
+    """Re-encoding needs float matrices: a quantized one's float values are gone."""
+    if any(is_quantized(m) for m in matrices):
         raise UserError(f"{src} holds quantized matrices; re-encode from an unquantized compression")
+
+
+def float_form(leaf: Dense | LowRank, src: str) -> dict:
+    """A stored leaf back in the pipeline's dict form, for re-encoding."""
+    out = {"w": leaf.w} if isinstance(leaf, Dense) else {"b": leaf.b, "c": leaf.c}
+    refuse_quantized(out.values(), src)
     return out if leaf.bias is None else {**out, "bias": leaf.bias}
 
 

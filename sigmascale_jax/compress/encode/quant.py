@@ -31,7 +31,7 @@ from flax import struct
 
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.model.leaves import FACTOR, Codes
+from sigmascale_jax.model.leaves import FACTOR, Codes, matrix_bytes
 
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_GROUP = 128
@@ -68,8 +68,7 @@ class QuantMatrix:
 
     @property
     def nbytes(self) -> int:
-        scale = int(np.prod(self.scale.shape)) * np.dtype(self.scale.dtype).itemsize
-        return self.values.nbytes + scale + (self.zero.nbytes if self.zero is not None else 0)
+        return self.values.nbytes + matrix_bytes(self.scale) + (self.zero.nbytes if self.zero is not None else 0)
 
     def labels(self) -> "QuantMatrix":
         """The scales train (a quantized factor's float part); the codes and zero points do not."""

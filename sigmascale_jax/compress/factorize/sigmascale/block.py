@@ -26,6 +26,7 @@ from jax.scipy.linalg import solve_triangular
 from sigmascale_jax.linalg.batching import stacked_map
 from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma
 from sigmascale_jax.linalg.truncation import TRUNCATIONS
+from sigmascale_jax.linalg.whitening import WHITEN_NAMES, triangular_whitening
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, Params, block_forward, rope_cos_sin
 
@@ -264,7 +265,6 @@ def sigmascale_block(
     import numpy as np
 
     from sigmascale_jax.compress.stats import block_stats
-    from sigmascale_jax.linalg.whitening import WHITEN_NAMES, triangular_whitening
 
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown SigmaScale loss {kind!r}; known: {', '.join(LOSS_KINDS)}")
@@ -283,7 +283,7 @@ def sigmascale_block(
     with jax.enable_x64(True):
         for tap in {PROJECTION_INPUT[n] for n in names}:
             s, route = triangular_whitening(jnp.asarray(stats[tap]["gram"], jnp.float64))
-            whitening64[tap], routes[tap] = np.asarray(s), route
+            whitening64[tap], routes[tap] = np.asarray(s), int(route)
     white32 = {n: jnp.asarray(whitening64[PROJECTION_INPUT[n]], jnp.float32) for n in names}
     from sigmascale_jax.parallel import replicate, shard
 
@@ -369,11 +369,10 @@ def sigmascale_factors(w: jax.Array, gram: jax.Array, rank: int, *, steps: int =
     ρ = γ = 0, i.e. from SVD-LLM's factors, keeping the best step. `loss_fn(w_hat) -> scalar` is what they learn
     on; the default, the relative activation loss on `gram`, is already minimal at SVD-LLM's factors (so the start
     is kept), and the gain comes from losses that see more than the layer: pass your own (a hashable function).
-    Whitening is Cholesky of `gram` with a relative 1e-6 shift (the pipeline's host-side fallbacks aside).
+    Whitening is `linalg.whitening.triangular_whitening` of `gram`, with its fallbacks.
     """
     n = gram.shape[0]
-    eps = 1e-6 * jnp.maximum(jnp.trace(gram) / n, jnp.finfo(gram.dtype).tiny)
-    s = jnp.linalg.cholesky(gram + eps * jnp.eye(n, dtype=gram.dtype))
+    s, _ = triangular_whitening(gram)
     loss_fn = loss_fn or (lambda w_hat: relative_activation_loss(w, w_hat, gram))
 
     def loss(sc):
