@@ -29,8 +29,14 @@ class ArgError(UserError):
         return f"--{self.arg.replace('_', '-')} {self.problem}"
 
 
+BROKEN_PIPE = 128 + signal.SIGPIPE  # the status a shell shows for a tool that SIGPIPE ended
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run `main(argv)`; a UserError (or a full disk) becomes `error: <message>` on stderr and exit code 2."""
+    """Run `main(argv)`; a UserError (or a full disk) becomes `error: <message>` on stderr and exit code 2.
+
+    Ctrl-C is exit code 130; a closed stdout (the reader of a pipe left) ends the run quietly with 141.
+    """
     from sigmascale_jax.io.fileio import no_space
 
     try:
@@ -41,6 +47,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`... | head`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere instead of raising again
+        return BROKEN_PIPE
     except Exception as e:
         if no_space(e):
             print(f"error: no space left on the device ({e}); free space and rerun the same command "

@@ -17,11 +17,8 @@ the same command resumes; the finished folder appears at OUT only when complete.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,53 +28,25 @@ import numpy as np
 
 from sigmascale_jax.compress.plan import Allocation, BlockInputs, BlockResult, Budget, ModelContext, Plan, RunSpec
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.io.fileio import check_writable_dir, write_json_atomic, write_npz_atomic
+from sigmascale_jax.io.fileio import write_json_atomic, write_npz_atomic
+from sigmascale_jax.io.outputs import Input, check_out, model_input, out_lock, replace_folder, writing_folder
 from sigmascale_jax.model.modeling import PROJECTIONS
 
 PARTIAL_SUFFIX = ".partial"
 RANKS_FILE = "ranks.json"
 
 
-def check_out(out: Path, overwrite: bool, model: str) -> None:
-    """`--out` can be written and replacing it harms nothing else: checked before any work."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
-    src, dst = Path(model).expanduser(), out
-    if src.exists():
-        src, dst = src.resolve(), out.resolve()
-        if src == dst or dst in src.parents:
-            raise UserError(f"--out {out} would replace the model being compressed ({model}); choose another --out")
-    check_writable_dir(out.parent, "--out")
+def run_inputs(spec: RunSpec, data_dir: str | None) -> list[Input]:
+    """What a compression reads, which its `--out` must not replace: the model, the calibration file or data folder."""
+    from sigmascale_jax.compress.calibration import CALIB_SOURCES
+    from sigmascale_jax.io.data import find_data_dir
 
-
-@contextlib.contextmanager
-def out_lock(out: Path):
-    """Hold an exclusive lock on `out` for this run; a second run on the same `--out` gets a one-line error.
-
-    The lock is a `flock` on `.OUT.lock` beside it, released by the kernel however
-    the process ends (so a killed run never leaves a stale lock).
-    """
-    path = out.with_name(f".{out.name}.lock")
-    while True:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"another compression is writing {out} (it holds {path}); wait for it or use another --out") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a lock file another run just removed
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
+    inputs = model_input(spec.model, "the model being compressed")
+    if spec.calib in CALIB_SOURCES:
+        inputs.append(Input(find_data_dir(data_dir), "the data folder"))
+    else:
+        inputs.append(Input(spec.calib, "the calibration file", whole=False))
+    return inputs
 
 
 def prepare_out(out: Path, spec_key: dict, overwrite: bool) -> tuple[Path, bool]:
@@ -131,7 +100,7 @@ def check_ranks(ranks: Any, cfg) -> list[dict[str, int | None]]:
     for i, block in enumerate(ranks):
         for n in PROJECTIONS:
             k = block.get(n, "missing")
-            if k is not None and not (isinstance(k, int) and 1 <= k <= min(shapes[n])):
+            if k is not None and not (type(k) is int and 1 <= k <= min(shapes[n])):  # a bool is no rank
                 raise ValueError(f"block {i} {n}: rank {k!r} outside 1..{min(shapes[n])}")
     return [{n: block[n] for n in PROJECTIONS} for block in ranks]
 
@@ -211,11 +180,13 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
     fails before finishing anything removes it again.
     """
     out = Path(out)
-    check_out(out, overwrite, spec.model or "")
+    inputs = run_inputs(spec, data_dir)
+    check_out(out, overwrite, inputs)
     clock = _Clock()
     source = open_checked(spec, plan)
     windows = run_windows(source, spec, data_dir)
     with out_lock(out):
+        check_out(out, overwrite, inputs)  # another run may have finished it meanwhile
         spec_key = {**spec.asdict(), **plan.key(), "calib_sha1": hashlib.sha1(windows.tobytes()).hexdigest()}
         staging, resuming = prepare_out(out, spec_key, overwrite)
         try:
@@ -395,18 +366,6 @@ def _finalize(staging: Path, out: Path, report: dict) -> dict:
     return report
 
 
-def replace_folder(staging: Path, out: Path) -> None:
-    """Put the finished `staging` folder at `out`: an old `out` is set aside first, then removed."""
-    old = out.with_name(f".{out.name}.replaced")
-    if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    staging.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 # ------------------------------------------------------------------ in memory: the library's face
 
 
@@ -480,13 +439,9 @@ def save_compressed(params: dict, cfg, report: dict, out: str | Path, *, source:
     if not all(is_leaf(b[n]) for b in params["blocks"] for n in PROJECTIONS):
         raise UserError("params hold untyped projections: save what compress_params returned")
     out = Path(out)
-    check_out(out, overwrite, str(getattr(source, "src", "")))
-    with out_lock(out):
-        staging = out.with_name(out.name + PARTIAL_SUFFIX)
-        if staging.exists():
-            shutil.rmtree(staging)
+    with writing_folder(out, overwrite, model_input(getattr(source, "src", None), "the model the params came from")) \
+            as staging:
         save_pytree(staging / PARAMS_DIR, stored_params(params))
         source.save_tokenizer(staging / TOKENIZER_DIR)
         write_json_atomic(staging / REPORT_FILE, {**report, "model": str(source.src)})
-        replace_folder(staging, out)
     return out

@@ -22,6 +22,7 @@ from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.model.config import ModelConfig
 
 Params = dict[str, Any]
+MAX_SEED = 2**32 - 1  # a JAX PRNG key holds 32 bits of a seed: larger seeds would repeat smaller ones
 Ranks = list[dict[str, Optional[int]]]  # ranks[block][projection]: a rank, or None for a matrix kept dense
 
 
@@ -37,7 +38,8 @@ class RunSpec(Settings):
     calib: str = setting("c4", "c4 (docs 0-999), wikitext2-valid, or a .txt/.jsonl file")
     nsamples: int = setting(64, "calibration windows", min=1)
     seq_len: int = setting(512, "tokens per calibration window", min=2)
-    seed: int = setting(0, "seed of the calibration window offsets (and of SigmaScale's minibatches)", min=0)
+    seed: int = setting(0, "seed of the calibration window offsets (and of SigmaScale's minibatches)", min=0,
+                        max=MAX_SEED)
     sequential: bool = setting(True, "feed block i+1 from the compressed block i")
     batch_size: int = setting(8, "calibration windows per device call", min=1)
     mesh: str | None = setting(None, "data=N: split calibration windows over N local devices (default: all of them)")
@@ -84,6 +86,21 @@ class Budget(NamedTuple):
         """Numbers the matrices of `shapes` may store in all (the removal target rounded as ZS-SVD's code does)."""
         dense = sum(m * n for m, n in shapes)
         return dense - int(dense * self.ratio)
+
+
+def check_reachable(ratio: float | None, cfg: ModelConfig, count: Callable[[int, int, int], int]) -> None:
+    """A UserError if `ratio` cannot be met even with every matrix at rank 1 (the same limit for every allocator)."""
+    if ratio is None:
+        return
+    from sigmascale_jax.errors import UserError
+
+    shapes = list(cfg.projection_shapes().values()) * cfg.num_layers
+    budget = Budget(ratio, count)
+    floor = sum(budget.stored(m, n, 1) for m, n in shapes)
+    if floor > budget.limit(shapes):
+        most = 1 - floor / sum(m * n for m, n in shapes)
+        raise UserError(f"--ratio {ratio} cannot be met even with every matrix at rank 1 (that removes {most:.4f}); "
+                        f"use a smaller --ratio")
 
 
 class Allocation(NamedTuple):
@@ -186,6 +203,7 @@ class Plan:
         """Settings that clash with each other or with the model: a UserError before anything is written."""
         for stage in (self.allocate, self.factorize, *self.refine, self.encoder()):
             stage.check(spec, cfg)
+        check_reachable(spec.ratio, cfg, self.encoder().count)
 
     def encoder(self) -> Encoder:
         if self.encode is not None:

@@ -25,7 +25,7 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
              group_size: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write `src`'s model to `out` with its projections stored as `encoding` (default: as in `src`), quantized
     as `quantize`; returns the new report (compression.json, with `reencoded_from`)."""
-    from sigmascale_jax.compress.pipeline import check_out, stored_params
+    from sigmascale_jax.compress.pipeline import stored_params
     from sigmascale_jax.compress.plan import ENCODERS, load_methods
     from sigmascale_jax.compress.report import matrix_bytes
     from sigmascale_jax.io.checkpoint import (
@@ -38,6 +38,7 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
         save_pytree,
     )
     from sigmascale_jax.io.fileio import write_json_atomic
+    from sigmascale_jax.io.outputs import check_out, model_input, writing_folder
 
     src, out = Path(src), Path(out)
     report = read_report(src)
@@ -46,11 +47,10 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
     if encoding not in ENCODERS:
         raise UserError(f"unknown encoding {encoding!r}; known: {', '.join(ENCODERS)}")
     enc = ENCODERS[encoding].build(quantize=quantize, group_size=group_size)
-    check_out(out, overwrite, str(src))
+    inputs = model_input(src, "the model being re-encoded")
+    check_out(out, overwrite, inputs)
     cfg, params = load_compressed(src)
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
+    enc.check(None, cfg)
     records = {(m["block"], m["name"]): m for m in report["matrices"]}
     blocks, matrices = [], []
     for i, block in enumerate(params["blocks"]):
@@ -64,10 +64,6 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
                                                                               enc.count(*rec["shape"], k))
             matrices.append({**rec, **enc.record(), "stored": stored, "bytes": matrix_bytes(new_leaf)})
         blocks.append(new)
-    save_pytree(staging / PARAMS_DIR, stored_params({**params, "blocks": blocks}))
-    shutil.copytree(src / TOKENIZER_DIR, staging / TOKENIZER_DIR)
-    if (src / SPECTRA_FILE).is_file():
-        shutil.copy2(src / SPECTRA_FILE, staging / SPECTRA_FILE)
     dense = report["params"]["compressible_dense"]
     other = report["params"]["model_dense"] - dense
     stored = sum(m["stored"] for m in matrices)
@@ -83,8 +79,10 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
         "bytes": {"compressible_dense": 4 * dense, "compressible_compressed": nbytes,
                   "model_dense": 4 * report["params"]["model_dense"], "model_compressed": 4 * other + nbytes},
     }
-    write_json_atomic(staging / REPORT_FILE, new_report)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    with writing_folder(out, overwrite, inputs) as staging:
+        save_pytree(staging / PARAMS_DIR, stored_params({**params, "blocks": blocks}))
+        shutil.copytree(src / TOKENIZER_DIR, staging / TOKENIZER_DIR)
+        if (src / SPECTRA_FILE).is_file():
+            shutil.copy2(src / SPECTRA_FILE, staging / SPECTRA_FILE)
+        write_json_atomic(staging / REPORT_FILE, new_report)
     return new_report

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,17 @@ def _leaf_tensors(hf_prefix: str, leaf: Any, factored: bool) -> tuple[dict[str, 
 
 def export(model: str, out: str | Path, fmt: str = "dense", *, overwrite: bool = False) -> dict[str, Any]:
     """Write `model` (any source: a folder, a .gguf, a compressed folder) to `out` as `fmt`;
-    returns `{"tensors", "parameters", "format"}`."""
-    from sigmascale_jax.compress.pipeline import check_out
+    returns `{"tensors", "parameters", "format"}`.
+
+    `out` is written under a lock, staged in a hidden folder beside it and renamed into place when complete;
+    it may not be (or lie inside, or hold) the model being exported."""
+    from sigmascale_jax.io.outputs import model_input, writing_folder
     from sigmascale_jax.io.sources import load_model
 
     check_format(fmt)
-    check_out(Path(out), overwrite, model)
-    cfg, params, source = load_model(model)
-    return export_params(params, cfg, source.tokenizer(), out, fmt, source=str(model), overwrite=True)
+    with writing_folder(out, overwrite, model_input(model, "the model being exported")) as staging:
+        cfg, params, source = load_model(model)
+        return _write_hf(staging, params, cfg, source.tokenizer(), fmt, str(model))
 
 
 def check_format(fmt: str) -> None:
@@ -62,20 +64,26 @@ def export_params(params: dict, cfg, tokenizer, out: str | Path, fmt: str = "den
 
     `tokenizer`: a transformers tokenizer (`load_model(...)[2].tokenizer()`); `fmt`: "dense" (stock layers,
     reconstructed weights) or "factored" (the factors; `deploy.torch_lowrank.load_factored` loads them).
+    `source`: where the params came from (recorded; a path there is never overwritten).
     Returns `{"tensors", "parameters", "format"}`.
     """
+    from sigmascale_jax.io.outputs import model_input, writing_folder
+
+    check_format(fmt)
+    with writing_folder(out, overwrite, model_input(source, "the model the params came from")) as staging:
+        return _write_hf(staging, params, cfg, tokenizer, fmt, source)
+
+
+def _write_hf(folder: Path, params: dict, cfg, tokenizer, fmt: str, source: str) -> dict[str, Any]:
+    """The Hugging Face files of `params` in `folder` (an empty staging folder)."""
     from safetensors.numpy import save_file
     from transformers import AutoConfig
 
-    from sigmascale_jax.compress.pipeline import check_out
     from sigmascale_jax.io.fileio import write_json_atomic
     from sigmascale_jax.io.hf_map import block_tensors, outer_tensors
     from sigmascale_jax.model.config import to_hf_dict
     from sigmascale_jax.model.modeling import PROJECTIONS
 
-    check_format(fmt)
-    out = Path(out)
-    check_out(out, overwrite, source)
     factored = fmt == "factored"
     tensors: dict[str, np.ndarray] = {}
     forms: dict[str, dict] = {}
@@ -90,24 +98,17 @@ def export_params(params: dict, cfg, tokenizer, out: str | Path, fmt: str = "den
                     forms[f"{i}.{path[0]}"] = form
             else:
                 tensors[name] = np.asarray(block[path[0]], np.float32)
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staging / "model.safetensors"),
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     hf = AutoConfig.for_model(**to_hf_dict(cfg), bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id)
-    hf.save_pretrained(str(staging))
+    hf.save_pretrained(str(folder))
     if factored:
-        raw = json.loads((staging / "config.json").read_text())
+        raw = json.loads((folder / "config.json").read_text())
         raw["sigmascale"] = {"format": "factored", "source": source, "projections": forms,
                              "loader": "sigmascale_jax.deploy.torch_lowrank.load_factored"}
-        write_json_atomic(staging / "config.json", raw)
-    tokenizer.save_pretrained(str(staging))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+        write_json_atomic(folder / "config.json", raw)
+    tokenizer.save_pretrained(str(folder))
     counted = sum(v.size for k, v in tensors.items() if not k.endswith(".perm"))
     return {"format": fmt, "tensors": len(tensors), "parameters": int(counted)}
 

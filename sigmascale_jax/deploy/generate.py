@@ -17,17 +17,23 @@ from typing import Callable
 
 import numpy as np
 
+from sigmascale_jax.compress.plan import MAX_SEED
 from sigmascale_jax.errors import ArgumentParser, UserError
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy: the sampling distribution is argmax to float precision
+
+
 def sample(logits, key, temperature: float, top_p: float):
-    """Next tokens `[B]` from `logits: [B, V]`: argmax at temperature 0, else nucleus sampling (top-p of the mass)."""
+    """Next tokens `[B]` from `logits: [B, V]`: argmax at temperature 0 (or below `GREEDY_BELOW`), else nucleus
+    sampling (top-p of the mass)."""
     import jax
     import jax.numpy as jnp
 
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
+    # shifted so the largest is 0 before dividing: a small temperature cannot overflow to inf - inf = NaN
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_p < 1.0:
         order = jnp.argsort(-logits, axis=-1)
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
@@ -45,9 +51,9 @@ def generate(
 ) -> np.ndarray:
     """`[B, T0 + n]` tokens: `prompt: [B, T0]` (int) and up to `max_new_tokens` more (all rows stop at EOS together).
 
-    `params`: dense or compressed (any leaf form); `temperature` 0 is greedy, else nucleus sampling with `top_p`,
-    drawn with the PRNG `key` (default `jax.random.key(seed)`). `on_tokens(new [B])` is called after each new
-    token (streaming).
+    `params`: dense or compressed (any leaf form); `temperature` 0 (or below `GREEDY_BELOW`) is greedy, else
+    nucleus sampling with `top_p`, drawn with the PRNG `key` (default `jax.random.key(seed)`, seed in
+    0..2**32 - 1). `on_tokens(new [B])` is called after each new token (streaming: see `TextStream`).
     """
     import jax
     import jax.numpy as jnp
@@ -57,9 +63,9 @@ def generate(
     prompt = np.asarray(prompt, np.int32)
     b, t0 = prompt.shape
     total = t0 + max_new_tokens
-    if total > cfg.max_position_embeddings:
-        raise UserError(f"prompt ({t0} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
-                        f"{cfg.max_position_embeddings} positions")
+    check_length(t0, max_new_tokens, cfg)
+    if key is None and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"seed must lie in 0..{MAX_SEED}, got {seed}")
     cache = init_cache(cfg, b, total)
     logits, cache = step(params, jnp.asarray(prompt), cfg, cache)
     key = jax.random.key(seed) if key is None else key
@@ -79,6 +85,50 @@ def generate(
     return np.concatenate(out, axis=1)
 
 
+def check_length(prompt_tokens: int, max_new_tokens: int, cfg) -> None:
+    if prompt_tokens + max_new_tokens > cfg.max_position_embeddings:
+        raise UserError(f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
+                        f"{cfg.max_position_embeddings} positions; shorten the prompt or lower --max-new-tokens")
+
+
+class TextStream:
+    """Writes the text of generated tokens as they come, each piece exactly once.
+
+    A token decoded alone loses the space that begins it ("time" + "they" would print
+    "timethey"), so the whole sequence, prompt included, is decoded each time and only
+    what lies beyond the text already written is written, as transformers' `TextStreamer`
+    decodes incrementally. The last word is held back until a space or newline follows
+    (a later token may change how it decodes), and so is half a multi-byte character.
+    """
+
+    def __init__(self, tok, prompt_ids: list[int], write: Callable[[str], None], skip: int | None = None):
+        self.tok, self.ids, self.write, self.skip = tok, list(prompt_ids), write, skip
+        self.start = len(self._text())  # the prompt's own text: the caller shows it (or not)
+        self.shown = 0
+
+    def _text(self) -> str:
+        ids = [t for t in self.ids if t != self.skip]
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def __call__(self, new: np.ndarray) -> None:
+        """Add the next token (`new[0]`: the first row's) and write what is settled."""
+        self.ids.append(int(np.asarray(new).reshape(-1)[0]))
+        text = self._text()[self.start:]
+        if text.endswith("\ufffd"):
+            return
+        settled = max(text.rfind(" "), text.rfind("\n")) + 1
+        self._show(text[:settled])
+
+    def end(self) -> None:
+        """Write the rest (the last word)."""
+        self._show(self._text()[self.start:])
+
+    def _show(self, text: str) -> None:
+        if len(text) > self.shown:
+            self.write(text[self.shown:])
+            self.shown = len(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m sigmascale_jax.generate", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -86,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampling temperature")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help=f"0: greedy (so is anything below {GREEDY_BELOW}); else the sampling temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens holding this mass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=int, default=0, help=f"sampling seed, 0..{MAX_SEED}")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of the weights")
     return p
@@ -103,10 +154,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature must be a finite number ≥ 0, got {args.temperature}")
     if not (0 < args.top_p <= 1):
         raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be at least 0, got {args.seed}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must lie in 0..{MAX_SEED}, got {args.seed}")
     if not args.prompt and not args.chat:
         raise UserError("--prompt is empty; give the text to continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise UserError(f"--prompt is not valid UTF-8 (bad byte at character {e.start}); pass UTF-8 text") from None
 
 
 def prompt_ids(tok, text: str, chat: bool) -> list[int]:
@@ -131,22 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params, source = load_model(args.model, getattr(jnp, args.dtype))
     tok = source.tokenizer()
     ids = prompt_ids(tok, args.prompt, args.chat)
+    check_length(len(ids), args.max_new_tokens, cfg)  # before the prompt is echoed
     eos = None if args.ignore_eos else tok.eos_token_id
-    new: list[int] = []
-    shown = ""
 
-    def stream(nxt: np.ndarray) -> None:
-        nonlocal shown
-        new.append(int(nxt[0]))
-        text = tok.decode([t for t in new if t != eos], skip_special_tokens=True)
-        if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back half a multi-byte character
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
+    stream = TextStream(tok, ids, write, skip=eos)
     if not args.chat:
-        sys.stdout.write(args.prompt)
+        write(args.prompt)
     generate(params, cfg, np.asarray([ids]), args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
              seed=args.seed, eos_id=eos, on_tokens=stream)
-    sys.stdout.write("\n")
+    stream.end()
+    write("\n")
     return 0

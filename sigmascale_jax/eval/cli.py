@@ -15,7 +15,7 @@ import numpy as np
 from sigmascale_jax.errors import ArgumentParser, UserError
 from sigmascale_jax.eval.tasks import ZEROSHOT_TASKS, load_task
 from sigmascale_jax.io.data import PERPLEXITY_TASKS, find_data_dir, perplexity_text
-from sigmascale_jax.io.fileio import check_writable_file, write_json_atomic
+from sigmascale_jax.io.fileio import write_json_atomic
 
 KNOWN_TASKS = PERPLEXITY_TASKS + ZEROSHOT_TASKS
 TASK_GROUPS = {"zeroshot": ZEROSHOT_TASKS, "perplexity": PERPLEXITY_TASKS}
@@ -116,6 +116,10 @@ def evaluate(
     if quantize and source.kind == "compressed":
         raise UserError(f"{model} is a compressed model; --quantize applies to dense ones (compress with --quantize)")
     cfg = source.cfg
+    if quantize:
+        from sigmascale_jax.compress.encode.quant import check_group_size
+
+        check_group_size(group_size or 128, cfg)
     if texts and seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
     tok = source.tokenizer()
@@ -193,8 +197,11 @@ def format_table(results: dict, tasks: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    if args.json:
-        check_writable_file(args.json, "--json")  # before the evaluation, not after it
+    if args.json:  # before the evaluation, not after it
+        from sigmascale_jax.io.outputs import Input, check_out_file, model_input
+
+        inputs = model_input(args.model, "the model being evaluated")
+        check_out_file(args.json, [*inputs, Input(find_data_dir(args.data_dir), "the data folder")], "--json")
     tasks = parse_tasks(args.tasks)
     results = evaluate(
         args.model,

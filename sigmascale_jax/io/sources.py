@@ -66,6 +66,16 @@ class ModelSource:
                 return
         self.tokenizer().save_pretrained(str(folder))
 
+    def _tokenizer_folder(self) -> Path:
+        """A compressed folder's `tokenizer/` (a missing one would send transformers to the hub with a path as id)."""
+        from sigmascale_jax.io.checkpoint import TOKENIZER_DIR
+
+        folder = self.folder / TOKENIZER_DIR
+        if not (folder / "tokenizer_config.json").is_file():
+            raise UserError(f"{folder} is missing or holds no tokenizer_config.json: the compressed folder is "
+                            "incomplete; copy the source model's tokenizer there (save_pretrained) or recompress")
+        return folder
+
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
@@ -75,9 +85,11 @@ class ModelSource:
                 if self.gguf_file:
                     tok = _gguf_tokenizer(self.folder / self.gguf_file)
                 elif self.kind == "compressed":
-                    tok = AutoTokenizer.from_pretrained(str(self.folder / "tokenizer"))
+                    tok = AutoTokenizer.from_pretrained(str(self._tokenizer_folder()))
                 else:
                     tok = AutoTokenizer.from_pretrained(str(self.folder))
+            except UserError:
+                raise
             except Exception as e:
                 raise UserError(f"cannot load a tokenizer from {self.src}: {' '.join(str(e).split())[:300]}") from None
         # Evaluation tokenizes whole corpora at once; the model-length warning is noise there.

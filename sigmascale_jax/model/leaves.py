@@ -3,7 +3,8 @@
 Every form has `apply(x)`, `matrix()`, `num_params` (the numbers it stands for, the
 budget's unit), `nbytes` (what it stores on disk), `to_tree()` (the plain dict it is
 saved as), `labels()` (`"factor"` / `"frozen"` per array, for `optax.multi_transform`)
-and `export_tensors(prefix)` (its Hugging Face tensors). Each is a
+`export_tensors(prefix)` (its Hugging Face tensors) and `check(shape, rank)` (a ValueError
+if its arrays do not make that matrix: a damaged or edited folder). Each is a
 `flax.struct.dataclass`, so a tree of them passes through `jit`, `vmap` and `grad`.
 
 The base forms live here because the decoder and the compressor's block loop work on
@@ -104,6 +105,22 @@ def frozen_labels(tree: Any) -> Any:
     return jax.tree.map(lambda _: FROZEN, tree)
 
 
+def matrix_shape(m: Any) -> tuple[int, ...]:
+    """The shape of the matrix `m` stands for (an array, or a quantized matrix whose own arrays are checked first)."""
+    if hasattr(m, "check"):
+        m.check()
+    return tuple(m.shape)
+
+
+def check_shapes(what: str, got: dict[str, Any], want: dict[str, tuple[int, ...]]) -> None:
+    """A ValueError naming each array of `got` (name -> matrix) whose shape is not `want[name]`."""
+    bad = {k: matrix_shape(v) for k, v in got.items() if v is not None and matrix_shape(v) != tuple(want[k])}
+    if bad:
+        have = ", ".join(f"{k} {list(s)}" for k, s in bad.items())
+        need = ", ".join(f"{k} {list(want[k])}" for k in bad)
+        raise ValueError(f"{what} needs {need}, the params hold {have}")
+
+
 def bias_bytes(bias) -> int:
     return 0 if bias is None else int(np.prod(bias.shape)) * np.dtype(bias.dtype).itemsize
 
@@ -135,6 +152,10 @@ class Dense:
     def to_tree(self) -> dict[str, Any]:
         return with_bias_tree({"w": matrix_tree(self.w)}, self.bias)
 
+    def check(self, shape: tuple[int, int], rank: int | None = None) -> None:
+        m, n = shape
+        check_shapes(f"a dense {m}x{n} matrix", {"w": self.w, "bias": self.bias}, {"w": (m, n), "bias": (m,)})
+
     def labels(self) -> "Dense":
         return frozen_labels(self)
 
@@ -165,6 +186,11 @@ class LowRank:
 
     def to_tree(self) -> dict[str, Any]:
         return with_bias_tree({"b": matrix_tree(self.b), "c": matrix_tree(self.c)}, self.bias)
+
+    def check(self, shape: tuple[int, int], rank: int | None = None) -> None:
+        (m, n), k = shape, rank
+        check_shapes(f"a rank-{k} {m}x{n} matrix", {"b": self.b, "c": self.c, "bias": self.bias},
+                     {"b": (m, k), "c": (k, n), "bias": (m,)})
 
     def labels(self) -> "LowRank":
         return LowRank(factor_labels(self.b), factor_labels(self.c), None if self.bias is None else FROZEN)

@@ -223,7 +223,7 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
     first = start_compress("--model", str(STORIES), *slow, "--out", str(out))
     wait_for(tmp_path / "o.partial" / "spec.json", first)
     second = compress_cli(capsys, "--model", str(STORIES), *slow, "--out", str(out), "--overwrite")
-    assert_one_line_error(second, "another compression is writing")
+    assert_one_line_error(second, "another sigmascale_jax command is writing")
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert (out / "compression.json").is_file() and not (tmp_path / ".o.lock").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, Ranks, register
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.io.checkpoint import matrix_records
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import PROJECTIONS
 
@@ -44,33 +45,35 @@ def read_run_ranks(ranks_from: str | None, cfg: ModelConfig, ratio: float) -> tu
         raise UserError(f"--ranks-from {ranks_from}: no compression.json there; give a folder made by "
                         "sigmascale_jax.compress")
     report = read_json(path)
-    matrices = report.get("matrices") if isinstance(report, dict) else None
-    if not isinstance(matrices, list):
-        raise UserError(f"{path} lists no matrices; give a compression.json written by sigmascale_jax.compress")
-    if abs(float(report.get("ratio_requested", -1.0)) - ratio) > 1e-9:
-        raise UserError(f"{path} was compressed at --ratio {report.get('ratio_requested')}; pass that --ratio to "
-                        "reuse its ranks")
-    shapes = cfg.projection_shapes()
-    ranks: Ranks = [{} for _ in range(cfg.num_layers)]
-    for m in matrices:
-        i, name = m.get("block"), m.get("name")
-        if not (isinstance(i, int) and 0 <= i < cfg.num_layers and name in shapes):
-            raise UserError(f"{path}: matrix {name!r} of block {i!r} does not exist in this model "
-                            f"({cfg.num_layers} blocks); the run was made for another architecture")
-        if list(m.get("shape", ())) != list(shapes[name]):
-            raise UserError(f"{path}: block {i} {name} is {m.get('shape')} there but {list(shapes[name])} in this "
-                            "model; the run was made for another model")
-        ranks[i][name] = None if m.get("dense") else m.get("rank")
-    missing = [(i, n) for i, block in enumerate(ranks) for n in PROJECTIONS if n not in block]
-    if missing:
-        raise UserError(f"{path} records no rank for {len(missing)} matrices (first: block {missing[0][0]} "
-                        f"{missing[0][1]}); the run was made for another model")
-    from sigmascale_jax.compress.pipeline import check_ranks  # pipeline imports the allocators
+    if not isinstance(report, dict):
+        raise UserError(f"{path} is not a compression report (a JSON object); give a compression.json written by "
+                        "sigmascale_jax.compress")
+    recorded = report.get("ratio_requested")
+    if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not 0 < recorded < 1:
+        raise UserError(f"{path}: ratio_requested is {recorded!r}, not a ratio in (0, 1); the report is damaged")
+    records = matrix_records(report, cfg, path)
+    if abs(float(recorded) - ratio) > 1e-9:
+        raise UserError(f"{path} was compressed at --ratio {recorded}; pass that --ratio to reuse its ranks")
+    ranks: Ranks = [{n: None if records[i, n]["dense"] else records[i, n]["rank"] for n in PROJECTIONS}
+                    for i in range(cfg.num_layers)]
+    return ranks, report
 
-    try:
-        return check_ranks(ranks, cfg), report
-    except ValueError as e:
-        raise UserError(f"{path}: {e}") from None
+
+def _stored(records: dict, cfg: ModelConfig, budget: Budget) -> int:
+    shapes = cfg.projection_shapes()
+    return sum(budget.stored(*shapes[n], None if m["dense"] else m["rank"]) for (_, n), m in records.items())
+
+
+def own_budget(report: dict, ratio: float) -> Budget | None:
+    """The budget the report's own encoding counts with (None: an encoding this version does not know)."""
+    from sigmascale_jax.compress.plan import ENCODERS, load_methods
+
+    load_methods()
+    encode = report.get("encode") if isinstance(report.get("encode"), dict) else {}
+    name = encode.get("name", report.get("encoding") or "plain")
+    if not isinstance(name, str) or name not in ENCODERS:
+        return None
+    return Budget(ratio, ENCODERS[name].build().count)
 
 
 @register(ALLOCATORS, "from-run", FromRunSettings, "the ranks of an earlier compressed run (--ranks-from RUN)")
@@ -79,15 +82,25 @@ def from_run(ranks_from: str | None = None) -> RankAllocator:
 
     def allocate(ctx: ModelContext, budget: Budget) -> Allocation:
         ranks, report = read_run_ranks(ranks_from, ctx.cfg, budget.ratio)
-        shapes = ctx.cfg.projection_shapes()
-        stored = sum(budget.stored(*shapes[n], k) for block in ranks for n, k in block.items())
-        recorded = sum(int(m.get("stored", -1)) for m in report["matrices"])
+        path = _report_path(ranks_from)
+        records = matrix_records(report, ctx.cfg, path)
+        if any("stored" not in m for m in records.values()):
+            raise UserError(f"{path} does not say what each matrix stores ('stored'); the report is damaged")
+        encoding = (report.get("encode") or {}).get("name", report.get("encoding"))
+        own = own_budget(report, budget.ratio)
+        if own is None:
+            raise UserError(f"{path} names encoding {encoding!r}, which this version does not know; the report is "
+                            "damaged or from another version")
+        for (i, n), m in records.items():  # the report against itself first: an edited rank is not an encoding
+            if int(m["stored"]) != own.stored(*m["shape"], None if m["dense"] else m["rank"]):
+                raise UserError(f"{path}: block {i} {n} records rank {m.get('rank')} but stores {m['stored']} numbers, "
+                                f"which its encoding {encoding} does not give that rank; the report was edited or is "
+                                "damaged")
+        stored, recorded = _stored(records, ctx.cfg, budget), _stored(records, ctx.cfg, own)
         if stored != recorded:  # each encoding counts a rank-k matrix differently: its ranks fit its own budget
-            encoding = (report.get("encode") or {}).get("name", report.get("encoding"))
             raise UserError(f"the ranks of {ranks_from} store {recorded} numbers with its --encoding {encoding}, "
                             f"{stored} with this run's; pass --encoding {encoding} (and its settings) to reuse them")
         source = {k: v for k, v in (report.get("allocate") or {}).items() if k != "trace"}
-        path = _report_path(ranks_from)
         return Allocation(ranks, {"ranks_from": str(path.resolve()), "report_sha1":
                                   hashlib.sha1(path.read_bytes()).hexdigest(), "source_allocate": source,
                                   "source_method": report.get("method"), "source_model": report.get("model"),

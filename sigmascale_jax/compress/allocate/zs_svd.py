@@ -245,6 +245,9 @@ def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> Rank
         floors = np.array([max(1, int(np.ceil(settings.min_rank_ratio * break_even_rank(m, n)))) for m, n in shapes])
         with jax.enable_x64(True):
             res = jax.device_get(_select_jit(d, c, to_remove, floors))
+        if int(res.removed) < int(to_remove):  # every matrix at its floor and the budget still not met
+            raise UserError(f"--ratio {budget.ratio} cannot be met with every matrix at its --min-rank-ratio floor "
+                            f"{settings.min_rank_ratio} (rank >= 1); use a smaller --ratio or --min-rank-ratio")
         ranks = [dict.fromkeys(PROJECTIONS) for _ in range(cfg.num_layers)]
         dense_kept = 0
         for j, (i, n) in enumerate(keys):

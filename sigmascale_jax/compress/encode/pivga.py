@@ -24,6 +24,7 @@ from sigmascale_jax.model.leaves import (
     Codes,
     as_array,
     bias_bytes,
+    check_shapes,
     export_bias,
     factor_labels,
     matrix_bytes,
@@ -66,6 +67,14 @@ class PivGa:
 
     def to_tree(self) -> dict[str, Any]:
         return with_bias_tree({"b": matrix_tree(self.b), "r": matrix_tree(self.r), "perm": self.perm.numpy()}, self.bias)
+
+    def check(self, shape: tuple[int, int], rank: int | None = None) -> None:
+        (m, n), k = shape, rank
+        check_shapes(f"a rank-{k} {m}x{n} PivGa matrix", {"b": self.b, "r": self.r, "perm": self.perm,
+                                                          "bias": self.bias},
+                     {"b": (m, k), "r": (k, n - k), "perm": (n,), "bias": (m,)})
+        if not np.array_equal(np.sort(self.perm.numpy()), np.arange(n)):
+            raise ValueError(f"its column order perm is not a permutation of 0..{n - 1}")
 
     def labels(self) -> "PivGa":
         return PivGa(factor_labels(self.b), factor_labels(self.r), self.perm.labels(),

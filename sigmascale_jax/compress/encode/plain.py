@@ -62,7 +62,8 @@ def make_encoder(name: str, settings: QuantSettings, count, factored, read_facto
     def record() -> dict:
         return {"encoding": name, **settings.record()}
 
-    return Encoder(name, settings, count, encode, record, read=read, reencode=reencode)
+    return Encoder(name, settings, count, encode, record, check=lambda spec, cfg: settings.check_model(cfg), read=read,
+                   reencode=reencode)
 
 
 def _plain(b, c, settings: QuantSettings, bias) -> LowRank:

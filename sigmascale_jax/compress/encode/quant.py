@@ -53,6 +53,19 @@ class QuantMatrix:
     def shape(self) -> tuple[int, int]:
         return (self.values.shape[0], self.cols)
 
+    def check(self) -> None:
+        """A ValueError unless the codes, scales and zero points make a `[rows, cols]` matrix in groups of `group`."""
+        rows = self.values.shape[0]
+        groups = math.ceil(self.cols / self.group)
+        want = {"codes": (rows, self.cols if self.bits == 8 else math.ceil(self.cols / 2)), "scales": (rows, groups)}
+        have = {"codes": tuple(self.values.shape), "scales": tuple(self.scale.shape)}
+        if self.bits == 4:
+            want["zero points"], have["zero points"] = (rows, groups), tuple(self.zero.shape)
+        if have != want:
+            raise ValueError(f"an int{self.bits} [{rows}, {self.cols}] matrix in groups of {self.group} needs "
+                             + ", ".join(f"{k} {list(v)}" for k, v in want.items()) + "; the params hold "
+                             + ", ".join(f"{k} {list(v)}" for k, v in have.items()))
+
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The float matrix `[rows, cols]` it stands for."""
         rows, groups = self.scale.shape
@@ -114,6 +127,14 @@ def quantize(x: np.ndarray, kind: str, group: int) -> QuantMatrix:
     return QuantMatrix(Codes.of(packed), jnp.asarray(scale), Codes.of(zero), 4, group, cols)
 
 
+def check_group_size(group: int, cfg) -> None:
+    """A UserError unless `group` columns fit in a row of some projection (rows run along the input dimension)."""
+    longest = max(n for _, n in cfg.projection_shapes().values())
+    if group > longest:
+        raise UserError(f"--group-size {group} is longer than any row of this model's matrices ({longest} columns); "
+                        f"use at most {longest} (default {DEFAULT_GROUP})")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSettings(Settings):
     quantize: str = setting("none", "store every projection's matrices as int8 or int4 (round to nearest, a scale per "
@@ -131,6 +152,11 @@ class QuantSettings(Settings):
             object.__setattr__(self, "group_size", DEFAULT_GROUP)
         if self.quantize == "int4" and self.group_size % 2:
             raise UserError(f"--quantize int4 packs two values per byte: --group-size must be even, got {self.group_size}")
+
+    def check_model(self, cfg) -> None:
+        """The group size fits the model: no longer than the longest row any projection's matrix has."""
+        if self.kind:
+            check_group_size(self.group_size, cfg)
 
     @property
     def kind(self) -> str | None:
