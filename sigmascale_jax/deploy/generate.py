@@ -20,7 +20,6 @@ import numpy as np
 from sigmascale_jax.compress.plan import MAX_SEED
 from sigmascale_jax.errors import ArgumentParser, UserError
 
-
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: the sampling distribution is argmax to float precision
 
 

@@ -191,7 +191,7 @@ def score_requests(
     bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False)
     while pending:
         length = bucket_length(max(pending[0].tokens, pending[0].reads))
-        n_rows = max(1, tokens_per_batch // length)
+        n_rows = max(1, min(tokens_per_batch // length, len(requests)))  # never more rows than requests
         rows = pack_rows(pending, length, n_rows)
         placed = {id(g) for row in rows for g in row}
         pending = [g for g in pending if id(g) not in placed]

@@ -46,6 +46,8 @@ def perplexity(
     compiled shape serves every batch; padded rows are dropped before summing.
     """
     n, seq_len = windows.shape
+    devices = 1 if mesh is None else mesh.shape["data"]
+    batch_size = min(batch_size, -(-n // devices) * devices)  # padding past the windows there are would only cost
     total = 0.0
     params = replicate(params, mesh)
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)

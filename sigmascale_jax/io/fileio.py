@@ -59,7 +59,8 @@ def jsonl_texts(path: Path, lines: range | None = None) -> list[str]:
 # ------------------------------------------------------------------ writing
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -73,7 +74,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: s
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the same mode as every other file
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the same mode as every other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

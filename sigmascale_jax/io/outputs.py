@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.io.fileio import check_writable_dir, check_writable_file
+from sigmascale_jax.io.fileio import check_writable_dir, check_writable_file, current_umask
 
 
 class Input(NamedTuple):
@@ -116,15 +116,9 @@ def replace_folder(staging: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def normal_modes(folder: Path) -> None:
     """Give every file in `folder` mode 0666 and every folder 0777, less the umask (some writers make 0600 files)."""
-    mask = _umask()
+    mask = current_umask()
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for f in files:
