@@ -35,8 +35,35 @@ def sample_windows(ids: np.ndarray, nsamples: int, seq_len: int, seed: int) -> n
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
     if len(ids) <= seq_len:
         raise UserError(f"calibration text has {len(ids)} tokens, need more than --seq-len {seq_len}")
-    starts = np.random.default_rng(seed).integers(0, len(ids) - seq_len, size=nsamples)
+    starts = window_starts(len(ids), nsamples, seq_len, seed)
     return np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int32)
+
+
+def window_starts(n_ids: int, nsamples: int, seq_len: int, seed: int) -> np.ndarray:
+    """The offsets `sample_windows` takes its windows at."""
+    return np.random.default_rng(seed).integers(0, n_ids - seq_len, size=nsamples)
+
+
+def fresh_windows(ids: np.ndarray, taken: list[tuple[int, int]], n: int, seq_len: int,
+                  seed: int) -> tuple[np.ndarray, bool]:
+    """`n` windows `[n, seq_len]` of `ids: [T]`, overlapping neither each other nor the `(start, length)` spans
+    in `taken`, where the text has room; and whether it had (else the rest are drawn anywhere, as
+    `sample_windows` draws them)."""
+    free = np.ones(len(ids), bool)
+    for start, length in taken:
+        free[start : start + length] = False
+    rng = np.random.default_rng([seed, 1])
+    starts: list[int] = []
+    for s in rng.permutation(max(0, len(ids) - seq_len)):
+        if free[s : s + seq_len].all():
+            starts.append(int(s))
+            free[s : s + seq_len] = False
+            if len(starts) == n:
+                break
+    disjoint = len(starts) == n
+    if not disjoint:
+        starts += [int(s) for s in rng.integers(0, len(ids) - seq_len, size=n - len(starts))]
+    return np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int32), disjoint
 
 
 def calibration_windows(source, calib: str = "c4", nsamples: int = 64, seq_len: int = 512, seed: int = 0, *,
@@ -47,6 +74,11 @@ def calibration_windows(source, calib: str = "c4", nsamples: int = 64, seq_len: 
     .txt / .jsonl file; `seed` draws the window offsets. The data folder is `data_dir`, else `$SIGMASCALE_DATA`,
     else `../shared/data` beside the repository.
     """
+    return sample_windows(calibration_ids(source, calib, data_dir), nsamples, seq_len, seed)
+
+
+def calibration_ids(source, calib: str = "c4", data_dir: str | None = None) -> np.ndarray:
+    """int32 `[T]`: the whole calibration text in `source`'s tokens (windows are drawn from it)."""
     import hashlib
     from importlib.metadata import version
 
@@ -58,4 +90,4 @@ def calibration_windows(source, calib: str = "c4", nsamples: int = 64, seq_len: 
     key = {"model": model_fingerprint(source), "transformers": version("transformers"),
            "text_sha1": hashlib.sha1(text.encode()).hexdigest()}
     ids, _ = cached("calibration-ids", key, lambda: source.tokenizer()(text).input_ids)
-    return sample_windows(np.asarray(ids, dtype=np.int32), nsamples, seq_len, seed)
+    return np.asarray(ids, dtype=np.int32)

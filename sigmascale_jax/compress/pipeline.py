@@ -209,7 +209,7 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
             (staging / "blocks").mkdir(parents=True, exist_ok=True)
             write_json_atomic(staging / "spec.json", spec_key)
             clock.lap("calibration")
-            report = _compress(spec, plan, source, windows, staging, clock, progress)
+            report = _compress(spec, plan, source, windows, staging, clock, progress, data_dir)
             report["resumed"] = resuming
         except BaseException:
             if staging.exists() and not _finished_work(staging):
@@ -218,8 +218,26 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
         return _finalize(staging, out, report)
 
 
+def fresh_windows_of(source, spec: RunSpec, data_dir: str | None):
+    """`ModelContext.fresh_windows` for a model read from `source`: windows of a calibration text that overlap
+    none of the run's calibration windows where the text has room."""
+    from sigmascale_jax.compress.calibration import calibration_ids, fresh_windows, window_starts
+
+    def fresh(calib: str | None, n: int, seq_len: int) -> tuple[np.ndarray, dict]:
+        calib = calib or spec.calib
+        ids = calibration_ids(source, calib, data_dir)
+        taken = []
+        if calib == spec.calib:  # the same text: keep clear of the windows that chose ranks and factors
+            taken = [(int(s), spec.seq_len) for s in window_starts(len(ids), spec.nsamples, spec.seq_len, spec.seed)]
+        windows, disjoint = fresh_windows(ids, taken, n, seq_len, spec.seed)
+        return windows, {"calib": calib, "windows": n, "seq_len": seq_len, "disjoint_from_calibration": disjoint,
+                         "sha1": hashlib.sha1(windows.tobytes()).hexdigest()}
+
+    return fresh
+
+
 def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: Path, clock: _Clock,
-              progress: bool) -> dict[str, Any]:
+              progress: bool, data_dir: str | None = None) -> dict[str, Any]:
     """Stages (0)-(3) of a model read from `source` into `staging`; returns the report."""
     import jax
 
@@ -232,7 +250,8 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
     # Host copies: only the block being worked on lives on the device.
     outer = jax.device_get(load_outer(source.reader, cfg))
     ctx = ModelContext(cfg, outer, lambda i: load_block(source.reader, cfg, i), windows, spec, progress,
-                       model_key=model_fingerprint(source), mesh=make_mesh(spec.mesh))
+                       model_key=model_fingerprint(source), mesh=make_mesh(spec.mesh),
+                       fresh_windows=fresh_windows_of(source, spec, data_dir))
     clock.lap("load")
     done = compress_stages(plan, ctx, clock, staging)
     save_pytree(staging / PARAMS_DIR, stored_params(done.params))
@@ -266,6 +285,9 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
 
     from sigmascale_jax.model.modeling import param_count
 
+    import dataclasses
+
+    ctx = dataclasses.replace(ctx, staging=staging)
     encoder = plan.encoder()
     budget = Budget(ctx.spec.ratio, encoder.count)
     alloc = _allocation(plan, ctx, budget, staging)

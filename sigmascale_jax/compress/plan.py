@@ -61,6 +61,10 @@ class ModelContext:
     progress: bool = True
     model_key: dict | None = dataclasses.field(default_factory=dict)  # identifies the weights (None: in memory, uncached)
     mesh: Any = None  # a `parallel.make_mesh` data mesh, or None for one device
+    # more windows of a calibration text (None: the run's), disjoint from `windows` where there is room:
+    # `(calib, n, seq_len) -> ([n, seq_len], record)`; None in memory, where only `windows` exist
+    fresh_windows: Callable[[str | None, int, int], tuple[np.ndarray, dict]] | None = None
+    staging: Any = None  # the run's staging folder (a Path) for stages that checkpoint, or None in memory
 
     @property
     def calib_sha1(self) -> str:
@@ -269,6 +273,10 @@ def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), encoding:
     from sigmascale_jax.errors import ArgError
 
     load_methods()
+    named = {r for r in refine if isinstance(r, str)}
+    # a refiner whose settings name a switch (`heal_steps`) is on when that setting is given non-zero
+    refine = tuple(refine) + tuple(e.name for e in REFINERS.values()
+                                   if e.settings.switch and settings.get(e.settings.switch) and e.name not in named)
     chosen: list[tuple[str, dict[str, Entry], Any]] = [("method", FACTORIZERS, method), ("ranks", ALLOCATORS, ranks)]
     chosen += [("refine", REFINERS, r) for r in refine] + [("encoding", ENCODERS, encoding)]
     entries, built = [], {}

@@ -65,7 +65,13 @@ def field_type(cls: type, field: dataclasses.Field) -> type:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Base of every method's settings: converts and bounds each field on construction."""
+    """Base of every method's settings: converts and bounds each field on construction.
+
+    `switch`: for a refiner, the setting whose non-zero value turns it on (`--heal-steps 100` runs healing
+    without `--heal`).
+    """
+
+    switch: typing.ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
