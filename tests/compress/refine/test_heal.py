@@ -1,0 +1,183 @@
+"""Healing: the stage lowers the held-out distillation loss, trains only the factors, resumes bit for bit, and its
+teacher sees only calibration text; the library step is jit-compiled and gives one device's result on a mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import DATA, REPO, STORIES, compress_cli, require
+
+import sigmascale_jax as ssj
+from sigmascale_jax.compress.refine import heal
+from sigmascale_jax.io.checkpoint import load_pytree
+
+RUN = ["--method", "svd-llm", "--ratio", "0.3", "--nsamples", "8", "--seq-len", "32", "--batch-size", "4",
+       "--data-dir", str(DATA)]
+HEAL = ["--heal-steps", "12", "--heal-samples", "16", "--heal-holdout", "4", "--heal-eval-every", "4",
+        "--heal-lr", "1e-3", "--heal-seq-len", "48"]
+
+
+def leaves(folder) -> dict[str, np.ndarray]:
+    tree = load_pytree(folder / "params")
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same compression without and with healing (in-process command lines)."""
+    from sigmascale_jax.compress.cli import main
+    from sigmascale_jax.errors import run_cli
+
+    root = tmp_path_factory.mktemp("heal")
+    for name, extra in (("plain", []), ("healed", HEAL)):
+        assert run_cli(main, ["--model", str(require(STORIES)), *RUN, *extra, "--out", str(root / name),
+                              "--no-progress"]) == 0
+    return root
+
+
+def test_healing_lowers_the_held_out_loss_and_trains_only_the_factors(runs):
+    record = json.loads((runs / "healed" / "compression.json").read_text())["refine"][0]
+    assert record["name"] == "heal" and record["steps_run"] >= 4
+    assert record["held_out_loss_after"] < 0.95 * record["held_out_loss_before"]
+    assert record["tokens"] == record["steps_run"] * 4 * 48
+    assert record["text"]["calib"] == "c4" and record["text"]["disjoint_from_calibration"]
+    plain, healed = leaves(runs / "plain"), leaves(runs / "healed")
+    assert plain.keys() == healed.keys()
+    changed = {k for k in plain if not np.array_equal(plain[k], healed[k])}
+    factors = {k for k in plain if k.endswith(("['b']", "['c']"))}
+    assert changed and changed <= factors  # embeddings, norms, head never move
+    assert len(changed) > len(factors) // 2
+
+
+def test_an_interrupted_heal_resumes_to_the_uninterrupted_factors(runs, tmp_path, monkeypatch, capsys):
+    real_save = heal._Checkpoint.save
+    saves = {"n": 0}
+
+    def save_then_die(self, state, info):
+        real_save(self, state, info)
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(heal._Checkpoint, "save", save_then_die)
+    out = tmp_path / "o"
+    args = ["--model", str(STORIES), *RUN, *HEAL, "--out", str(out)]
+    assert compress_cli(capsys, *args).returncode == 130
+    assert (tmp_path / "o.partial" / "heal" / "heal.json").is_file()
+    monkeypatch.setattr(heal._Checkpoint, "save", real_save)
+    done = compress_cli(capsys, *args)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "compression.json").read_text())["refine"][0]
+    assert record["resumed_from_step"] == 8
+    want, got = leaves(runs / "healed"), leaves(out)
+    assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+def _find(hay: bytes, needle: bytes) -> bool:
+    """Whether the int32 token run `needle` occurs in `hay` at a token boundary."""
+    at = hay.find(needle)
+    while at != -1:
+        if at % 4 == 0:
+            return True
+        at = hay.find(needle, at + 1)
+    return False
+
+
+def test_the_teacher_sees_only_calibration_text(tmp_path, monkeypatch, capsys):
+    from sigmascale_jax.compress.calibration import calibration_ids, window_starts
+    from sigmascale_jax.io.data import perplexity_text
+    from sigmascale_jax.io.sources import open_model
+
+    seen: list[np.ndarray] = []
+    real_step, real_held = heal.distill_step, heal.held_out_loss
+
+    def step(params, opt_state, teacher, tokens, **kw):
+        seen.extend(np.asarray(tokens))
+        return real_step(params, opt_state, teacher, tokens, **kw)
+
+    def held(params, teacher, windows, *a, **kw):
+        seen.extend(np.asarray(windows))
+        return real_held(params, teacher, windows, *a, **kw)
+
+    monkeypatch.setattr(heal, "distill_step", step)
+    monkeypatch.setattr(heal, "held_out_loss", held)
+    done = compress_cli(capsys, "--model", str(STORIES), *RUN, *HEAL, "--out", str(tmp_path / "o"))
+    assert done.returncode == 0, done.stderr
+    source = open_model(str(STORIES))
+    calib = calibration_ids(source, "c4", str(DATA))
+    tok = source.tokenizer()
+    evaluation = [np.asarray(tok(perplexity_text(t, DATA)).input_ids, np.int32).tobytes() for t in ("wikitext2", "c4")]
+    taken = np.zeros(len(calib), bool)
+    for s in window_starts(len(calib), 8, 32, 0):  # the windows that chose the factors
+        taken[s : s + 32] = True
+    assert len(seen) > 16
+    hay = calib.tobytes()
+    for w in seen:
+        at = hay.find(w.tobytes())
+        assert at != -1 and at % 4 == 0, "a window the teacher saw is not calibration text"
+        assert not taken[at // 4 : at // 4 + len(w)].any(), "a window overlaps the compressor's calibration windows"
+        assert not any(_find(e, w[:16].tobytes()) for e in evaluation), "evaluation text reached the teacher"
+
+
+def test_distill_step_trains_factors_of_a_pivga_int8_tree_and_nothing_else():
+    cfg, params, source = ssj.load_model(str(require(STORIES)))
+    windows = ssj.calibration_windows(source, "c4", nsamples=16, seq_len=32, seed=0, data_dir=str(DATA))
+    plan = ssj.make_plan("svd-llm", encoding="pivga", quantize="int8")
+    cparams, _ = ssj.compress_params(params, cfg, windows[:8], plan, 0.3)
+    tx = ssj.heal_optimizer(optax.adam(1e-5), cparams)  # int8 scales are ~1e-3: Adam moves each by ~lr a step
+    state = tx.init(cparams)
+    first = float(heal.distill_loss(cparams, params, windows[8:], cfg)[0])
+    new = cparams
+    for batch in windows[:8].reshape(2, 4, -1):
+        new, state, _ = ssj.distill_step(new, state, params, batch, cfg=cfg, optimizer=tx)
+    assert float(heal.distill_loss(new, params, windows[8:], cfg)[0]) < first
+    same = {label: [] for label in ("factor", "frozen")}
+    for label, a, b in zip(jax.tree.leaves(ssj.trainable(cparams)), jax.tree.leaves(cparams), jax.tree.leaves(new)):
+        same[label].append(np.array_equal(np.asarray(a), np.asarray(b)))
+    assert all(same["frozen"]) and len(same["frozen"]) > 100  # codes, permutations, embeddings, norms
+    assert not any(same["factor"])  # every factor (B', R's scales) moved
+
+
+MESH_SCRIPT = r"""
+import json, sys
+import numpy as np, jax, optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import sigmascale_jax as ssj
+
+assert jax.local_device_count() == 8
+model, data = sys.argv[1:3]
+cfg, params, source = ssj.load_model(model)
+windows = ssj.calibration_windows(source, "c4", nsamples=24, seq_len=32, seed=0, data_dir=data)
+cparams, _ = ssj.compress_params(params, cfg, windows[:8], ssj.make_plan("svd-llm", encoding="pivga"), 0.3)
+tx = ssj.heal_optimizer(optax.adam(1e-3), cparams)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+out = []
+for sharded in (False, True):
+    p, s = cparams, tx.init(cparams)
+    for batch in windows[8:24].reshape(2, 8, -1):
+        tokens = jax.device_put(batch, NamedSharding(mesh, P("data"))) if sharded else batch
+        p, s, loss = ssj.distill_step(p, s, params, tokens, cfg=cfg, optimizer=tx)
+    out.append(p)
+a, b = (jax.tree.leaves(t) for t in out)
+print(json.dumps({"max_rel": max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / (np.abs(np.asarray(x)).max() + 1e-30))
+                                 for x, y in zip(a, b)),
+                  "moved": max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                               for x, y in zip(jax.tree.leaves(cparams), a))}))
+"""
+
+
+def test_distill_step_on_an_8_device_data_mesh_gives_the_one_device_result():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(require(STORIES)), str(DATA)], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["moved"] > 1e-4  # the steps did train
+    assert result["max_rel"] < 1e-4, result
