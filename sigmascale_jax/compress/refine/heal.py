@@ -34,6 +34,7 @@ import functools
 import json
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -270,3 +271,74 @@ def heal(**kwargs: Any) -> Refiner:
         return heal_model(ctx, blocks, settings)
 
     return Refiner("heal", settings, refine, check)
+
+
+# ------------------------------------------------------------------ after the fact: a finished folder
+
+
+def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = None, data_dir: str | None = None,
+                    mesh: str | None = None, overwrite: bool = False, progress: bool = True,
+                    **settings: Any) -> dict:
+    """Heal a finished compressed folder `src` into `out`: the `heal` stage, run after the fact on its leaves.
+
+    `model`: the dense model it was compressed from (default: the one its report names); the teacher and the
+    healing text (the run's calibration text, clear of its calibration windows) come from it. `settings`: the
+    `--heal-*` settings by field name (`heal_steps=200`, ...). Any unquantized encoding (plain, PivGa): its
+    float factors train (PivGa's B' and R: the same rank-k matrices as B and C). The heal checkpoint lives in
+    `OUT.partial/heal` until `out` is written, so the same call resumes. Returns the new report.
+    """
+    from sigmascale_jax.compress.pipeline import fresh_windows_of, stored_params
+    from sigmascale_jax.io.checkpoint import (
+        PARAMS_DIR,
+        REPORT_FILE,
+        SPECTRA_FILE,
+        TOKENIZER_DIR,
+        load_compressed,
+        read_report,
+        save_pytree,
+    )
+    from sigmascale_jax.io.fileio import write_json_atomic
+    from sigmascale_jax.io.hf_map import load_block, load_outer
+    from sigmascale_jax.io.outputs import model_input, writing_folder
+    from sigmascale_jax.io.sources import open_model
+    from sigmascale_jax.model.leaves import is_quantized
+    from sigmascale_jax.model.modeling import PROJECTIONS
+    from sigmascale_jax.parallel import make_mesh
+
+    settings = HealSettings(**{"heal_steps": 100, **settings})
+    src, out = Path(src), Path(out)
+    report = read_report(src)
+    model = model or report.get("model")
+    source = open_model(str(model))
+    if source.kind == "compressed":
+        raise UserError(f"{model} is a compressed model; healing needs the dense model {src} was compressed from")
+    cfg, params = load_compressed(src)
+    if source.cfg != cfg:
+        raise UserError(f"{model} is not the model {src} was compressed from (its config differs); pass model=")
+    blocks = jax.device_get(params["blocks"])
+    if any(is_quantized(m) for b in blocks for n in PROJECTIONS for m in jax.tree.leaves(
+            b[n], is_leaf=lambda x: hasattr(x, "dequantize"))):
+        raise UserError(f"{src} holds quantized matrices; heal before quantizing (heal a float folder, then "
+                        "re-encode it)")
+    cal = report["calibration"]
+    spec = RunSpec(model=str(model), ratio=report["ratio_requested"], calib=cal["source"], nsamples=cal["nsamples"],
+                   seq_len=cal["seq_len"], seed=cal["seed"], mesh=mesh)
+    inputs = model_input(src, "the model being healed") + model_input(str(model), "the dense model")
+    with writing_folder(out, overwrite, inputs) as staging:
+        partial = out.with_name(out.name + ".partial")
+        partial.mkdir(exist_ok=True)
+        outer = jax.device_get(load_outer(source.reader, cfg))
+        ctx = ModelContext(cfg, outer, lambda i: load_block(source.reader, cfg, i),
+                           np.zeros((0, spec.seq_len), np.int32), spec, progress, model_key=None,
+                           mesh=make_mesh(mesh), fresh_windows=fresh_windows_of(source, spec, data_dir),
+                           staging=partial)
+        healed, record = heal_model(ctx, blocks, settings)
+        save_pytree(staging / PARAMS_DIR, stored_params({**params, "blocks": healed}))
+        shutil.copytree(src / TOKENIZER_DIR, staging / TOKENIZER_DIR)
+        if (src / SPECTRA_FILE).is_file():
+            shutil.copy2(src / SPECTRA_FILE, staging / SPECTRA_FILE)
+        new = {**report, "refine": [*report.get("refine", []), {"name": "heal", **settings.asdict(), **record}],
+               "healed_from": str(src)}
+        write_json_atomic(staging / REPORT_FILE, new)
+    shutil.rmtree(partial, ignore_errors=True)
+    return new

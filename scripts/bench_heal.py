@@ -1,0 +1,197 @@
+"""Healing benchmark: the recipes of the three levers, each before and after healing, on SmolLM2.
+
+For each recipe and ratio: compress with the public command line (reused when finished,
+see benchlib), evaluate, heal the finished folder with `heal_compressed` (the `--heal-*`
+stage run after the fact, so one block loop serves both rows; resumable), evaluate again.
+
+    python scripts/bench_heal.py --ratios 0.2,0.4 --recipes best --nsamples 64 --max-windows 16 \
+        --out results/heal_smollm2
+
+Recipes: `best` = SigmaScale (the shipped learning settings) × zs-svd ranks at ratios up to 0.3,
+fermigrad above × PivGa; `cheap` = SVD-LLM × zs-svd × PivGa. `--dense-quant` adds dense int8 / int4
+rows (RTN, `eval --quantize`) for the size-quality frontier; `--plot` draws it (bytes vs perplexity).
+Writes OUT.md and OUT.json (and OUT.png with --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import benchlib
+
+SIGMASCALE = ["--steps", "50", "--lr", "0.03", "--step-windows", "4", "--eval-every", "10", "--holdout", "0.125"]
+
+
+def recipe_flags(recipe: str, ratio: float) -> tuple[str, list[str], str]:
+    """(benchlib method, extra compressor flags, ranks name) of a recipe at a ratio."""
+    if recipe == "best":
+        ranks = "zs-svd" if ratio <= 0.3 else "fermigrad"
+        return "sigmascale-block", [*SIGMASCALE, "--ranks", ranks, "--encoding", "pivga"], ranks
+    if recipe == "cheap":
+        return "svd-llm", ["--ranks", "zs-svd", "--encoding", "pivga"], "zs-svd"
+    raise SystemExit(f"unknown recipe {recipe!r}; known: best, cheap")
+
+
+def heal_settings(args) -> dict:
+    return {"heal_steps": args.heal_steps, "heal_lr": args.heal_lr, "heal_samples": args.heal_samples,
+            "heal_seq_len": args.heal_seq_len, "heal_batch": args.heal_batch, "heal_holdout": args.heal_holdout,
+            "heal_eval_every": args.heal_eval_every, "heal_patience": args.heal_patience}
+
+
+def healed(src: Path, out: Path, args) -> dict:
+    """Heal `src` into `out` (reused when `out` was healed from it with these settings)."""
+    from sigmascale_jax.compress.refine.heal import heal_compressed
+
+    settings = heal_settings(args)
+    record = out.with_name(out.name + ".cmd.json")
+    want = {"src": str(src), "model": args.model, **settings}
+    if (out / "compression.json").is_file() and record.is_file() and json.loads(record.read_text()) == want:
+        return json.loads((out / "compression.json").read_text())
+    if args.reuse_only:
+        raise benchlib.NotRun(out)
+    report = heal_compressed(src, out, model=args.model, overwrite=True, progress=not args.no_progress, **settings)
+    benchlib.write_json_atomic(record, want)
+    return report
+
+
+def row(recipe: str, ratio: float, args) -> list[dict]:
+    runs = benchlib.REPO / args.runs_dir
+    runs.mkdir(parents=True, exist_ok=True)
+    method, extra, ranks = recipe_flags(recipe, ratio)
+    name = f"{recipe}-{ratio}"
+    out = []
+    try:
+        t0 = time.perf_counter()
+        report = benchlib.compress(method, ratio, runs / name, args, extra)
+        res = benchlib.evaluate(str(runs / name), runs / f"{name}.eval.json", args)
+        base = {"recipe": recipe, "ratio": ratio, "ranks": ranks, "healed": False,
+                "ratio_achieved": report["ratio_achieved"], "bytes": report["bytes"]["model_compressed"],
+                "model_dense_bytes": report["bytes"]["model_dense"],
+                "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"], "compress_s": report["seconds"],
+                "run": f"{args.runs_dir}/{name}"}
+        out.append(base)
+        print(f"{name:<16} wiki {base['wikitext2_ppl']:9.3f}  c4 {base['c4_ppl']:9.3f}  "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if args.heal_steps:
+            t0 = time.perf_counter()
+            rep = healed(runs / name, runs / f"{name}-healed", args)
+            res = benchlib.evaluate(str(runs / f"{name}-healed"), runs / f"{name}-healed.eval.json", args)
+            h = rep["refine"][-1]
+            out.append({**base, "healed": True, "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"],
+                        "heal": {k: h[k] for k in ("steps", "steps_run", "best_step", "stopped_early", "tokens",
+                                                   "held_out_loss_before", "held_out_loss_after", "seconds", "trace",
+                                                   "text")},
+                        "run": f"{args.runs_dir}/{name}-healed"})
+            print(f"{name + '-healed':<16} wiki {out[-1]['wikitext2_ppl']:9.3f}  c4 {out[-1]['c4_ppl']:9.3f}  "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    except benchlib.NotRun:
+        print(f"{name:<16} not run (--reuse-only)", flush=True)
+        out.append({"recipe": recipe, "ratio": ratio, "not_run": True})
+    return out
+
+
+def dense_quant_rows(args) -> list[dict]:
+    rows = []
+    for kind in ("int8", "int4"):
+        path = benchlib.REPO / args.runs_dir / f"dense-{kind}.eval.json"
+        cmd = [sys.executable, "-m", "sigmascale_jax.eval", "--model", args.model, "--tasks", "wikitext2,c4",
+               "--seq-len", str(args.eval_seq_len), "--quantize", kind, "--json", str(path), "--no-progress"]
+        if args.max_windows:
+            cmd += ["--max-windows", str(args.max_windows)]
+        try:
+            benchlib.cached(cmd, path, path.with_suffix(".cmd.json"), args.reuse_only)
+        except benchlib.NotRun:
+            continue
+        res = json.loads(path.read_text())
+        q = res["quantized"]
+        rows.append({"recipe": f"dense {kind}", "ratio": None, "healed": False,
+                     "bytes": None, "projection_bytes": q["projection_bytes"],
+                     "projection_bytes_dense": q["projection_bytes_dense"],
+                     "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"]})
+    return rows
+
+
+def table(rows: list[dict], dense: dict) -> str:
+    lines = ["| ratio | recipe | ranks | healed | WikiText-2 ppl | C4 ppl | model MiB | held-out KL before → after | "
+             "heal steps (best) | heal tokens | heal s | compress s |",
+             "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| 0 | dense | | | {dense['wikitext2_ppl']:.3f} | {dense['c4_ppl']:.3f} | | | | | | |"]
+    for r in rows:
+        if r.get("not_run"):
+            lines.append(benchlib.not_run_line([r["ratio"], r["recipe"]], 12))
+            continue
+        h = r.get("heal")
+        heal_cells = (f"{h['held_out_loss_before']:.4f} → {h['held_out_loss_after']:.4f} | {h['steps_run']} "
+                      f"({h['best_step']}) | {h['tokens']:,} | {h['seconds']:.0f}") if h else " | | | "
+        mib = f"{r['bytes'] / 2**20:.1f}" if r.get("bytes") else ""
+        lines.append(f"| {r['ratio'] if r['ratio'] is not None else ''} | {r['recipe']} | {r.get('ranks', '')} | "
+                     f"{'yes' if r['healed'] else 'no'} | {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {mib} | "
+                     f"{heal_cells} | {r.get('compress_s', 0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    benchlib.add_common_args(p, "results/heal_smollm2")
+    p.set_defaults(runs_dir="runs/bench_heal", nsamples=64, ratios="0.2,0.4")
+    p.add_argument("--recipes", default="best")
+    p.add_argument("--heal-steps", type=int, default=150)
+    p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-samples", type=int, default=256)
+    p.add_argument("--heal-seq-len", type=int, default=512)
+    p.add_argument("--heal-batch", type=int, default=4)
+    p.add_argument("--heal-holdout", type=int, default=8)
+    p.add_argument("--heal-eval-every", type=int, default=25)
+    p.add_argument("--heal-patience", type=int, default=2)
+    p.add_argument("--dense-quant", action="store_true", help="also dense int8 / int4 (RTN) rows")
+    p.add_argument("--plot", action="store_true", help="draw OUT.png: model bytes vs perplexity")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args()
+    dense = benchlib.dense_row(args)
+    rows = [r for recipe in args.recipes.split(",") for ratio in map(float, args.ratios.split(","))
+            for r in row(recipe, ratio, args)]
+    quant = dense_quant_rows(args) if args.dense_quant else []
+    md = benchlib.header("Healing", args) + (
+        f"Healing: `heal_compressed` (the `--heal-*` stage) with {json.dumps(heal_settings(args))}: AdamW on the "
+        "factors only, KL from the dense model's next-token distributions, windows of C4 docs 0-999 clear of the "
+        "calibration windows, early stopping on held-out calibration windows. CPU: " + benchlib.cpu_name()
+        + ".\n\n" + table(rows + quant, dense))
+    benchlib.write(args.out, {"dense": dense, "rows": rows, "dense_quant": quant, "heal": heal_settings(args),
+                              "command": benchlib.command_line(), "cpu": benchlib.cpu_name()}, md)
+    if args.plot:
+        plot(rows, quant, dense, benchlib.REPO / f"{args.out}.png")
+    print(md)
+
+
+def plot(rows: list[dict], quant: list[dict], dense: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for healed_, style in ((False, "o--"), (True, "s-")):
+        pts = sorted((r["bytes"] / 2**20, r["wikitext2_ppl"]) for r in rows
+                     if not r.get("not_run") and r["healed"] == healed_)
+        if pts:
+            ax.plot(*zip(*pts), style, label="low-rank" + (" + healing" if healed_ else ""))
+    ax.axhline(dense["wikitext2_ppl"], color="gray", lw=0.8, label="dense float32")
+    whole = next((r["model_dense_bytes"] for r in rows if not r.get("not_run")), None)
+    for q in quant:  # the whole model: dense float32 less its projections, plus their quantized bytes
+        if whole:
+            mib = (whole - q["projection_bytes_dense"] + q["projection_bytes"]) / 2**20
+            ax.plot([mib], [q["wikitext2_ppl"]], "^", label=q["recipe"])
+    ax.set_xlabel("model bytes (MiB)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
