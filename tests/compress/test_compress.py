@@ -155,10 +155,12 @@ def test_yaml_config_gives_flags_and_command_line_wins(tmp_path):
 
 def test_shipped_configs_parse():
     from sigmascale_jax.compress import parse_args
+    from sigmascale_jax.compress.cli import spec_and_plan
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         args = parse_args(["--config", str(path), "--out", "x"])
         assert args.method in FACTORIZERS and 0 < args.ratio < 1
+        spec_and_plan(args)  # every setting checked by its stage (the best recipes' healing too)
 
 
 @pytest.mark.parametrize(

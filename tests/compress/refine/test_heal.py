@@ -181,3 +181,23 @@ def test_distill_step_on_an_8_device_data_mesh_gives_the_one_device_result():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["moved"] > 1e-4  # the steps did train
     assert result["max_rel"] < 1e-4, result
+
+
+def test_a_finished_pivga_folder_heals_after_the_fact_and_a_quantized_one_is_refused(tmp_path):
+    from sigmascale_jax.compress.refine.heal import heal_compressed
+    from sigmascale_jax.errors import UserError
+
+    common = dict(nsamples=8, seq_len=32, batch_size=4, data_dir=str(DATA), progress=False)
+    ssj.compress(str(require(STORIES)), "svd-llm", 0.3, tmp_path / "p", encoding="pivga", **common)
+    before = (tmp_path / "p" / "compression.json").read_bytes()
+    report = heal_compressed(tmp_path / "p", tmp_path / "h", heal_steps=8, heal_samples=16, heal_holdout=4,
+                             heal_eval_every=4, heal_lr=1e-3, data_dir=str(DATA), progress=False)
+    record = report["refine"][-1]
+    assert record["name"] == "heal" and record["held_out_loss_after"] < record["held_out_loss_before"]
+    assert (tmp_path / "p" / "compression.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h", "p"]  # no staging or checkpoint left
+    cfg, params, _ = ssj.load_model(str(tmp_path / "h"))  # the folder checks against its report
+    assert type(params["blocks"][0]["q"]).__name__ == "PivGa"
+    ssj.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "q", quantize="int8", **common)
+    with pytest.raises(UserError, match="quantized"):
+        heal_compressed(tmp_path / "q", tmp_path / "qh", heal_steps=2, data_dir=str(DATA), progress=False)
