@@ -13,7 +13,6 @@ numbers, so the ranks stay and the ratio grows).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,7 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
     from sigmascale_jax.compress.pipeline import stored_params
     from sigmascale_jax.compress.plan import ENCODERS, load_methods
     from sigmascale_jax.compress.report import matrix_bytes
-    from sigmascale_jax.io.checkpoint import (
-        PARAMS_DIR,
-        REPORT_FILE,
-        SPECTRA_FILE,
-        TOKENIZER_DIR,
-        load_compressed,
-        read_report,
-        save_pytree,
-    )
-    from sigmascale_jax.io.fileio import write_json_atomic
+    from sigmascale_jax.io.checkpoint import load_compressed, read_report, write_derived
     from sigmascale_jax.io.outputs import check_out, model_input, writing_folder
 
     src, out = Path(src), Path(out)
@@ -80,9 +70,5 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
                   "model_dense": 4 * report["params"]["model_dense"], "model_compressed": 4 * other + nbytes},
     }
     with writing_folder(out, overwrite, inputs) as staging:
-        save_pytree(staging / PARAMS_DIR, stored_params({**params, "blocks": blocks}))
-        shutil.copytree(src / TOKENIZER_DIR, staging / TOKENIZER_DIR)
-        if (src / SPECTRA_FILE).is_file():
-            shutil.copy2(src / SPECTRA_FILE, staging / SPECTRA_FILE)
-        write_json_atomic(staging / REPORT_FILE, new_report)
+        write_derived(staging, stored_params({**params, "blocks": blocks}), new_report, src)
     return new_report

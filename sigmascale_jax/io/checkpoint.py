@@ -153,6 +153,20 @@ def check_params(params: Any, cfg: ModelConfig, folder: Path) -> None:
             raise UserError(f"model_config makes {key} {list(shape)}, the params hold {list(params[key].shape)}: {fix}")
 
 
+def write_derived(folder: Path, stored: dict, report: dict, src: Path) -> None:
+    """A compressed folder's files in `folder` for params derived from the compressed folder `src` (re-encoded,
+    healed): `stored` (the saved form, `pipeline.stored_params`), `report`, and `src`'s tokenizer and spectra."""
+    import shutil
+
+    from sigmascale_jax.io.fileio import write_json_atomic
+
+    save_pytree(folder / PARAMS_DIR, stored)
+    shutil.copytree(src / TOKENIZER_DIR, folder / TOKENIZER_DIR)
+    if (src / SPECTRA_FILE).is_file():
+        shutil.copy2(src / SPECTRA_FILE, folder / SPECTRA_FILE)
+    write_json_atomic(folder / REPORT_FILE, report)
+
+
 def load_compressed(folder: Path, dtype: Any = None) -> tuple[ModelConfig, dict]:
     """Config and params of a compressed folder, each projection as the typed leaf `compression.json` records.
 

@@ -288,16 +288,7 @@ def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = Non
     `OUT.partial/heal` until `out` is written, so the same call resumes. Returns the new report.
     """
     from sigmascale_jax.compress.pipeline import fresh_windows_of, stored_params
-    from sigmascale_jax.io.checkpoint import (
-        PARAMS_DIR,
-        REPORT_FILE,
-        SPECTRA_FILE,
-        TOKENIZER_DIR,
-        load_compressed,
-        read_report,
-        save_pytree,
-    )
-    from sigmascale_jax.io.fileio import write_json_atomic
+    from sigmascale_jax.io.checkpoint import load_compressed, read_report, write_derived
     from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.io.outputs import model_input, writing_folder
     from sigmascale_jax.io.sources import open_model
@@ -333,12 +324,8 @@ def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = Non
                            mesh=make_mesh(mesh), fresh_windows=fresh_windows_of(source, spec, data_dir),
                            staging=partial)
         healed, record = heal_model(ctx, blocks, settings)
-        save_pytree(staging / PARAMS_DIR, stored_params({**params, "blocks": healed}))
-        shutil.copytree(src / TOKENIZER_DIR, staging / TOKENIZER_DIR)
-        if (src / SPECTRA_FILE).is_file():
-            shutil.copy2(src / SPECTRA_FILE, staging / SPECTRA_FILE)
         new = {**report, "refine": [*report.get("refine", []), {"name": "heal", **settings.asdict(), **record}],
                "healed_from": str(src)}
-        write_json_atomic(staging / REPORT_FILE, new)
+        write_derived(staging, stored_params({**params, "blocks": healed}), new, src)
     shutil.rmtree(partial, ignore_errors=True)
     return new
