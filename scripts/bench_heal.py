@@ -140,7 +140,7 @@ def main() -> None:
     p.set_defaults(runs_dir="runs/bench_heal", nsamples=64, ratios="0.2,0.4")
     p.add_argument("--recipes", default="best")
     p.add_argument("--heal-steps", type=int, default=150)
-    p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-lr", type=float, default=1e-5)
     p.add_argument("--heal-samples", type=int, default=256)
     p.add_argument("--heal-seq-len", type=int, default=512)
     p.add_argument("--heal-batch", type=int, default=4)

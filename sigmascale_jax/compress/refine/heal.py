@@ -120,7 +120,7 @@ class HealSettings(Settings):
 
     heal_steps: int = setting(0, "heal: AdamW steps distilling the factors toward the dense model after the block "
                               "loop (0: off; any other value turns healing on)", min=0)
-    heal_lr: float = setting(1e-4, "heal: peak learning rate (linear warmup over the first 5%% of the steps, cosine "
+    heal_lr: float = setting(1e-5, "heal: peak learning rate (linear warmup over the first 5%% of the steps, cosine "
                              "decay to 10%%)", above=0.0)
     heal_samples: int = setting(128, "heal: training windows from the calibration text, clear of the windows that "
                                 "chose ranks and factors where the text has room", min=1)
