@@ -117,9 +117,10 @@ def evaluate(
         raise UserError(f"{model} is a compressed model; --quantize applies to dense ones (compress with --quantize)")
     cfg = source.cfg
     if quantize:
-        from sigmascale_jax.compress.encode.quant import check_group_size
+        from sigmascale_jax.compress.encode.quant import DEFAULT_GROUP, check_group_size
 
-        check_group_size(group_size or 128, cfg)
+        group_size = group_size or DEFAULT_GROUP
+        check_group_size(group_size, cfg)
     if texts and seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
     tok = source.tokenizer()
@@ -128,7 +129,7 @@ def evaluate(
     if quantize:
         from sigmascale_jax.model.modeling import cast_params
 
-        params, results["quantized"] = quantize_params(params, quantize, group_size or 128)
+        params, results["quantized"] = quantize_params(params, quantize, group_size)
         params = cast_params(params, getattr(jnp, dtype))
     for task in tasks:
         if task in texts:

@@ -35,9 +35,9 @@ def _report_path(ranks_from: str | None) -> Path:
     return path / "compression.json" if path.is_dir() else path
 
 
-def read_run_ranks(ranks_from: str | None, cfg: ModelConfig, ratio: float) -> tuple[Ranks, dict]:
-    """`ranks[block][projection]` (None: dense) from a compressed run's report, and the report; checked against
-    the model's shapes and the run's `ratio`."""
+def read_run_ranks(ranks_from: str | None, cfg: ModelConfig, ratio: float) -> tuple[Ranks, dict, dict]:
+    """`ranks[block][projection]` (None: dense) from a compressed run's report, the report and its validated
+    matrix records (`matrix_records`); checked against the model's shapes and the run's `ratio`."""
     from sigmascale_jax.io.fileio import read_json
 
     path = _report_path(ranks_from)
@@ -56,7 +56,7 @@ def read_run_ranks(ranks_from: str | None, cfg: ModelConfig, ratio: float) -> tu
         raise UserError(f"{path} was compressed at --ratio {recorded}; pass that --ratio to reuse its ranks")
     ranks: Ranks = [{n: None if records[i, n]["dense"] else records[i, n]["rank"] for n in PROJECTIONS}
                     for i in range(cfg.num_layers)]
-    return ranks, report
+    return ranks, report, records
 
 
 def _stored(records: dict, cfg: ModelConfig, budget: Budget) -> int:
@@ -81,9 +81,8 @@ def from_run(ranks_from: str | None = None) -> RankAllocator:
     settings = FromRunSettings(ranks_from=ranks_from)
 
     def allocate(ctx: ModelContext, budget: Budget) -> Allocation:
-        ranks, report = read_run_ranks(ranks_from, ctx.cfg, budget.ratio)
+        ranks, report, records = read_run_ranks(ranks_from, ctx.cfg, budget.ratio)
         path = _report_path(ranks_from)
-        records = matrix_records(report, ctx.cfg, path)
         if any("stored" not in m for m in records.values()):
             raise UserError(f"{path} does not say what each matrix stores ('stored'); the report is damaged")
         encoding = (report.get("encode") or {}).get("name", report.get("encoding"))
