@@ -212,11 +212,13 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
     ckpt = _Checkpoint(ctx.staging, {**settings.asdict(), "text": text})
     batch = min(settings.heal_batch, n_train)
     before = held_out_loss(params, teacher, held, cfg, batch, ctx.mesh)
-    info = {"step": 0, "best": before, "best_step": 0, "bad": 0, "trace": [[0, None, before]], "resumed_from": None}
+    info = {"step": 0, "best": before, "best_step": 0, "bad": 0, "trace": [[0, None, before]], "resumed_from": None,
+            "seconds": 0.0}
     restored = ckpt.load(state)
     if restored is not None:
         state, info = restored
         info["resumed_from"] = info["step"]
+    earlier = info.get("seconds", 0.0)  # the interrupted runs' time up to their last checkpoint
     bar = tqdm(total=settings.heal_steps, initial=info["step"], desc="heal", unit="step", disable=not ctx.progress,
                leave=False)
     step, stopped = info["step"], info["bad"] >= settings.heal_patience
@@ -238,7 +240,7 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
             else:
                 info["bad"] += 1
                 stopped = info["bad"] >= settings.heal_patience
-            info["step"] = step
+            info.update(step=step, seconds=earlier + time.perf_counter() - t0)
             ckpt.save(state, info)
             bar.set_postfix(held=f"{held_loss:.4f}", best=f"{info['best']:.4f}")
     bar.close()
@@ -248,7 +250,8 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
         "best_step": info["best_step"], "tokens": int(step * batch * seq_len), "text": text,
         "held_out_windows": n_held, "held_out_loss_before": before, "held_out_loss_after": info["best"],
         "trace": info["trace"], "resumed_from_step": info["resumed_from"],
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(earlier + time.perf_counter() - t0, 3),
+        "seconds_this_run": round(time.perf_counter() - t0, 3),
     }
     return best["blocks"], record
 
