@@ -95,6 +95,8 @@ def row(recipe: str, ratio: float, args) -> list[dict]:
 
 
 def dense_quant_rows(args) -> list[dict]:
+    if args.dense_quant_from:
+        return dense_quant_recorded(args)
     rows = []
     for kind in ("int8", "int4"):
         path = benchlib.REPO / args.runs_dir / f"dense-{kind}.eval.json"
@@ -113,6 +115,20 @@ def dense_quant_rows(args) -> list[dict]:
                      "projection_bytes_dense": q["projection_bytes_dense"],
                      "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"]})
     return rows
+
+
+def dense_quant_recorded(args) -> list[dict]:
+    """The dense int8 / int4 rows of an earlier storage benchmark's JSON (`scripts/bench_storage.py`), when its
+    evaluation settings are this run's: the same measurement, not repeated."""
+    rec = json.loads((benchlib.REPO / args.dense_quant_from).read_text())
+    want = {"model": args.model, "eval_seq_len": args.eval_seq_len, "max_windows": args.max_windows}
+    got = {k: rec["args"].get(k) for k in want}
+    if Path(str(got["model"])).name != Path(str(want["model"])).name or \
+            (got["eval_seq_len"], got["max_windows"]) != (want["eval_seq_len"], want["max_windows"]):
+        raise SystemExit(f"{args.dense_quant_from} evaluated {got}, this run evaluates {want}")
+    return [{"recipe": r["family"], "ratio": None, "healed": False, "bytes": r["model_bytes"],
+             "wikitext2_ppl": r["wikitext2_ppl"], "c4_ppl": r["c4_ppl"], "from": args.dense_quant_from}
+            for r in rec["frontier"] if r["family"] in ("dense int8", "dense int4")]
 
 
 def table(rows: list[dict], dense: dict) -> str:
@@ -148,6 +164,8 @@ def main() -> None:
     p.add_argument("--heal-eval-every", type=int, default=25)
     p.add_argument("--heal-patience", type=int, default=2)
     p.add_argument("--dense-quant", action="store_true", help="also dense int8 / int4 (RTN) rows")
+    p.add_argument("--dense-quant-from", default=None,
+                   help="take the dense int8 / int4 rows from this storage benchmark JSON (same evaluation)")
     p.add_argument("--plot", action="store_true", help="draw OUT.png: model bytes vs perplexity")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
@@ -182,9 +200,9 @@ def plot(rows: list[dict], quant: list[dict], dense: dict, path: Path) -> None:
     ax.axhline(dense["wikitext2_ppl"], color="gray", lw=0.8, label="dense float32")
     whole = next((r["model_dense_bytes"] for r in rows if not r.get("not_run")), None)
     for q in quant:  # the whole model: dense float32 less its projections, plus their quantized bytes
-        if whole:
-            mib = (whole - q["projection_bytes_dense"] + q["projection_bytes"]) / 2**20
-            ax.plot([mib], [q["wikitext2_ppl"]], "^", label=q["recipe"])
+        total = q["bytes"] or (whole and whole - q["projection_bytes_dense"] + q["projection_bytes"])
+        if total:
+            ax.plot([total / 2**20], [q["wikitext2_ppl"]], "^", label=q["recipe"])
     ax.set_xlabel("model bytes (MiB)")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_yscale("log")

@@ -48,7 +48,9 @@ def markdown(results: dict[str, dict], args) -> str:
             lines.append(f"| {t} | {first[t]['n']} | {metric} | " + " | ".join(cells) + " |")
     for key, name in (("acc", "acc"), ("acc_norm_or_acc", "acc_norm (acc where none)")):
         lines.append(f"| average | | {name} | " + " | ".join(f"{r['zeroshot_average'][key]:.4f}" for r in results.values()) + " |")
-    models = "\n".join(f"- {label}: `{r['model']}` ({r['seconds']:.0f} s)" for label, r in results.items())
+    models = "\n".join(f"- {label}: `{r['model']}` ({r['seconds']:.0f} s"
+                       + (f"; recorded in `{r['recorded_in']}`, not run again)" if "recorded_in" in r else ")")
+                       for label, r in results.items())
     return head + "\n".join(lines) + "\n\nModels:\n" + models + "\n"
 
 
@@ -60,10 +62,18 @@ def main() -> int:
     p.add_argument("--runs-dir", default="runs/bench")
     p.add_argument("--out", default="results/zeroshot_smollm2", help="writes OUT.md and OUT.json")
     p.add_argument("--note", default="", help="a paragraph for the table's header (e.g. why a --limit)")
+    p.add_argument("--recorded", default="",
+                   help="comma-separated LABEL=JSON: that model's column from an earlier run of this script with the "
+                        "same --limit (not evaluated again; the table says where it came from)")
     args = p.parse_args()
     models = dict(item.split("=", 1) for item in args.models.split(","))
     (benchlib.REPO / args.runs_dir).mkdir(parents=True, exist_ok=True)
     results = {}
+    for label, path in (item.split("=", 1) for item in args.recorded.split(",") if item):
+        earlier = json.loads((benchlib.REPO / path).read_text())
+        if earlier["args"].get("limit") != args.limit or label not in earlier["results"]:
+            raise SystemExit(f"{path} has no {label!r} column measured with --limit {args.limit}")
+        results[label] = {**earlier["results"][label], "recorded_in": path}
     for label, path in models.items():
         if not Path(path).exists():
             raise SystemExit(f"{label}: {path} does not exist (run the compression benchmarks first)")

@@ -183,13 +183,20 @@ def block_forward(
     return block_forward_taps(block, x, cfg, cos, sin, packing)[0]
 
 
-def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, packing: Packing | None = None) -> jax.Array:
-    """Final normed hidden states `[B, T, D]` of `tokens: [B, T]` (int): one sequence per row, or a `Packing`."""
+def hidden_states(
+    params: Params, tokens: jax.Array, cfg: ModelConfig, packing: Packing | None = None, remat: bool = False
+) -> jax.Array:
+    """Final normed hidden states `[B, T, D]` of `tokens: [B, T]` (int): one sequence per row, or a `Packing`.
+
+    `remat`: recompute each block's activations in the backward pass instead of keeping them (`jax.checkpoint`
+    per block), so a gradient holds one `[B, T, D]` per block rather than all its intermediates.
+    """
     x = params["embed"][tokens]
     positions = jnp.arange(tokens.shape[1]) if packing is None else packing.positions
     cos, sin = rope_cos_sin(cfg, positions)
+    apply = jax.checkpoint(block_forward, static_argnums=(2,)) if remat else block_forward
     for block in params["blocks"]:
-        x = block_forward(block, x, cfg, cos, sin, packing)
+        x = apply(block, x, cfg, cos, sin, packing)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
@@ -198,9 +205,9 @@ def lm_head(params: Params) -> jax.Array:
     return params["lm_head"] if "lm_head" in params else params["embed"]
 
 
-def forward(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Logits `[B, T, V]` (float32) of `tokens: [B, T]`."""
-    h = hidden_states(params, tokens, cfg)
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, remat: bool = False) -> jax.Array:
+    """Logits `[B, T, V]` (float32) of `tokens: [B, T]` (`remat`: see `hidden_states`)."""
+    h = hidden_states(params, tokens, cfg, remat=remat)
     return (h @ lm_head(params).T.astype(h.dtype)).astype(jnp.float32)
 
 

@@ -52,13 +52,15 @@ NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm")  # per block; and the oute
 # ------------------------------------------------------------------ the library transform
 
 
-def distill_loss(params: Params, teacher: Params, tokens: jax.Array, cfg, ce_weight: float = 0.0):
+def distill_loss(params: Params, teacher: Params, tokens: jax.Array, cfg, ce_weight: float = 0.0,
+                 remat: bool = False):
     """`(loss, {"kl", "ce"})`: mean KL(teacher ‖ student) of the next-token distributions at every position of
     `tokens: [B, T]`, plus `ce_weight` × the student's next-token cross-entropy on `tokens`.
 
     `params`: the student (any leaf forms); `teacher`: the dense params, run under `stop_gradient`.
+    `remat`: recompute the student's block activations in the backward pass (less memory, one more forward).
     """
-    student = jax.nn.log_softmax(forward(params, tokens, cfg), axis=-1)
+    student = jax.nn.log_softmax(forward(params, tokens, cfg, remat=remat), axis=-1)
     dense = jax.nn.log_softmax(jax.lax.stop_gradient(forward(teacher, tokens, cfg)), axis=-1)
     kl = jnp.mean(jnp.sum(jnp.exp(dense) * (dense - student), axis=-1))
     ce = -jnp.mean(jnp.take_along_axis(student[:, :-1], tokens[:, 1:, None], axis=-1))
@@ -81,16 +83,16 @@ def heal_optimizer(tx: optax.GradientTransformation, params: Params, *, norms: b
     return optax.multi_transform({"factor": tx, "frozen": optax.set_to_zero()}, heal_labels(params, norms))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "ce_weight"))
+@functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "ce_weight", "remat"))
 def distill_step(params: Params, opt_state: Any, teacher: Params, tokens: jax.Array, *, cfg,
-                 optimizer: optax.GradientTransformation, ce_weight: float = 0.0):
+                 optimizer: optax.GradientTransformation, ce_weight: float = 0.0, remat: bool = False):
     """One optimizer step of `distill_loss`: `(params, opt_state, loss)`. Pure and jit-compiled.
 
     `optimizer`: an optax transformation that leaves frozen leaves alone (`heal_optimizer(...)`: without
     the mask, weight decay or a plain optimizer would move embeddings and integer carriers too). Works on
     plain, PivGa and quantized trees, and under a data mesh (shard `tokens` over it; params replicated).
     """
-    (loss, _), grads = jax.value_and_grad(distill_loss, has_aux=True)(params, teacher, tokens, cfg, ce_weight)
+    (loss, _), grads = jax.value_and_grad(distill_loss, has_aux=True)(params, teacher, tokens, cfg, ce_weight, remat)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -132,6 +134,8 @@ class HealSettings(Settings):
     heal_min_gain: float = setting(0.002, "heal: relative held-out improvement over the best that counts", min=0.0)
     heal_ce: float = setting(0.0, "heal: weight of next-token cross-entropy on the text, added to the KL", min=0.0)
     heal_norms: bool = setting(False, "heal: also train the RMSNorm weights (embeddings and head stay frozen)")
+    heal_remat: bool = setting(False, "heal: recompute each block's activations in the backward pass instead of "
+                               "keeping them (less memory, about a quarter more compute a step)")
     heal_calib: str | None = setting(None, "heal: text to draw windows from: c4 (docs 0-999), wikitext2-valid or a "
                                      "file (default: --calib); never evaluation text")
 
@@ -225,7 +229,8 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
     while step < settings.heal_steps and not stopped:
         params, opt_state, best = state
         tokens = shard(jnp.asarray(train[batch_rows(spec.seed, step, n_train, batch)]), ctx.mesh)
-        params, opt_state, loss = distill_step(params, opt_state, teacher, tokens, cfg=cfg, optimizer=tx)
+        params, opt_state, loss = distill_step(params, opt_state, teacher, tokens, cfg=cfg, optimizer=tx,
+                                               remat=settings.heal_remat)
         state, step = (params, opt_state, best), step + 1
         bar.update(1)
         if step % settings.heal_eval_every == 0 or step == settings.heal_steps:
