@@ -94,6 +94,23 @@ def row(recipe: str, ratio: float, args) -> list[dict]:
     return out
 
 
+def finished_row(label: str, folder: str, eval_json: str) -> dict:
+    """A row for a folder compressed (and maybe healed in-line, `--heal-steps`) by a command of its own, e.g. the
+    README's quick start, from its report and its `eval --json` (same evaluation settings)."""
+    report = json.loads((benchlib.REPO / folder / "compression.json").read_text())
+    res = json.loads((benchlib.REPO / eval_json).read_text())
+    heals = [r for r in report.get("refine", []) if r["name"] == "heal"]
+    h = heals[-1] if heals else None
+    return {"recipe": label, "ratio": report["ratio_requested"], "ranks": report.get("allocate", {}).get("name", ""),
+            "healed": bool(h), "ratio_achieved": report["ratio_achieved"], "bytes": report["bytes"]["model_compressed"],
+            "model_dense_bytes": report["bytes"]["model_dense"], "wikitext2_ppl": res["wikitext2"]["ppl"],
+            "c4_ppl": res["c4"]["ppl"], "compress_s": report["seconds"], "run": folder,
+            "windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")},
+            **({"heal": {k: h[k] for k in ("steps", "steps_run", "best_step", "stopped_early", "tokens",
+                                           "held_out_loss_before", "held_out_loss_after", "seconds", "trace", "text")}}
+               if h else {})}
+
+
 def dense_quant_rows(args) -> list[dict]:
     if args.dense_quant_from:
         return dense_quant_recorded(args)
@@ -164,6 +181,8 @@ def main() -> None:
     p.add_argument("--heal-eval-every", type=int, default=25)
     p.add_argument("--heal-patience", type=int, default=2)
     p.add_argument("--dense-quant", action="store_true", help="also dense int8 / int4 (RTN) rows")
+    p.add_argument("--also", default="", help="comma-separated LABEL=FOLDER=EVAL_JSON: rows for folders compressed "
+                   "by their own command (e.g. the README's quick start) and evaluated with eval --json")
     p.add_argument("--dense-quant-from", default=None,
                    help="take the dense int8 / int4 rows from this storage benchmark JSON (same evaluation)")
     p.add_argument("--plot", action="store_true", help="draw OUT.png: model bytes vs perplexity")
@@ -172,6 +191,7 @@ def main() -> None:
     dense = benchlib.dense_row(args)
     rows = [r for recipe in args.recipes.split(",") for ratio in map(float, args.ratios.split(","))
             for r in row(recipe, ratio, args)]
+    rows += [finished_row(*item.split("=")) for item in args.also.split(",") if item]
     quant = dense_quant_rows(args) if args.dense_quant else []
     md = benchlib.header("Healing", args) + (
         f"Healing: `heal_compressed` (the `--heal-*` stage) with {json.dumps(heal_settings(args))}: AdamW on the "
