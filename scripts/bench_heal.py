@@ -23,6 +23,9 @@ from pathlib import Path
 
 import benchlib
 
+# what a row keeps of a heal record (compression.json's refine entry)
+HEAL_KEYS = ("steps", "steps_run", "best_step", "stopped_early", "tokens", "held_out_loss_before",
+             "held_out_loss_after", "seconds", "trace", "text")
 SIGMASCALE = ["--steps", "50", "--lr", "0.03", "--step-windows", "4", "--eval-every", "10", "--holdout", "0.125"]
 
 
@@ -82,9 +85,7 @@ def row(recipe: str, ratio: float, args) -> list[dict]:
             res = benchlib.evaluate(str(runs / f"{name}-healed"), runs / f"{name}-healed.eval.json", args)
             h = rep["refine"][-1]
             out.append({**base, "healed": True, "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"],
-                        "heal": {k: h[k] for k in ("steps", "steps_run", "best_step", "stopped_early", "tokens",
-                                                   "held_out_loss_before", "held_out_loss_after", "seconds", "trace",
-                                                   "text")},
+                        "heal": {k: h[k] for k in HEAL_KEYS},
                         "run": f"{args.runs_dir}/{name}-healed"})
             print(f"{name + '-healed':<16} wiki {out[-1]['wikitext2_ppl']:9.3f}  c4 {out[-1]['c4_ppl']:9.3f}  "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -106,8 +107,7 @@ def finished_row(label: str, folder: str, eval_json: str) -> dict:
             "model_dense_bytes": report["bytes"]["model_dense"], "wikitext2_ppl": res["wikitext2"]["ppl"],
             "c4_ppl": res["c4"]["ppl"], "compress_s": report["seconds"], "run": folder,
             "windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")},
-            **({"heal": {k: h[k] for k in ("steps", "steps_run", "best_step", "stopped_early", "tokens",
-                                           "held_out_loss_before", "held_out_loss_after", "seconds", "trace", "text")}}
+            **({"heal": {k: h[k] for k in HEAL_KEYS}}
                if h else {})}
 
 

@@ -135,7 +135,7 @@ class HealSettings(Settings):
     heal_ce: float = setting(0.0, "heal: weight of next-token cross-entropy on the text, added to the KL", min=0.0)
     heal_norms: bool = setting(False, "heal: also train the RMSNorm weights (embeddings and head stay frozen)")
     heal_remat: bool = setting(False, "heal: recompute each block's activations in the backward pass instead of "
-                               "keeping them (less memory, about a quarter more compute a step)")
+                               "keeping them (less memory; one more forward pass of the student a step)")
     heal_calib: str | None = setting(None, "heal: text to draw windows from: c4 (docs 0-999), wikitext2-valid or a "
                                      "file (default: --calib); never evaluation text")
 
