@@ -39,17 +39,30 @@ def recipe_flags(recipe: str, ratio: float) -> tuple[str, list[str], str]:
     raise SystemExit(f"unknown recipe {recipe!r}; known: best, cheap")
 
 
-def heal_settings(args) -> dict:
-    return {"heal_steps": args.heal_steps, "heal_lr": args.heal_lr, "heal_samples": args.heal_samples,
+def heal_steps_at(spec: str, ratio: float) -> int:
+    """Healing steps at a ratio from `--heal-steps`: one count for all ("150") or one per ratio ("0.2=150,0.4=75")."""
+    if "=" not in spec:
+        return int(spec)
+    steps = {float(k): int(v) for k, v in (item.split("=") for item in spec.split(","))}
+    if ratio not in steps:
+        raise SystemExit(f"--heal-steps {spec} names no count for ratio {ratio}; add {ratio}=N")
+    return steps[ratio]
+
+
+def heal_settings(args, ratio: float | None = None) -> dict:
+    """The `heal_compressed` settings of a ratio (`heal_steps` as given on the command line when ratio is None)."""
+    spec = args.heal_steps
+    steps = heal_steps_at(spec, ratio) if ratio is not None else (spec if "=" in spec else int(spec))
+    return {"heal_steps": steps, "heal_lr": args.heal_lr, "heal_samples": args.heal_samples,
             "heal_seq_len": args.heal_seq_len, "heal_batch": args.heal_batch, "heal_holdout": args.heal_holdout,
             "heal_eval_every": args.heal_eval_every, "heal_patience": args.heal_patience}
 
 
-def healed(src: Path, out: Path, args) -> dict:
+def healed(src: Path, out: Path, args, ratio: float) -> dict:
     """Heal `src` into `out` (reused when `out` was healed from it with these settings)."""
     from sigmascale_jax.compress.refine.heal import heal_compressed
 
-    settings = heal_settings(args)
+    settings = heal_settings(args, ratio)
     record = out.with_name(out.name + ".cmd.json")
     want = {"src": str(src), "model": args.model, **settings}
     if (out / "compression.json").is_file() and record.is_file() and json.loads(record.read_text()) == want:
@@ -79,9 +92,9 @@ def row(recipe: str, ratio: float, args) -> list[dict]:
         out.append(base)
         print(f"{name:<16} wiki {base['wikitext2_ppl']:9.3f}  c4 {base['c4_ppl']:9.3f}  "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        if args.heal_steps:
+        if heal_steps_at(args.heal_steps, ratio):
             t0 = time.perf_counter()
-            rep = healed(runs / name, runs / f"{name}-healed", args)
+            rep = healed(runs / name, runs / f"{name}-healed", args, ratio)
             res = benchlib.evaluate(str(runs / f"{name}-healed"), runs / f"{name}-healed.eval.json", args)
             h = rep["refine"][-1]
             out.append({**base, "healed": True, "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"],
@@ -172,7 +185,8 @@ def main() -> None:
     benchlib.add_common_args(p, "results/heal_smollm2")
     p.set_defaults(runs_dir="runs/bench_heal", nsamples=64, ratios="0.2,0.4")
     p.add_argument("--recipes", default="best")
-    p.add_argument("--heal-steps", type=int, default=150)
+    p.add_argument("--heal-steps", default="150",
+                   help="healing steps: one count (0 = no healed rows) or one per ratio, e.g. 0.2=150,0.4=75")
     p.add_argument("--heal-lr", type=float, default=1e-5)
     p.add_argument("--heal-samples", type=int, default=256)
     p.add_argument("--heal-seq-len", type=int, default=512)

@@ -45,6 +45,7 @@ def compress(
     sequential: bool = True,
     batch_size: int = 8,
     mesh: str | None = None,
+    precision: str | None = None,
     data_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -55,6 +56,7 @@ def compress(
     `method`: "svd", "asvd", "svd-llm", "sigmascale" (or a `Factorizer`); `ranks`: "uniform",
     "zs-svd", "fermigrad", "sensitivity", "from-run" (with `ranks_from=RUN`; or a `RankAllocator`);
     `correction`: ZS-SVD's correction after the block loop; `encoding`: "plain" or "pivga" (or an `Encoder`).
+    `precision`: "float64" or "float32", what the factorizations run in (default: float32 on TPU, else float64).
     `settings`: the methods' own settings by field name (`update=True`, `alpha=0.5`,
     `steps=50`, `grad_samples=8`, ...); see `python -m sigmascale_jax.compress --help`.
     """
@@ -62,7 +64,7 @@ def compress(
 
     plan = make_plan(method, ranks, ("correction",) if correction else (), encoding, **settings)
     spec = RunSpec(model=model, ratio=ratio, calib=calib, nsamples=nsamples, seq_len=seq_len, seed=seed,
-                   sequential=sequential, batch_size=batch_size, mesh=mesh)
+                   sequential=sequential, batch_size=batch_size, mesh=mesh, precision=precision)
     return run(spec, plan, out, data_dir=data_dir, overwrite=overwrite, progress=progress)
 
 

@@ -20,9 +20,10 @@ from typing import Any
 from sigmascale_jax.compress.plan import ALLOCATORS, ENCODERS, FACTORIZERS, REFINERS, RunSpec, load_methods, make_plan
 from sigmascale_jax.compress.settings import field_type, flag_name
 from sigmascale_jax.errors import ArgumentParser, UserError
+from sigmascale_jax.io.diskcache import COMPILE_CACHE_HELP, use_compilation_cache
 
 # Pipeline flags given by hand (their help and defaults come from RunSpec).
-RUN_FLAGS = ("model", "ratio", "calib", "nsamples", "seq_len", "seed", "sequential", "batch_size", "mesh")
+RUN_FLAGS = ("model", "ratio", "calib", "nsamples", "seq_len", "seed", "sequential", "batch_size", "mesh", "precision")
 NESTED = {"factorize": ("method", FACTORIZERS), "allocate": ("ranks", ALLOCATORS), "encode": ("encoding", ENCODERS)}
 
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=None, help="data folder (default: $SIGMASCALE_DATA, else ../shared/data)")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and an unfinished run)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--no-compile-cache", action="store_true", help=COMPILE_CACHE_HELP)
     run.add_argument("--method", default=None, choices=tuple(FACTORIZERS),
                      help="how to cut (required): " + "; ".join(f"{e.name}: {e.help}" for e in FACTORIZERS.values()))
     run.add_argument("--ranks", default=None, choices=tuple(ALLOCATORS),
@@ -159,7 +161,8 @@ def spec_and_plan(args: argparse.Namespace):
     """The RunSpec and Plan a parsed command line asks for (settings checked by their dataclasses)."""
     spec = RunSpec(**{k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k) is not None})
     refine = tuple(name for name in REFINERS if getattr(args, name.replace("-", "_")))
-    skip = set(RUN_FLAGS) | {"config", "out", "data_dir", "overwrite", "no_progress", "method", "ranks", "encoding"}
+    skip = set(RUN_FLAGS) | {"config", "out", "data_dir", "overwrite", "no_progress", "no_compile_cache", "method",
+                             "ranks", "encoding"}
     settings = {k: v for k, v in vars(args).items() if k not in skip | set(REFINERS) and v is not None}
     return spec, make_plan(args.method, args.ranks or "uniform", refine, args.encoding or "plain", **settings)
 
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     spec, plan = spec_and_plan(args)
+    use_compilation_cache(not args.no_compile_cache)
     report = run(spec, plan, args.out, data_dir=args.data_dir, overwrite=args.overwrite, progress=not args.no_progress)
     extra = (" +update" if report["update"] else "") + (f", ranks {report['ranks_method']}")
     extra += "".join(f", {r['name']}" + (" (dropped by its guard)" if r.get("kept") == "uncorrected" else "")

@@ -31,6 +31,7 @@ from sigmascale_jax.compress.plan import Allocation, BlockInputs, BlockResult, B
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.io.fileio import write_json_atomic, write_npz_atomic
 from sigmascale_jax.io.outputs import Input, check_out, model_input, out_lock, replace_folder, writing_folder
+from sigmascale_jax.linalg.precision import precision_key, resolve_precision
 from sigmascale_jax.model.modeling import PROJECTIONS
 
 PARTIAL_SUFFIX = ".partial"
@@ -48,6 +49,12 @@ def run_inputs(spec: RunSpec, data_dir: str | None) -> list[Input]:
     else:
         inputs.append(Input(spec.calib, "the calibration file", whole=False))
     return inputs
+
+
+def run_key(spec: RunSpec) -> dict:
+    """`spec` as resume and cache keys hold it: the precision only where it is not float64 (`precision_key`)."""
+    key = {k: v for k, v in spec.asdict().items() if k != "precision"}
+    return {**key, **precision_key(spec.precision)}
 
 
 def prepare_out(out: Path, spec_key: dict, overwrite: bool) -> tuple[Path, bool]:
@@ -123,7 +130,7 @@ def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path | N
     # Costly allocations are also kept in the disk cache: the same ranks serve every factorizer.
     key = {"model": ctx.model_key, "calib_sha1": ctx.calib_sha1, "allocate": plan.key()["allocate"],
            "count": budget.count.__name__,
-           "run": {k: v for k, v in ctx.spec.asdict().items() if k not in ("model", "sequential")}}
+           "run": {k: v for k, v in run_key(ctx.spec).items() if k not in ("model", "sequential")}}
 
     def compute() -> dict:
         alloc = plan.allocate.allocate(ctx, budget)
@@ -203,7 +210,7 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
     windows = run_windows(source, spec, data_dir)
     with out_lock(out):
         check_out(out, overwrite, inputs)  # another run may have finished it meanwhile
-        spec_key = {**spec.asdict(), **plan.key(), "calib_sha1": hashlib.sha1(windows.tobytes()).hexdigest()}
+        spec_key = {**run_key(spec), **plan.key(), "calib_sha1": hashlib.sha1(windows.tobytes()).hexdigest()}
         staging, resuming = prepare_out(out, spec_key, overwrite)
         try:
             (staging / "blocks").mkdir(parents=True, exist_ok=True)
@@ -281,11 +288,11 @@ class Stages(NamedTuple):
 def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path | None = None) -> Stages:
     """Allocate, factor block by block, refine, encode. With `staging`, the allocation and each finished block are
     checkpointed there (and resumed from it); without, everything stays in memory."""
+    import dataclasses
+
     import jax
 
     from sigmascale_jax.model.modeling import param_count
-
-    import dataclasses
 
     ctx = dataclasses.replace(ctx, staging=staging)
     encoder = plan.encoder()
@@ -361,7 +368,8 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
             if xs_ref is not None:
                 xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, spec.batch_size, ctx.mesh)
             clock.lap("stats")
-            inputs = BlockInputs(dense, stats, xs, dense_out, cfg, spec.batch_size, ref_stats, ctx.mesh)
+            inputs = BlockInputs(dense, stats, xs, dense_out, cfg, spec.batch_size, ref_stats, ctx.mesh,
+                                 resolve_precision(spec.precision))
             key = jax.random.fold_in(jax.random.key(spec.seed), i)
             result = factorizer.factor(inputs, alloc.ranks[i], key)
             clock.lap("factorize")
@@ -409,7 +417,7 @@ def _finalize(staging: Path, out: Path, report: dict) -> dict:
 
 def compress_params(params: dict, cfg, windows: Any, plan: Plan, ratio: float, *, mesh: Any = None,
                     progress: bool = False, seed: int = 0, sequential: bool = True,
-                    batch_size: int = 8) -> tuple[dict, dict[str, Any]]:
+                    batch_size: int = 8, precision: str | None = None) -> tuple[dict, dict[str, Any]]:
     """Compress a dense params pytree in memory: `(params, report)`, every projection its encoder's typed leaf.
 
     Args:
@@ -420,7 +428,8 @@ def compress_params(params: dict, cfg, windows: Any, plan: Plan, ratio: float, *
       plan: `make_plan(...)`; ratio: fraction of the projections' parameters removed, in (0, 1).
       mesh: a `jax.sharding.Mesh` with a `data` axis: calibration windows split over it (None: one device).
       seed: SigmaScale's minibatches and FermiGrad's windows; sequential: feed block i+1 from the compressed
-        block i; batch_size: windows per device call.
+        block i; batch_size: windows per device call; precision: "float64" or "float32", what the factorizations
+        run in (default: float32 on TPU, float64 elsewhere).
     Returns:
       the compressed params and the report (`compression.json`'s content; its "model" is None until saved).
     Nothing is written to disk; costly allocations are not cached (the weights have no file to key them by).
@@ -437,7 +446,7 @@ def compress_params(params: dict, cfg, windows: Any, plan: Plan, ratio: float, *
     if len(params.get("blocks", ())) != cfg.num_layers:
         raise UserError(f"params hold {len(params.get('blocks', ()))} blocks, cfg says {cfg.num_layers}")
     spec = RunSpec(model=None, ratio=ratio, calib="in-memory", nsamples=len(windows), seq_len=windows.shape[1],
-                   seed=seed, sequential=sequential, batch_size=batch_size)
+                   seed=seed, sequential=sequential, batch_size=batch_size, precision=precision)
     plan.check(spec, cfg)
 
     def dense_block(i: int) -> dict:

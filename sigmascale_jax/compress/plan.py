@@ -43,6 +43,8 @@ class RunSpec(Settings):
     sequential: bool = setting(True, "feed block i+1 from the compressed block i")
     batch_size: int = setting(8, "calibration windows per device call", min=1)
     mesh: str | None = setting(None, "data=N: split calibration windows over N local devices (default: all of them)")
+    precision: str | None = setting(None, "float64 or float32: what factorizations (Cholesky, eigh, solves, SVDs) run "
+                                    "in (default: float32 on TPU, float64 elsewhere)", choices=("float64", "float32"))
 
 
 @dataclasses.dataclass
@@ -133,6 +135,7 @@ class BlockInputs(NamedTuple):
     batch_size: int
     ref_stats: dict | None = None  # the dense model's stream, for factorizers with `needs_dense_stream`
     mesh: Any = None  # windows split over its data axis (None: one device)
+    precision: str = "float64"  # what factorizations run in (`linalg.precision`)
 
 
 class BlockResult(NamedTuple):

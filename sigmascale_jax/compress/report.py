@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from sigmascale_jax.compress.plan import Allocation, BlockResult, Budget, Plan, RunSpec
+from sigmascale_jax.linalg.precision import resolve_precision
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import PROJECTIONS
 
@@ -85,6 +86,7 @@ def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation,
         # flat copies kept for readers of format 1 reports
         "update": settings.get("update", False),
         "sequential": spec.sequential,
+        "precision": resolve_precision(spec.precision),
         "alpha": settings.get("alpha"),
         "sigmascale": None, **({fz.name: settings} if fz.flat_record else {}),
         "encoding": enc.name,

@@ -19,6 +19,7 @@ import numpy as np
 
 from sigmascale_jax.compress.plan import MAX_SEED
 from sigmascale_jax.errors import ArgumentParser, UserError
+from sigmascale_jax.io.diskcache import COMPILE_CACHE_HELP, use_compilation_cache
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: the sampling distribution is argmax to float precision
 
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help=f"sampling seed, 0..{MAX_SEED}")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of the weights")
+    p.add_argument("--no-compile-cache", action="store_true", help=COMPILE_CACHE_HELP)
     return p
 
 
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     check_args(args)
+    use_compilation_cache(not args.no_compile_cache)
     cfg, params, source = load_model(args.model, getattr(jnp, args.dtype))
     tok = source.tokenizer()
     ids = prompt_ids(tok, args.prompt, args.chat)

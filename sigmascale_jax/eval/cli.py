@@ -15,6 +15,7 @@ import numpy as np
 from sigmascale_jax.errors import ArgumentParser, UserError
 from sigmascale_jax.eval.tasks import ZEROSHOT_TASKS, load_task
 from sigmascale_jax.io.data import PERPLEXITY_TASKS, find_data_dir, perplexity_text
+from sigmascale_jax.io.diskcache import COMPILE_CACHE_HELP, use_compilation_cache
 from sigmascale_jax.io.fileio import write_json_atomic
 
 KNOWN_TASKS = PERPLEXITY_TASKS + ZEROSHOT_TASKS
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(default: all of them)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-compile-cache", action="store_true", help=COMPILE_CACHE_HELP)
     return p
 
 
@@ -198,6 +200,7 @@ def format_table(results: dict, tasks: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    use_compilation_cache(not args.no_compile_cache)
     if args.json:  # before the evaluation, not after it
         from sigmascale_jax.io.outputs import Input, check_out_file, model_input
 

@@ -89,3 +89,29 @@ def cached(kind: str, key: dict[str, Any], compute: Callable[[], Any], versioned
     except OSError:
         pass  # an unwritable cache costs only the reuse
     return value, False
+
+
+COMPILE_CACHE_HELP = ("do not keep compiled XLA programs in the cache folder ($SIGMASCALE_CACHE/xla, default "
+                      "~/.cache/sigmascale_jax/xla), where a later run with the same shapes skips their compilation")
+
+
+def use_compilation_cache(enabled: bool = True) -> Path | None:
+    """Turn on JAX's persistent compilation cache in `<cache folder>/xla` for this process; returns its folder.
+
+    The command lines call it first thing (`--no-compile-cache` turns it off): each block function is compiled
+    once per shape, and a second run of the same model and settings loads them instead of compiling again. A
+    folder the user already chose (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) is kept as it is;
+    `SIGMASCALE_CACHE=off` turns this off too. The library never calls it on import: a user's process keeps
+    JAX's configuration unless they call it.
+    """
+    import jax
+
+    chosen = jax.config.jax_compilation_cache_dir
+    if chosen:
+        return Path(chosen)
+    root = cache_dir()
+    if not enabled or root is None:
+        return None
+    folder = root / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder

@@ -1,7 +1,7 @@
 """Whitening of a Gram matrix: `S` with `G = S Sᵀ`, its fallbacks, and `a S⁻¹` (METHODS.md, SVD-LLM).
 
-Computes in the dtype it is given: pass float64 (inside `jax.enable_x64(True)`) where
-METHODS.md asks for it.
+Computes in the dtype it is given: float64 (inside `linalg.precision.factor_precision`) where
+METHODS.md asks for it; in float32 (`--precision float32`) with the safeguards below.
 """
 
 from __future__ import annotations
@@ -21,9 +21,38 @@ def whitening(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
     Cholesky; if it fails (G not positive definite), Cholesky of `G + (−λ_min + ε) I`;
     if that fails too, the symmetric square root from `eigh` with eigenvalues
     clamped at ε. ε = 1e-6 · mean(diag G) keeps the shift relative to the data's scale.
+
+    Below float64 the factorization runs on the unit-diagonal `D⁻¹ G D⁻¹` (D = √diag G)
+    and returns `D S'` (the Cholesky factor of `D G' D` is exactly `D chol(G')`): LLM
+    activations have channels 10⁴× louder than the rest, so a shift relative to the mean
+    diagonal would swamp the quiet channels, while on `G'` it is relative to each
+    channel's own scale. The shift is at least n·eps, the size that lets Cholesky succeed
+    in that precision (Higham). float64 keeps the unscaled form its results were measured with.
     """
     n = gram.shape[-1]
-    eps = 1e-6 * jnp.maximum(jnp.trace(gram) / n, jnp.finfo(gram.dtype).tiny)
+    if gram.dtype != jnp.float64:
+        d = _diagonal_scale(gram)
+        s, route = _whitening(gram / d[:, None] / d[None, :], rel_eps=max(1e-6, n * float(jnp.finfo(gram.dtype).eps)))
+        return d[:, None] * s, route
+    return _whitening(gram, rel_eps=1e-6)
+
+
+def cholesky(gram: jax.Array) -> jax.Array:
+    """The lower Cholesky factor of `gram: [n, n]` (NaN where it fails), below float64 through `whitening`'s
+    unit-diagonal scaling; the batched first try of callers that run `whitening` only where it fails."""
+    if gram.dtype == jnp.float64:
+        return jnp.linalg.cholesky(gram)
+    d = _diagonal_scale(gram)
+    return d[:, None] * jnp.linalg.cholesky(gram / d[:, None] / d[None, :])
+
+
+def _diagonal_scale(gram: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.maximum(jnp.diagonal(gram), jnp.finfo(gram.dtype).tiny))
+
+
+def _whitening(gram: jax.Array, rel_eps: float) -> tuple[jax.Array, jax.Array]:
+    n = gram.shape[-1]
+    eps = rel_eps * jnp.maximum(jnp.trace(gram) / n, jnp.finfo(gram.dtype).tiny)
     eye = jnp.eye(n, dtype=gram.dtype)
 
     def finite(a):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -216,3 +219,25 @@ def test_cache_keys_follow_the_weights_content_not_where_they_lie(tmp_path, monk
 from transformers import AutoTokenizer as _AutoTokenizer  # noqa: E402
 
 real_from_pretrained = _AutoTokenizer.from_pretrained
+
+
+def test_command_lines_keep_compiled_programs_in_the_cache_folder(tmp_path):
+    """`use_compilation_cache` (called first by compress / eval / generate) makes JAX write compiled programs under
+    $SIGMASCALE_CACHE/xla; off, nothing is written; a folder the user chose wins."""
+    from sigmascale_jax.io.diskcache import use_compilation_cache
+
+    assert use_compilation_cache() == Path(os.environ["JAX_COMPILATION_CACHE_DIR"])  # conftest's choice is kept
+    probe = ("import sys; from sigmascale_jax.io.diskcache import use_compilation_cache; "
+             "print(use_compilation_cache(sys.argv[1] == 'on')); import jax, jax.numpy as jnp; "
+             "jax.jit(lambda x: jnp.tanh(x @ x.T) + 1)(jnp.ones((32, 32))).block_until_ready()")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    for mode in ("off", "on"):
+        cache = tmp_path / mode
+        proc = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=300,
+                              env={**env, "SIGMASCALE_CACHE": str(cache)})
+        assert proc.returncode == 0, proc.stderr
+        files = [f for f in (cache / "xla").rglob("*") if f.is_file()] if (cache / "xla").exists() else []
+        if mode == "on":
+            assert proc.stdout.strip() == str(cache / "xla") and files
+        else:
+            assert proc.stdout.strip() == "None" and not files

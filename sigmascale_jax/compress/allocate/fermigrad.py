@@ -40,6 +40,7 @@ from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelCo
 from sigmascale_jax.compress.ranks import block_ranks, factored_params
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.linalg.precision import factor_precision
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, block_forward, rope_cos_sin
 
@@ -169,7 +170,7 @@ def learn_mu(
 
 
 def fermi_model(ctx: ModelContext) -> FermiModel:
-    """Whitened SVD of every projection of the dense model (float64), stacked over blocks (float32)."""
+    """Whitened SVD of every projection of the dense model (in the run's precision), stacked over blocks (float32)."""
     from tqdm.auto import tqdm
 
     from sigmascale_jax.compress.allocate.zs_svd import _whitening_jit
@@ -183,13 +184,13 @@ def fermi_model(ctx: ModelContext) -> FermiModel:
                   leave=False):
         block = ctx.load_block(i)
         ys, stats = block_stats(block, xs, cfg, spec.batch_size, ctx.mesh)
-        with jax.enable_x64(True):
+        with factor_precision(spec.precision) as dtype:
             whiten = {}
             for tap in {PROJECTION_INPUT[n] for n in PROJECTIONS}:
-                l, _ = _whitening_jit(jnp.asarray(stats[tap]["gram"], jnp.float64), tokens=int(stats[tap]["tokens"]))
+                l, _ = _whitening_jit(jnp.asarray(stats[tap]["gram"], dtype), tokens=int(stats[tap]["tokens"]))
                 whiten[tap] = np.asarray(l)
             for p in PROJECTIONS:
-                w = np.asarray(block[p]["w"], np.float64)
+                w = np.asarray(block[p]["w"], dtype)
                 l = whiten[PROJECTION_INPUT[p]]
                 u, s, vt = np.linalg.svd(w @ l, full_matrices=False)
                 factors[p]["a"].append((u * s).astype(np.float32))

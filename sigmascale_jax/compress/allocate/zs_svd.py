@@ -30,6 +30,7 @@ from sigmascale_jax.compress.grads import model_grads
 from sigmascale_jax.compress.plan import ALLOCATORS, Allocation, Budget, ModelContext, RankAllocator, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.linalg.precision import factor_precision, precision_key
 from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
 
 COVARIANCE_JITTER = 1e-4  # added to G/T before the Cholesky, as the official code does
@@ -155,18 +156,19 @@ _whitening_jit = jax.jit(zs_whitening, static_argnames="tokens")
 _select_jit = jax.jit(zero_sum_select)
 
 
-def block_deltas(block, stats, grads) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """`{projection: (σ, Δ)}` of one dense block from its input statistics and loss gradients (float64)."""
+def block_deltas(block, stats, grads, dtype=jnp.float64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`{projection: (σ, Δ)}` of one dense block from its input statistics and loss gradients, in `dtype` (float64:
+    call inside `linalg.precision.factor_precision`)."""
     whitening = {}
     for tap in {PROJECTION_INPUT[n] for n in PROJECTIONS}:
-        gram = jnp.asarray(stats[tap]["gram"], jnp.float64)
+        gram = jnp.asarray(stats[tap]["gram"], dtype)
         l, chol_ok = _whitening_jit(gram, tokens=int(stats[tap]["tokens"]))
         whitening[tap] = (l, bool(chol_ok))
     out = {}
     for n in PROJECTIONS:
         l, triangular = whitening[PROJECTION_INPUT[n]]
-        w = jnp.asarray(np.asarray(block[n]["w"]), jnp.float64)
-        sigma, delta = _deltas_jit(w, jnp.asarray(grads[n], jnp.float64), l, triangular=triangular)
+        w = jnp.asarray(np.asarray(block[n]["w"]), dtype)
+        sigma, delta = _deltas_jit(w, jnp.asarray(grads[n], dtype), l, triangular=triangular)
         sigma, delta = np.asarray(sigma), np.asarray(delta)
         if not (np.isfinite(sigma).all() and np.isfinite(delta).all()):
             raise FloatingPointError(f"non-finite ZS-SVD sensitivities for projection {n}")
@@ -208,12 +210,12 @@ def model_deltas(ctx: ModelContext, n_grad: int) -> dict:
                   leave=False):
         block = ctx.load_block(i)
         ys, stats = block_stats(block, xs, cfg, spec.batch_size, ctx.mesh)
-        with jax.enable_x64(True):
-            per = block_deltas(block, stats, grads[i])
+        with factor_precision(spec.precision) as dtype:
+            per = block_deltas(block, stats, grads[i], dtype)
         grads[i] = None
         for n in PROJECTIONS:
             shapes.append(list(block[n]["w"].shape))
-            deltas.append(per[n][1].tolist())  # float64 → JSON floats round-trip exactly
+            deltas.append(per[n][1].astype(np.float64).tolist())  # float64 → JSON floats round-trip exactly
         xs = ys
     return {"calibration_loss": loss, "shapes": shapes, "deltas": deltas,
             "seconds": {"gradient": round(t1 - t0, 3), "sensitivities": round(time.perf_counter() - t1, 3)}}
@@ -234,7 +236,7 @@ def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> Rank
         n_grad = grad_windows(spec, settings.grad_samples)
         # Δ does not depend on the ratio or the encoding: cached apart, so another ratio costs only the selection
         key = {"model": ctx.model_key, "calib_sha1": ctx.calib_sha1, "grad_samples": n_grad,
-               "batch_size": spec.batch_size}
+               "batch_size": spec.batch_size, **precision_key(spec.precision)}
         sens, hit = cached("zs-svd-deltas", key, lambda: model_deltas(ctx, n_grad))
         t2 = time.perf_counter()
         keys = [(i, n) for i in range(cfg.num_layers) for n in PROJECTIONS]

@@ -21,11 +21,12 @@ def low_rank_groups(block: Params, ranks: dict[str, Optional[int]]) -> dict[tupl
     return groups
 
 
-def stacked(block: Params, stats: dict, names: list[str]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """float64 stacks `w: [G, m, n]`, `gram: [G, n, n]`, `absmean: [G, n]` of `names` (call inside `enable_x64`)."""
-    w = jnp.stack([jnp.asarray(np.asarray(block[n]["w"]), jnp.float64) for n in names])
-    gram = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64) for n in names])
-    absmean = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["absmean"], jnp.float64) for n in names])
+def stacked(block: Params, stats: dict, names: list[str], dtype=jnp.float64) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stacks `w: [G, m, n]`, `gram: [G, n, n]`, `absmean: [G, n]` of `names` in `dtype` (float64: call inside
+    `linalg.precision.factor_precision`, which yields the dtype)."""
+    w = jnp.stack([jnp.asarray(np.asarray(block[n]["w"]), dtype) for n in names])
+    gram = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], dtype) for n in names])
+    absmean = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["absmean"], dtype) for n in names])
     return w, gram, absmean
 
 

@@ -13,6 +13,7 @@ from sigmascale_jax.compress.factorize.svd import svd_factors
 from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, register
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.linalg.lowrank import relative_activation_loss
+from sigmascale_jax.linalg.precision import factor_precision
 
 
 def asvd_factors(w: jax.Array, absmean: jax.Array, rank: int, alpha: float = 0.5) -> tuple[jax.Array, jax.Array]:
@@ -44,11 +45,11 @@ def asvd(alpha: float = 0.5) -> Factorizer:
 
     def factor(inputs: BlockInputs, ranks, key) -> BlockResult:
         def group(names, rank):
-            w, gram, absmean = stacked(inputs.block, inputs.stats, names)
+            w, gram, absmean = stacked(inputs.block, inputs.stats, names, dtype)
             b, c, loss = asvd_group(w, gram, absmean, rank=rank, alpha=settings.alpha)
             return b, c, loss, [{"whitening": None}] * len(names)
 
-        with jax.enable_x64(True):
+        with factor_precision(inputs.precision) as dtype:
             return factor_block(inputs.block, ranks, group, "asvd")
 
     return Factorizer("asvd", settings, factor)

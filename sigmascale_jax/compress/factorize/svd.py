@@ -11,6 +11,7 @@ from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
 from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, register
 from sigmascale_jax.compress.settings import NoSettings
 from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma
+from sigmascale_jax.linalg.precision import factor_precision
 
 
 def svd_factors(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
@@ -34,11 +35,11 @@ def svd_group(w, gram, *, rank: int):
 def svd() -> Factorizer:
     def factor(inputs: BlockInputs, ranks, key) -> BlockResult:
         def group(names, rank):
-            w, gram, _ = stacked(inputs.block, inputs.stats, names)
+            w, gram, _ = stacked(inputs.block, inputs.stats, names, dtype)
             b, c, loss = svd_group(w, gram, rank=rank)
             return b, c, loss, [{"whitening": None}] * len(names)
 
-        with jax.enable_x64(True):
+        with factor_precision(inputs.precision) as dtype:
             return factor_block(inputs.block, ranks, group, "svd")
 
     return Factorizer("svd", NoSettings(), factor)

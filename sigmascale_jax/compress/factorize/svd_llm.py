@@ -14,7 +14,8 @@ from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, 
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma, top_singular_gram
-from sigmascale_jax.linalg.whitening import WHITEN_CHOLESKY, WHITEN_EIGH, WHITEN_NAMES, unwhiten, whitening
+from sigmascale_jax.linalg.precision import factor_precision
+from sigmascale_jax.linalg.whitening import WHITEN_CHOLESKY, WHITEN_EIGH, WHITEN_NAMES, cholesky, unwhiten, whitening
 from sigmascale_jax.model.modeling import PROJECTION_INPUT
 
 
@@ -23,7 +24,7 @@ def whitened_factors(
 ) -> tuple[jax.Array, jax.Array]:
     """Truncated SVD of `W S`, mapped back: `B = U_k Σ_k^½`, `C = Σ_k^½ V_kᵀ S⁻¹`.
 
-    `solver="gram"` takes the top singular triples from `top_singular_gram` (float64 only).
+    `solver="gram"` takes the top singular triples from `top_singular_gram` (float64 only: it squares `W S`).
     """
     if solver == "gram":
         u, sig, vt = top_singular_gram(w @ s, rank)
@@ -51,11 +52,13 @@ def refit_left(w: jax.Array, gram: jax.Array, c: jax.Array) -> jax.Array:
     cg = c @ gram  # [k, n]
     lhs = cg @ c.T  # [k, k], symmetric positive semi-definite
     k = lhs.shape[0]
-    ridge = 1e-10 * jnp.maximum(jnp.trace(lhs) / k, jnp.finfo(lhs.dtype).tiny)
+    # a ridge below the dtype's resolution would do nothing: float32 gets ~10 ulps of the mean diagonal
+    rel = max(1e-10, 10 * float(jnp.finfo(lhs.dtype).eps))
+    ridge = rel * jnp.maximum(jnp.trace(lhs) / k, jnp.finfo(lhs.dtype).tiny)
     rhs = cg @ w.T  # [k, m] = C G Wᵀ
     return jnp.linalg.solve(lhs + ridge * jnp.eye(k, dtype=lhs.dtype), rhs).T
 
-_cholesky_group = jax.jit(jax.vmap(jnp.linalg.cholesky))
+_cholesky_group = jax.jit(jax.vmap(cholesky))
 _whitening_one = jax.jit(whitening)
 
 
@@ -75,21 +78,23 @@ def _whitened_group(w, s, refit_gram, *, rank: int, triangular: bool, update: bo
     return jax.vmap(one)(w, s, refit_gram)
 
 
-def svd_llm_group(w, gram, rank: int, refit_gram=None, solver: str = "gram"):
+def svd_llm_group(w, gram, rank: int, refit_gram=None, solver: str | None = None):
     """SVD-LLM for a stack of same-shape matrices: `(B, C, rel_loss, routes)`.
 
     `gram: [G, n, n]` decides the whitening (and so C). With `refit_gram`, B is
     refit on it (SVD-LLM's parameter update); refitting on `gram` itself would
     change nothing, since the whitened truncation is already optimal there.
 
-    `solver="gram"` (the default) takes the top singular triples of `W S` from eigh of
-    its smaller Gram matrix, which needs float64 stacks; `"svd"` runs a full SVD.
+    `solver="gram"` (the default for float64 stacks) takes the top singular triples of `W S`
+    from eigh of its smaller Gram matrix, which needs float64; `"svd"` (the default below
+    float64) runs a full SVD.
 
     Cholesky runs batched; the rare matrices whose Cholesky fails get their fallback
     alone. The fallbacks' branches are not put under vmap: vmap turns `lax.cond`
     into running every branch, and XLA:CPU's concurrent scheduler was seen to
     deadlock on such a mix of LAPACK calls (576x576, jax 0.10.2, 2 cores).
     """
+    solver = solver or ("gram" if w.dtype == jnp.float64 else "svd")
     if solver == "gram" and w.dtype != jnp.float64:
         raise ValueError(f"svd_llm_group(solver='gram') squares W S and needs float64 stacks, got {w.dtype}")
     chol = np.array(_cholesky_group(gram))  # a writable copy: failed rows are replaced below
@@ -129,14 +134,14 @@ def svd_llm(update: bool = False) -> Factorizer:
         whiten_stats = inputs.ref_stats if settings.update else inputs.stats
 
         def group(names, rank):
-            w, gram, _ = stacked(inputs.block, whiten_stats, names)
+            w, gram, _ = stacked(inputs.block, whiten_stats, names, dtype)
             refit = None
             if settings.update:
-                refit = jnp.stack([jnp.asarray(inputs.stats[PROJECTION_INPUT[n]]["gram"], jnp.float64) for n in names])
+                refit = jnp.stack([jnp.asarray(inputs.stats[PROJECTION_INPUT[n]]["gram"], dtype) for n in names])
             b, c, loss, routes = svd_llm_group(w, gram, rank, refit)
             return b, c, loss, [{"whitening": WHITEN_NAMES[r]} for r in routes]
 
-        with jax.enable_x64(True):
+        with factor_precision(inputs.precision) as dtype:
             return factor_block(inputs.block, ranks, group, "svd-llm")
 
     return Factorizer("svd-llm", settings, factor, needs_dense_stream=settings.update, check=check)

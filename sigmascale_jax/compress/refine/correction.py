@@ -39,6 +39,7 @@ from sigmascale_jax.compress.grads import model_loss, reverse_pass
 from sigmascale_jax.compress.plan import REFINERS, ModelContext, Params, Ranks, Refiner, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.linalg.precision import factor_precision
 from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
 
 
@@ -62,20 +63,21 @@ def pull_step(w: jax.Array, w_hat: jax.Array, grad: jax.Array) -> tuple[jax.Arra
 _pull_jit = jax.jit(pull_step)
 
 
-def correct_block(dense: Params, comp: Params, grads: dict, stats: dict, ranks: dict) -> tuple[Params, dict]:
-    """One block's corrected and re-truncated factors, and a record per corrected projection."""
+def correct_block(dense: Params, comp: Params, grads: dict, stats: dict, ranks: dict,
+                  precision: str = "float64") -> tuple[Params, dict]:
+    """One block's corrected and re-truncated factors (in `precision`), and a record per corrected projection."""
     from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group
 
     new, info = dict(comp), {}
-    with jax.enable_x64(True):
+    with factor_precision(precision) as dtype:
         for n in PROJECTIONS:
             if ranks[n] is None:
                 continue
-            w = jnp.asarray(np.asarray(dense[n]["w"]), jnp.float64)
-            w_hat = jnp.asarray(np.asarray(comp[n]["b"]), jnp.float64) @ jnp.asarray(np.asarray(comp[n]["c"]), jnp.float64)
-            g = jnp.asarray(grads[n], jnp.float64)
+            w = jnp.asarray(np.asarray(dense[n]["w"]), dtype)
+            w_hat = jnp.asarray(np.asarray(comp[n]["b"]), dtype) @ jnp.asarray(np.asarray(comp[n]["c"]), dtype)
+            g = jnp.asarray(grads[n], dtype)
             w_new, alpha = _pull_jit(w, w_hat, g)
-            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64)
+            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], dtype)
             b, c, _, _ = svd_llm_group(w_new[None], gram[None], ranks[n])
             b, c = np.asarray(b[0]), np.asarray(c[0])
             if not (np.isfinite(b).all() and np.isfinite(c).all()):
@@ -114,7 +116,8 @@ def correction(grad_samples: int | None = None, correction_guard: bool = True) -
 
         def on_block(i, grads, xs):
             _, stats = block_stats(blocks[i], xs, cfg, spec.batch_size, ctx.mesh, outputs=False)
-            new_blocks[i], records[i] = correct_block(ctx.load_block(i), blocks[i], grads, stats, ranks[i])
+            new_blocks[i], records[i] = correct_block(ctx.load_block(i), blocks[i], grads, stats, ranks[i],
+                                                        spec.precision)
 
         loss = reverse_pass(ctx.outer, blocks.__getitem__, cfg.num_layers, tokens, cfg, on_block,
                             batch_size=spec.batch_size, progress=ctx.progress, desc="correction")

@@ -184,5 +184,5 @@ def test_gram_solver_gives_the_svd_solvers_factors_on_smollm2():
             assert (sign != 0).all()
             np.testing.assert_allclose(b_g * sign[:, None, :], b_s, atol=1e-8 * np.abs(b_s).max())
             np.testing.assert_allclose(c_g * sign[:, :, None], c_s, atol=1e-8 * np.abs(c_s).max())
-        with pytest.raises(ValueError, match="float64"):
-            svd_llm_group(w.astype(jnp.float32), gram.astype(jnp.float32), rank)
+        with pytest.raises(ValueError, match="float64"):  # squaring W S in float32 is refused when asked for
+            svd_llm_group(w.astype(jnp.float32), gram.astype(jnp.float32), rank, solver="gram")

@@ -57,13 +57,13 @@ def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None =
     def factor(inputs: BlockInputs, ranks, key) -> BlockResult:
         if settings.loss == "paper":
             new, info = sigmascale_paper_block(inputs.block, inputs.stats, ranks, key, steps=settings.steps,
-                                               lr=settings.lr)
+                                               lr=settings.lr, precision=inputs.precision)
             return BlockResult(new, info)
         new, info = sigmascale_block(
             inputs.block, inputs.stats, inputs.xs, inputs.ys, inputs.cfg, ranks, kind=settings.loss,
             steps=settings.steps, lr=settings.lr, holdout=settings.holdout, batch_windows=settings.step_windows,
             eval_every=settings.eval_every, batch_size=inputs.batch_size, key=key, mesh=inputs.mesh,
-            truncation=settings.truncation, min_gain=settings.min_gain,
+            truncation=settings.truncation, min_gain=settings.min_gain, precision=inputs.precision,
         )
         block, spectra = info.pop("_block", None), info.pop("_spectra", None)
         return BlockResult(new, info, block, spectra)

@@ -25,6 +25,7 @@ from jax.scipy.linalg import solve_triangular
 
 from sigmascale_jax.linalg.batching import stacked_map
 from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma
+from sigmascale_jax.linalg.precision import factor_precision
 from sigmascale_jax.linalg.truncation import TRUNCATIONS
 from sigmascale_jax.linalg.whitening import WHITEN_NAMES, triangular_whitening
 from sigmascale_jax.model.config import ModelConfig
@@ -251,15 +252,16 @@ def sigmascale_block(
     mesh: Any = None,
     truncation: str = "svd",
     min_gain: float = 0.0,
+    precision: str = "float64",
 ) -> tuple[Params, dict[str, Any]]:
     """Factor a dense block with SigmaScale (the block loss's windows split over `mesh`'s data axis, if given).
 
     `xs, ys: [N, T, D]` are the block's calibration inputs and original outputs, `stats`
     their `stats.block_stats`; the last `max(1, round(holdout · N))` windows are held out
     to pick the step; `key` draws the minibatches (default `jax.random.key(0)`). Whitening comes from all N windows (so step 0 is exactly SVD-LLM's
-    factors), in float64; learning runs in float32 (`batch_windows` windows per step for
+    factors), in `precision` (float64 or float32); learning runs in float32 (`batch_windows` windows per step for
     the `block` loss, the training windows' Gram matrices for `layer`); the final factors
-    are computed in float64 from the learned scales. `info["_spectra"]` holds the singular
+    are computed in `precision` from the learned scales. `info["_spectra"]` holds the singular
     values of W, of W S and of the learned scaled matrix, `{"<projection>.<w|whitened|scaled>": [r]}`.
     """
     import numpy as np
@@ -279,12 +281,12 @@ def sigmascale_block(
     }
     if not names:  # every projection kept dense: nothing to learn
         return dict(block), dict(dense_info)
-    whitening64, routes = {}, {}
-    with jax.enable_x64(True):
+    whitenings, routes = {}, {}
+    with factor_precision(precision) as dtype:
         for tap in {PROJECTION_INPUT[n] for n in names}:
-            s, route = triangular_whitening(jnp.asarray(stats[tap]["gram"], jnp.float64))
-            whitening64[tap], routes[tap] = np.asarray(s), int(route)
-    white32 = {n: jnp.asarray(whitening64[PROJECTION_INPUT[n]], jnp.float32) for n in names}
+            s, route = triangular_whitening(jnp.asarray(stats[tap]["gram"], dtype))
+            whitenings[tap], routes[tap] = np.asarray(s), int(route)
+    white32 = {n: jnp.asarray(whitenings[PROJECTION_INPUT[n]], jnp.float32) for n in names}
     from sigmascale_jax.parallel import replicate, shard
 
     block, white32 = replicate(block, mesh), replicate(white32, mesh)
@@ -310,15 +312,15 @@ def sigmascale_block(
     info: dict[str, Any] = {}
     all_spectra: dict[str, np.ndarray] = {}
     hold = np.asarray(trace["hold"])
-    with jax.enable_x64(True):
+    with factor_precision(precision) as dtype:
         for n in names:
-            w = jnp.asarray(np.asarray(block[n]["w"]), jnp.float64)
-            s = jnp.asarray(whitening64[PROJECTION_INPUT[n]])
-            rho = jnp.asarray(np.asarray(scales[n]["rho"]), jnp.float64)
-            gamma = jnp.asarray(np.asarray(scales[n]["gamma"]), jnp.float64)
+            w = jnp.asarray(np.asarray(block[n]["w"]), dtype)
+            s = jnp.asarray(whitenings[PROJECTION_INPUT[n]], dtype)
+            rho = jnp.asarray(np.asarray(scales[n]["rho"]), dtype)
+            gamma = jnp.asarray(np.asarray(scales[n]["gamma"]), dtype)
             b, c, sig = scaled_factors(w, s, rho, gamma, ranks[n])
             spectra = {"w": jnp.linalg.svd(w, compute_uv=False), "whitened": jnp.linalg.svd(w @ s, compute_uv=False)}
-            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64)
+            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], dtype)
             if not (np.isfinite(np.asarray(b)).all() and np.isfinite(np.asarray(c)).all()):
                 raise FloatingPointError(f"non-finite SigmaScale factors for projection {n} (rank {ranks[n]})")
             p = {"b": jnp.asarray(b, block[n]["w"].dtype), "c": jnp.asarray(c, block[n]["w"].dtype)}

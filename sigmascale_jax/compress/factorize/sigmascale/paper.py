@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma
+from sigmascale_jax.linalg.precision import factor_precision
 from sigmascale_jax.linalg.truncation import truncated_reconstruction
 from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, Params
 
@@ -84,12 +85,13 @@ def paper_factors(w: jax.Array, d_r: jax.Array, d_c: jax.Array, rank: int) -> tu
 
 def sigmascale_paper_block(
     block: Params, stats: dict, ranks: dict[str, int | None], key: jax.Array, *, steps: int = 1000, lr: float = 5e-3,
+    precision: str = "float64",
 ) -> tuple[Params, dict[str, Any]]:
     """Factor each low-rank projection of a dense block with the released recipe, independently.
 
     `stats`: the Gram matrices of the projections' inputs (`stats.block_stats`), from the
     uncompressed model for the recipe as published (`--no-sequential`). Learning runs in
-    float32; the final factors are computed in float64. Returns the block and per-matrix
+    float32; the final factors are computed in `precision`. Returns the block and per-matrix
     records: rank, relative activation loss, the recipe's loss at the first and last step.
     """
     new = {k: v for k, v in block.items() if k not in PROJECTIONS}
@@ -103,12 +105,12 @@ def sigmascale_paper_block(
         gram32 = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float32)
         params, trace = learn_matrix_scales_paper(w32, gram32, jax.random.fold_in(key, j), rank=ranks[n], steps=steps, lr=lr)
         trace = np.asarray(trace)
-        with jax.enable_x64(True):
-            w = jnp.asarray(np.asarray(block[n]["w"]), jnp.float64)
-            d_r = jnp.asarray(np.asarray(params["d_r"]), jnp.float64)
-            d_c = jnp.asarray(np.asarray(params["d_c"]), jnp.float64)
+        with factor_precision(precision) as dtype:
+            w = jnp.asarray(np.asarray(block[n]["w"]), dtype)
+            d_r = jnp.asarray(np.asarray(params["d_r"]), dtype)
+            d_c = jnp.asarray(np.asarray(params["d_c"]), dtype)
             b, c, _ = paper_factors(w, d_r, d_c, ranks[n])
-            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float64)
+            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], dtype)
             rel = float(relative_activation_loss(w, b @ c, gram))
         b, c = np.asarray(b), np.asarray(c)
         if not (np.isfinite(b).all() and np.isfinite(c).all()):
