@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sigmascale_jax.errors import UserError
@@ -48,14 +49,37 @@ def make_mesh(spec: str | None = None) -> Mesh | None:
     return Mesh(jax.local_devices()[:n], ("data",))
 
 
+def sharding(rows: int, mesh: Mesh, rule: str = "windows") -> NamedSharding:
+    """Where an array with `rows` leading rows goes by `RULES[rule]` on `mesh` (replicated unless they split
+    evenly)."""
+    spec = RULES[rule]
+    if spec and rows % mesh.shape["data"]:
+        spec = PartitionSpec()  # an uneven last chunk runs replicated: right, only not split
+    return NamedSharding(mesh, spec)
+
+
 def shard(x: Any, mesh: Mesh | None, rule: str = "windows") -> Any:
     """`x` placed by `RULES[rule]` on `mesh`; unchanged without a mesh, or if its leading axis does not split evenly."""
     if mesh is None:
         return x
-    spec = RULES[rule]
-    if spec and x.shape[0] % mesh.shape["data"]:
-        spec = PartitionSpec()  # an uneven last chunk runs replicated: right, only not split
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    return jax.device_put(x, sharding(x.shape[0], mesh, rule))
+
+
+def device_chunks(xs: Any, size: int, mesh: Mesh | None) -> list[jax.Array]:
+    """`xs: [N, ...]` cut into chunks of `size` rows (the last may be shorter), placed on the device(s) in one call.
+
+    Each chunk is split over `mesh`'s data axis as `shard` places it. The data moves once, before a loop over the
+    chunks, which then runs under `jax.transfer_guard("disallow")` with nothing left to move.
+    """
+    pieces = [np.asarray(xs[s : s + size]) for s in range(0, len(xs), size)]
+    if mesh is None:
+        return jax.device_put(pieces)
+    return jax.device_put(pieces, [sharding(len(p), mesh) for p in pieces])
+
+
+def on_device(tree: Any, mesh: Mesh | None) -> Any:
+    """Every array of `tree` on the device, or replicated over `mesh`: weights placed once, before a loop uses them."""
+    return jax.device_put(tree) if mesh is None else replicate(tree, mesh)
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:

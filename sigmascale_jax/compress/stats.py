@@ -10,7 +10,7 @@ import numpy as np
 
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import Params, block_forward_taps, rope_cos_sin
-from sigmascale_jax.parallel import replicate, shard
+from sigmascale_jax.parallel import device_chunks, on_device
 
 
 @jax.jit(static_argnames=("cfg", "outputs"))
@@ -54,27 +54,33 @@ def accumulate(acc: dict, stats: dict) -> dict:
     return out
 
 
+@jax.jit
+def _first_sums(stats: dict) -> dict:
+    """`{tap: ((gram, 0), (abs_sum, 0))}`: the double-float32 sums after the first chunk (made on the device)."""
+    return jax.tree.map(lambda x: (x, jnp.zeros_like(x)), stats)
+
+
 def block_stats(block: Params, xs: np.ndarray, cfg: ModelConfig, batch_size: int, mesh=None,
                 outputs: bool = True) -> tuple[np.ndarray | None, dict]:
     """Run `xs: [N, T, D]` through the block in chunks; combine chunk statistics in (double-)float32 on the device.
 
-    With a `mesh`, each chunk's windows are split over its data axis (`parallel.shard`).
+    With a `mesh`, each chunk's windows are split over its data axis (`parallel.shard`). The weights and all
+    of `xs` go to the device before the loop and the results come back after it, each in one call: the loop
+    runs under `jax.transfer_guard("disallow")`.
 
     Returns the block's outputs `[N, T, D]` (float32; None with `outputs=False`, which skips
     computing them) and
     `{tap: {"gram": [n, n] f64, "absmean": [n] f64, "tokens": int}}`.
     """
-    outs = []
-    acc = None
-    block = replicate(block, mesh)
-    for start in range(0, len(xs), batch_size):
-        out, stats = block_stats_chunk(block, shard(jnp.asarray(xs[start : start + batch_size]), mesh), cfg, outputs)
-        if outputs:
-            outs.append(np.asarray(out))
-        if acc is None:
-            acc = jax.tree.map(lambda x: (x, jnp.zeros_like(x)), stats)
-        else:
-            acc = accumulate(acc, stats)
+    block, chunks = on_device(block, mesh), device_chunks(xs, batch_size, mesh)
+    outs, acc = [], None
+    with jax.transfer_guard("disallow"):
+        for chunk in chunks:
+            out, stats = block_stats_chunk(block, chunk, cfg, outputs)
+            if outputs:
+                outs.append(out)
+            acc = _first_sums(stats) if acc is None else accumulate(acc, stats)
+    outs, acc = jax.device_get((outs, acc))
     tokens = xs.shape[0] * xs.shape[1]
     result = {}
     for name, ((g_hi, g_lo), (s_hi, s_lo)) in acc.items():

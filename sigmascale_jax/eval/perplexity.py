@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import Params, token_nll
-from sigmascale_jax.parallel import replicate, shard
+from sigmascale_jax.parallel import device_chunks, on_device
 
 
 def make_windows(ids: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
@@ -43,25 +42,39 @@ def perplexity(
     """exp(mean NLL over every predicted token) of `windows: [N, L]` (each batch split over `mesh`'s data axis).
 
     Batches are padded to `batch_size` (repeating the last window) so one
-    compiled shape serves every batch; padded rows are dropped before summing.
+    compiled shape serves every batch; padded rows are dropped before summing. The windows go to the
+    device in one call before the loop, which runs under `jax.transfer_guard("disallow")`.
     """
     n, seq_len = windows.shape
     devices = 1 if mesh is None else mesh.shape["data"]
     batch_size = min(batch_size, -(-n // devices) * devices)  # padding past the windows there are would only cost
+    padded = -(-n // batch_size) * batch_size
+    if padded > n:
+        windows = np.concatenate([windows, np.repeat(windows[-1:], padded - n, axis=0)])
+    params, chunks = on_device(params, mesh), device_chunks(windows, batch_size, mesh)
     total = 0.0
-    params = replicate(params, mesh)
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
-    for start in range(0, n, batch_size):
-        chunk = windows[start : start + batch_size]
-        real = len(chunk)
-        if real < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
-        sums = np.asarray(_window_nll_sums(params, shard(jnp.asarray(chunk), mesh), cfg), dtype=np.float64)[:real]
+
+    def tally(start: int, sums: jax.Array) -> None:
+        nonlocal total
+        real = min(batch_size, n - start)
+        sums = np.asarray(jax.device_get(sums), np.float64)[:real]
         if not np.isfinite(sums).all():
             raise FloatingPointError(f"non-finite NLL in windows {start}..{start + real - 1} of {desc}")
         total += float(sums.sum())
         bar.update(real)
         bar.set_postfix(ppl=f"{math.exp(total / ((start + real) * (seq_len - 1))):.3f}")
+
+    # Batch i+1 is queued before batch i's sums are fetched (explicitly, for the bar), so the device never waits
+    # on the host; nothing else crosses between them inside the loop.
+    pending = None
+    with jax.transfer_guard("disallow"):
+        for i, chunk in enumerate(chunks):
+            sums = _window_nll_sums(params, chunk, cfg)
+            if pending is not None:
+                tally(*pending)
+            pending = (i * batch_size, sums)
+        tally(*pending)
     bar.close()
     tokens = n * (seq_len - 1)
     return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens, "windows": n, "seq_len": seq_len}

@@ -228,6 +228,21 @@ def learn_block_scales(
                   "steps_run": steps_run}
 
 
+# Compiled once per shape: run eagerly, each block would trace whitening's `lax.cond` branches again.
+_triangular_whitening_jit = jax.jit(triangular_whitening)
+
+
+@functools.partial(jax.jit, static_argnames="rank")
+def _final_factors(w, s, rho, gamma, gram, *, rank: int) -> dict:
+    """The stored factors of learned scales and what compression.json says of them: `B`, `C`, the relative
+    activation loss, the singular values of W, W S and the scaled matrix, and their entropies."""
+    b, c, sig = scaled_factors(w, s, rho, gamma, rank)
+    spectra = {"w": jnp.linalg.svd(w, compute_uv=False), "whitened": jnp.linalg.svd(w @ s, compute_uv=False),
+               "scaled": sig}
+    return {"b": b, "c": c, "rel_loss": relative_activation_loss(w, b @ c, gram), "spectra": spectra,
+            "entropy": {k: effective_rank_entropy(v) for k, v in spectra.items()}}
+
+
 def holdout_windows(n_windows: int, holdout: float) -> int:
     """How many of `n_windows` calibration windows are held out: `max(1, round(holdout · n))`."""
     return max(1, int(round(holdout * n_windows)))
@@ -284,12 +299,12 @@ def sigmascale_block(
     whitenings, routes = {}, {}
     with factor_precision(precision) as dtype:
         for tap in {PROJECTION_INPUT[n] for n in names}:
-            s, route = triangular_whitening(jnp.asarray(stats[tap]["gram"], dtype))
+            s, route = _triangular_whitening_jit(jnp.asarray(stats[tap]["gram"], dtype))
             whitenings[tap], routes[tap] = np.asarray(s), int(route)
     white32 = {n: jnp.asarray(whitenings[PROJECTION_INPUT[n]], jnp.float32) for n in names}
-    from sigmascale_jax.parallel import replicate, shard
+    from sigmascale_jax.parallel import on_device, shard
 
-    block, white32 = replicate(block, mesh), replicate(white32, mesh)
+    block, white32 = on_device(block, mesh), on_device(white32, mesh)
     if kind == "block":
         xs, ys = jnp.asarray(xs), jnp.asarray(ys)
         train = (shard(xs[:-n_hold], mesh), shard(ys[:-n_hold], mesh))
@@ -300,13 +315,15 @@ def sigmascale_block(
         n_train_tokens = (len(xs) - n_hold) * xs.shape[1]
         train = {t: jnp.asarray((stats[t]["gram"] - held[t]["gram"]) / n_train_tokens, jnp.float32) for t in held}
         hold_data = {t: jnp.asarray(held[t]["gram"] / held[t]["tokens"], jnp.float32) for t in held}
+    key = on_device(jax.random.key(0) if key is None else key, mesh)
     t0 = time.perf_counter()
-    scales, trace = learn_block_scales(
-        block, white32, train, hold_data, jax.random.key(0) if key is None else key,
-        cfg=cfg, ranks=tuple(sorted(ranks.items())), kind=kind, steps=steps, lr=lr,
-        batch_windows=batch_windows, eval_every=eval_every, truncation=truncation, min_gain=min_gain,
-    )
-    jax.block_until_ready(scales)
+    with jax.transfer_guard("disallow"):  # the learning loop is one compiled scan over data already on the device
+        scales, trace = learn_block_scales(
+            block, white32, train, hold_data, key,
+            cfg=cfg, ranks=tuple(sorted(ranks.items())), kind=kind, steps=steps, lr=lr,
+            batch_windows=batch_windows, eval_every=eval_every, truncation=truncation, min_gain=min_gain,
+        )
+        jax.block_until_ready(scales)
     learn_s = time.perf_counter() - t0  # compilation included when this block's shapes are new
     new = {k: v for k, v in block.items() if k not in PROJECTIONS}
     info: dict[str, Any] = {}
@@ -314,16 +331,13 @@ def sigmascale_block(
     hold = np.asarray(trace["hold"])
     with factor_precision(precision) as dtype:
         for n in names:
-            w = jnp.asarray(np.asarray(block[n]["w"]), dtype)
-            s = jnp.asarray(whitenings[PROJECTION_INPUT[n]], dtype)
-            rho = jnp.asarray(np.asarray(scales[n]["rho"]), dtype)
-            gamma = jnp.asarray(np.asarray(scales[n]["gamma"]), dtype)
-            b, c, sig = scaled_factors(w, s, rho, gamma, ranks[n])
-            spectra = {"w": jnp.linalg.svd(w, compute_uv=False), "whitened": jnp.linalg.svd(w @ s, compute_uv=False)}
-            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], dtype)
-            if not (np.isfinite(np.asarray(b)).all() and np.isfinite(np.asarray(c)).all()):
+            as_dtype = lambda x: jnp.asarray(np.asarray(x), dtype)  # noqa: E731
+            f = jax.device_get(_final_factors(
+                as_dtype(block[n]["w"]), as_dtype(whitenings[PROJECTION_INPUT[n]]), as_dtype(scales[n]["rho"]),
+                as_dtype(scales[n]["gamma"]), as_dtype(stats[PROJECTION_INPUT[n]]["gram"]), rank=ranks[n]))
+            if not (np.isfinite(f["b"]).all() and np.isfinite(f["c"]).all()):
                 raise FloatingPointError(f"non-finite SigmaScale factors for projection {n} (rank {ranks[n]})")
-            p = {"b": jnp.asarray(b, block[n]["w"].dtype), "c": jnp.asarray(c, block[n]["w"].dtype)}
+            p = {"b": jnp.asarray(f["b"], block[n]["w"].dtype), "c": jnp.asarray(f["c"], block[n]["w"].dtype)}
             if "bias" in block[n]:
                 p["bias"] = block[n]["bias"]
             new[n] = p
@@ -331,14 +345,11 @@ def sigmascale_block(
                 "shape": list(block[n]["w"].shape),
                 "rank": ranks[n],
                 "dense": False,
-                "rel_loss": float(relative_activation_loss(w, b @ c, gram)),
+                "rel_loss": float(f["rel_loss"]),
                 "whitening": WHITEN_NAMES[routes[PROJECTION_INPUT[n]]],
-                "entropy_w": float(effective_rank_entropy(spectra["w"])),
-                "entropy_whitened": float(effective_rank_entropy(spectra["whitened"])),
-                "entropy_scaled": float(effective_rank_entropy(sig)),
+                **{f"entropy_{k}": float(f["entropy"][k]) for k in ("w", "whitened", "scaled")},
             }
-            spectra["scaled"] = sig
-            all_spectra.update({f"{n}.{k}": np.asarray(v, np.float32) for k, v in spectra.items()})
+            all_spectra.update({f"{n}.{k}": np.asarray(v, np.float32) for k, v in f["spectra"].items()})
     for n in dense_info:
         new[n], info[n] = block[n], dense_info[n]
     info = {n: info[n] for n in PROJECTIONS}
