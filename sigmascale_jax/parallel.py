@@ -59,9 +59,10 @@ def sharding(rows: int, mesh: Mesh, rule: str = "windows") -> NamedSharding:
 
 
 def shard(x: Any, mesh: Mesh | None, rule: str = "windows") -> Any:
-    """`x` placed by `RULES[rule]` on `mesh`; unchanged without a mesh, or if its leading axis does not split evenly."""
+    """`x` placed by `RULES[rule]` on `mesh` (replicated if its leading axis does not split evenly); on the default
+    device without a mesh. An explicit transfer: allowed where `jax.transfer_guard("disallow")` holds."""
     if mesh is None:
-        return x
+        return jax.device_put(x)
     return jax.device_put(x, sharding(x.shape[0], mesh, rule))
 
 

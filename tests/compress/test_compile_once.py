@@ -14,7 +14,7 @@ import sigmascale_jax as ssj
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # one per trace of a function: a compile of a new shape
 
 
-@pytest.mark.parametrize("method,settings", [("svd-llm", {}),
+@pytest.mark.parametrize("method,settings", [
                                              ("sigmascale", {"steps": 2, "eval_every": 1, "step_windows": 4})])
 def test_compiles_do_not_grow_with_the_number_of_blocks(method, settings):
     cfg, params, source = ssj.load_model(str(require(STORIES)))

@@ -103,14 +103,14 @@ def _held_loss(params: Params, teacher: Params, tokens: jax.Array, cfg) -> jax.A
 
 
 def held_out_loss(params: Params, teacher: Params, windows: np.ndarray, cfg, batch: int, mesh=None) -> float:
-    """Mean distillation loss (KL only) over `windows: [N, T]`, `batch` windows a call."""
-    from sigmascale_jax.parallel import shard
+    """Mean distillation loss (KL only) over `windows: [N, T]`, `batch` windows a call; the windows go to the device
+    before the loop and the losses come back after it (`jax.transfer_guard("disallow")` in between)."""
+    from sigmascale_jax.parallel import device_chunks
 
-    total = 0.0
-    for s in range(0, len(windows), batch):
-        chunk = windows[s : s + batch]
-        total += float(_held_loss(params, teacher, shard(jnp.asarray(chunk), mesh), cfg)) * len(chunk)
-    return total / len(windows)
+    chunks = device_chunks(windows, batch, mesh)
+    with jax.transfer_guard("disallow"):
+        losses = [_held_loss(params, teacher, chunk, cfg) for chunk in chunks]
+    return sum(float(loss) * len(chunk) for loss, chunk in zip(jax.device_get(losses), chunks)) / len(windows)
 
 
 # ------------------------------------------------------------------ the stage
@@ -191,7 +191,7 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
     """The stage: `blocks` (the compressor's dict forms) distilled toward the dense model; and the record."""
     from tqdm.auto import tqdm
 
-    from sigmascale_jax.parallel import replicate, shard
+    from sigmascale_jax.parallel import on_device, replicate, shard
 
     cfg, spec = ctx.cfg, ctx.spec
     t0 = time.perf_counter()
@@ -221,6 +221,7 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
     restored = ckpt.load(state)
     if restored is not None:
         state, info = restored
+        state = on_device(state, ctx.mesh)  # placed as the fresh state is, before the guarded steps read it
         info["resumed_from"] = info["step"]
     earlier = info.get("seconds", 0.0)  # the interrupted runs' time up to their last checkpoint
     bar = tqdm(total=settings.heal_steps, initial=info["step"], desc="heal", unit="step", disable=not ctx.progress,
@@ -228,9 +229,10 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
     step, stopped = info["step"], info["bad"] >= settings.heal_patience
     while step < settings.heal_steps and not stopped:
         params, opt_state, best = state
-        tokens = shard(jnp.asarray(train[batch_rows(spec.seed, step, n_train, batch)]), ctx.mesh)
-        params, opt_state, loss = distill_step(params, opt_state, teacher, tokens, cfg=cfg, optimizer=tx,
-                                               remat=settings.heal_remat)
+        tokens = shard(train[batch_rows(spec.seed, step, n_train, batch)], ctx.mesh)  # the step's ids: explicit
+        with jax.transfer_guard("disallow"):  # everything else the step reads is on the device already
+            params, opt_state, loss = distill_step(params, opt_state, teacher, tokens, cfg=cfg, optimizer=tx,
+                                                   remat=settings.heal_remat)
         state, step = (params, opt_state, best), step + 1
         bar.update(1)
         if step % settings.heal_eval_every == 0 or step == settings.heal_steps:
