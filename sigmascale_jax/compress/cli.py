@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and an unfinished run)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--no-compile-cache", action="store_true", help=COMPILE_CACHE_HELP)
+    run.add_argument("--plan-only", action="store_true",
+                     help="print each stage's device and host memory, from the model's config alone (no weights "
+                     "read, nothing written; --model may be a config.json), and stop")
+    run.add_argument("--device-memory", default=None, metavar="SIZE",
+                     help="--plan-only: say whether each stage fits a device of this size (e.g. 80GB, 16GiB)")
     run.add_argument("--method", default=None, choices=tuple(FACTORIZERS),
                      help="how to cut (required): " + "; ".join(f"{e.name}: {e.help}" for e in FACTORIZERS.values()))
     run.add_argument("--ranks", default=None, choices=tuple(ALLOCATORS),
@@ -151,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         checker.error = yaml_error  # type: ignore[method-assign]
         checker.parse_args(tokens)  # a bad YAML value is reported against the file
         args = parser.parse_args(tokens + list(sys.argv[1:] if argv is None else argv))
-    for name in ("model", "method", "ratio", "out"):
+    for name in ("model", "method", "ratio") + (() if args.plan_only else ("out",)):
         if getattr(args, name) is None:
             raise UserError(f"--{name} is required (on the command line or in --config)")
     return args
@@ -162,7 +167,7 @@ def spec_and_plan(args: argparse.Namespace):
     spec = RunSpec(**{k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k) is not None})
     refine = tuple(name for name in REFINERS if getattr(args, name.replace("-", "_")))
     skip = set(RUN_FLAGS) | {"config", "out", "data_dir", "overwrite", "no_progress", "no_compile_cache", "method",
-                             "ranks", "encoding"}
+                             "ranks", "encoding", "plan_only", "device_memory"}
     settings = {k: v for k, v in vars(args).items() if k not in skip | set(REFINERS) and v is not None}
     return spec, make_plan(args.method, args.ranks or "uniform", refine, args.encoding or "plain", **settings)
 
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     spec, plan = spec_and_plan(args)
+    if args.plan_only:
+        return plan_only(spec, plan, args.device_memory)
     use_compilation_cache(not args.no_compile_cache)
     report = run(spec, plan, args.out, data_dir=args.data_dir, overwrite=args.overwrite, progress=not args.no_progress)
     extra = (" +update" if report["update"] else "") + (f", ranks {report['ranks_method']}")
@@ -185,3 +192,18 @@ def main(argv: list[str] | None = None) -> int:
           f"in {report['seconds']:.1f} s, host peak {report['memory']['host_peak_mib']:.0f} MiB")
     print(f"wrote {args.out}; evaluate with: python -m sigmascale_jax.eval --model {args.out}")
     return 0
+
+
+def plan_only(spec, plan, device_memory: str | None) -> int:
+    """`--plan-only`: the memory plan of this run from the model's config, printed; no weights read."""
+    from sigmascale_jax.compress.memory import memory_plan, parse_bytes, plan_table
+    from sigmascale_jax.io.sources import read_config
+
+    limit = parse_bytes(device_memory) if device_memory else None
+    cfg = read_config(spec.model)
+    plan.check(spec, cfg)
+    print(f"memory plan: {spec.model} ({cfg.num_layers} blocks, hidden {cfg.hidden_size}), {plan.factorize.name} at "
+          f"ratio {spec.ratio}, {spec.nsamples} x {spec.seq_len} calibration windows, batch {spec.batch_size}")
+    print(plan_table(memory_plan(cfg, spec, plan), limit))
+    return 0
+

@@ -260,6 +260,27 @@ def _gguf_config_uncached(path: Path) -> ModelConfig:
         return config_from_hf(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
 
 
+def read_config(src: str) -> ModelConfig:
+    """The `ModelConfig` of SRC without touching its tensors: what `open_model` reads, and also a bare
+    `config.json` (or a folder holding only one), as `--plan-only` takes for models not on this machine."""
+    path = Path(src).expanduser()
+    if path.is_file() and path.name.endswith(".json"):
+        return _hf_config(path.parent) if path.name == "config.json" else _hf_config_file(path)
+    if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
+        return _hf_config(path)
+    return open_model(src).cfg
+
+
+def _hf_config_file(file: Path) -> ModelConfig:
+    """A config saved under another name (`llama-70b.json`): read through a folder of its own."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(file, Path(tmp) / "config.json")
+        return _hf_config(Path(tmp))
+
+
 def open_model(src: str) -> ModelSource:
     """Resolve SRC and read its config; tensors stay on disk until asked for."""
     path = resolve(src)
