@@ -1,5 +1,9 @@
 #!/bin/bash
-# The accelerator run of issue 16, as one prepared call: bench_scale.py on one Llama-3.1-8B-shaped block
+# The accelerator run, as one prepared call (about 10 minutes). First (issue 30) where an 8B block's time goes:
+# profile_block.py times statistics, whitening, svd-llm's factorization in float32 and float64 and one SigmaScale
+# step, writing its table after every part, then traces each with jax.profiler ($OUT/profile_gpu-trace); and the
+# memory plan of the same run (--plan-only) beside the device's measured peak. Then, as issue 16 had it:
+# bench_scale.py on one Llama-3.1-8B-shaped block
 # (eigh truncation, per stage and the whole SigmaScale factorizer), one Qwen3-8B-shaped block, then the
 # svd truncation's step on the Llama block for comparison. Each part has its own time limit and writes
 # its own JSON/markdown under $OUT (default results/), so a part that runs out of time loses only itself.
@@ -12,9 +16,13 @@ B=${SHAPE_B:-qwen3-8b}
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-timeout ${T1:-330} $PY scripts/bench_scale.py --shapes "$A" --truncations eigh --full-block --work /tmp/scale \
+timeout ${T0:-270} $PY scripts/profile_block.py --shape "$A" --work /tmp/scale --out "$OUT/profile_gpu" \
+    || echo "part 0 failed: $?"
+timeout ${TP:-60} $PY -m sigmascale_jax.compress --model /tmp/scale/$A --method sigmascale --ratio 0.2 \
+    --steps 50 --step-windows 4 --plan-only --device-memory 80GB > "$OUT/plan_gpu.txt" || echo "plan failed: $?"
+timeout ${T1:-150} $PY scripts/bench_scale.py --shapes "$A" --truncations eigh --full-block --work /tmp/scale \
     --out "$OUT/scale_gpu_a" || echo "part 1 failed: $?"
-timeout ${T2:-110} $PY scripts/bench_scale.py --shapes "$B" --truncations eigh --work /tmp/scale \
+timeout ${T2:-50} $PY scripts/bench_scale.py --shapes "$B" --truncations eigh --work /tmp/scale \
     --out "$OUT/scale_gpu_b" || echo "part 2 failed: $?"
-timeout ${T3:-100} $PY scripts/bench_scale.py --shapes "$A" --truncations svd --work /tmp/scale \
+timeout ${T3:-50} $PY scripts/bench_scale.py --shapes "$A" --truncations svd --work /tmp/scale \
     --out "$OUT/scale_gpu_a_svd" || echo "part 3 failed: $?"
