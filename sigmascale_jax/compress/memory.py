@@ -25,7 +25,7 @@ import numpy as np
 from sigmascale_jax.compress.plan import Plan, RunSpec
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.model.config import ModelConfig
-from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
+from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, _block_jit
 
 GiB = 2**30
 EVAL_STAGE = "evaluate (eval command)"
@@ -44,8 +44,8 @@ def parse_bytes(text: str) -> int:
 @dataclasses.dataclass
 class StagePlan:
     name: str
-    device: int  # peak bytes on one device while the stage runs
-    host: int  # bytes the stage holds on the host
+    device: int | None  # peak bytes on one device while the stage runs (None: not estimated)
+    host: int | None  # bytes the stage holds on the host
     detail: str = ""
 
 
@@ -96,12 +96,34 @@ class _null:
         return False
 
 
+def group_memory(cfg: ModelConfig, spec: RunSpec, ranks: dict, group_fn: Callable, extra: int, **static) -> int:
+    """Device bytes of the largest same-shape group of a per-matrix factorizer: `group_fn(w [G, m, n], gram
+    [G, n, n], *([G, n, n] or [G, n]) * extra, **static)` compiled in the run's precision."""
+    from sigmascale_jax.compress.factorize._blocks import low_rank_groups
+    from sigmascale_jax.linalg.precision import resolve_precision
+
+    x64 = resolve_precision(spec.precision) == "float64"
+    dtype = jnp.float64 if x64 else jnp.float32
+    shapes = cfg.projection_shapes()
+    peaks = [0]
+    for ((m, n), rank), names in low_rank_groups({p: {"w": _Shape(shapes[p])} for p in PROJECTIONS}, ranks).items():
+        g = len(names)
+        args = [jax.ShapeDtypeStruct((g, m, n), dtype), *[jax.ShapeDtypeStruct((g, n, n), dtype)] * (1 + extra)]
+        peaks.append(compiled_peak(group_fn, *args, x64=x64, rank=rank, **static))
+    return max(peaks)
+
+
+class _Shape:
+    """Stands in for an array where only `.shape` is read (`low_rank_groups` reads nothing else)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
 def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     """The stages `spec` and `plan` run, each with its device peak and host bytes (see the module's docstring)."""
     from sigmascale_jax.compress.ranks import block_ranks
     from sigmascale_jax.compress.stats import block_stats_chunk
-    from sigmascale_jax.linalg.precision import resolve_precision
-    from sigmascale_jax.model.modeling import _block_jit
 
     n, t, d = spec.nsamples, spec.seq_len, cfg.hidden_size
     b = min(spec.batch_size, n)
@@ -124,54 +146,17 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     peak = compiled_peak(_block_jit, block, x, cfg=cfg)
     stages.append(StagePlan("propagate", peak + 2 * acts, host_base + acts, "the block applied to every window"))
 
+    if plan.allocate.name != "uniform":
+        stages.append(StagePlan(f"allocate ({plan.allocate.name})", None, None,
+                                "not estimated yet (whole-model passes; the plan's ranks are uniform)"))
     ranks = block_ranks(cfg, spec.ratio)
-    precision = resolve_precision(spec.precision)
-    wide = 8 if precision == "float64" else 4
-    fdtype = jnp.float64 if precision == "float64" else jnp.float32
-    name = plan.factorize.name
-    if name == "sigmascale" and plan.factorize.settings.loss != "paper":
-        from sigmascale_jax.compress.factorize.sigmascale.block import holdout_windows, learn_block_scales
-
-        s = plan.factorize.settings
-        hold = holdout_windows(n, s.holdout)
-        whitening = {p: jax.ShapeDtypeStruct((cfg.projection_shapes()[p][1],) * 2, jnp.float32) for p in PROJECTIONS}
-        train = (jax.ShapeDtypeStruct((n - hold, t, d), jnp.float32),) * 2
-        held = (jax.ShapeDtypeStruct((hold, t, d), jnp.float32),) * 2
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        peak = compiled_peak(learn_block_scales, block, whitening, train, held, key, cfg=cfg,
-                             ranks=tuple(sorted(ranks.items())), kind=s.loss, steps=s.steps, lr=s.lr,
-                             batch_windows=s.step_windows, eval_every=s.eval_every, truncation=s.truncation,
-                             min_gain=s.min_gain)
-        stages.append(StagePlan("factorize (sigmascale)", peak, host_base + 2 * acts + stats_host,
-                                f"the learning scan, {s.step_windows} windows a step"))
-    else:
-        from sigmascale_jax.compress.factorize._blocks import low_rank_groups
-        from sigmascale_jax.compress.factorize.svd_llm import _whitened_group
-
-        shapes = cfg.projection_shapes()
-        peaks = []
-        # low_rank_groups reads only the shapes of the block's matrices
-        for (shape, rank), names in low_rank_groups({p: {"w": _Shape(shapes[p])} for p in PROJECTIONS}, ranks).items():
-            g, (m, k_in) = len(names), shape
-            args = (jax.ShapeDtypeStruct((g, m, k_in), fdtype), jax.ShapeDtypeStruct((g, k_in, k_in), fdtype),
-                    jax.ShapeDtypeStruct((g, k_in, k_in), fdtype))
-            peaks.append(compiled_peak(_whitened_group, *args, x64=precision == "float64", rank=rank,
-                                       triangular=True, update=False,
-                                       solver="gram" if precision == "float64" else "svd"))
-        stages.append(StagePlan(f"factorize ({name}, {precision})", max(peaks),
-                                host_base + acts + stats_host + block_bytes // f32 * wide,
-                                "the largest same-shape group (SVD-LLM's whitened truncation)"))
-
-    if any(r.name == "heal" for r in plan.refine):
-        heal = next(r for r in plan.refine if r.name == "heal").settings
-        params = abstract_params(cfg)
-        tokens = jax.ShapeDtypeStruct((heal.heal_batch, heal.heal_seq_len or t), jnp.int32)
-        peak = compiled_peak(_distill_loss_grad, params, params, tokens, cfg=cfg, remat=heal.heal_remat)
-        # AdamW's two moments of the factors, at most the dense projections' size
-        moments = 2 * cfg.num_layers * sum(m * k for m, k in cfg.projection_shapes().values()) * f32
-        stages.append(StagePlan("heal", peak + moments, outer_bytes + cfg.num_layers * block_bytes,
-                                f"teacher + student forward and backward, {heal.heal_batch} × "
-                                f"{heal.heal_seq_len or t} tokens a step (a dense-shaped student: an upper bound)"))
+    fz = plan.factorize
+    device, detail = fz.memory(cfg, spec, ranks) if fz.memory else (None, "not estimated for this method")
+    stages.append(StagePlan(f"factorize ({fz.name})", device, host_base + 2 * acts + stats_host, detail))
+    for refiner in plan.refine:
+        if refiner.memory:
+            device, detail = refiner.memory(cfg, spec)
+            stages.append(StagePlan(refiner.name, device, outer_bytes + cfg.num_layers * block_bytes, detail))
 
     # Evaluation holds the whole model; its blocks run one after the other, so beside the weights it needs one
     # block's working memory (compiled) and the head's logits with their log-softmax ([L, V] float32, twice).
@@ -184,26 +169,16 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     return stages
 
 
-def _distill_loss_grad(params, teacher, tokens, *, cfg, remat):
-    from sigmascale_jax.compress.refine.heal import distill_loss
-
-    return jax.grad(lambda p: distill_loss(p, teacher, tokens, cfg, 0.0, remat)[0])(params)
-
-
-class _Shape:
-    """Stands in for an array where only `.shape` is read."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-
 def plan_table(stages: list[StagePlan], device_memory: int | None) -> str:
     """The plan as the text `--plan-only` prints: one line a stage, and whether it fits `device_memory`."""
     lines = [f"{'stage':<34} {'device GiB':>10} {'host GiB':>9}" + ("  fits" if device_memory else "")]
     for s in stages:
+        if s.device is None:
+            lines.append(f"{s.name:<34} {'-':>10} {'-':>9}{'     ' if device_memory else ''}  {s.detail}")
+            continue
         fits = ("  yes" if s.device <= device_memory else "  NO") if device_memory else ""
         lines.append(f"{s.name:<34} {s.device / GiB:>10.2f} {s.host / GiB:>9.2f}{fits}  {s.detail}")
-    run = [s for s in stages if s.name != EVAL_STAGE]
+    run = [s for s in stages if s.name != EVAL_STAGE and s.device is not None]
     peak = max(run, key=lambda s: s.device)
     lines.append(f"compression peak: {peak.device / GiB:.2f} GiB of device memory ({peak.name}), "
                  f"{max(s.host for s in run) / GiB:.2f} GiB of host memory"
@@ -214,4 +189,4 @@ def plan_table(stages: list[StagePlan], device_memory: int | None) -> str:
 
 def compression_peak(stages: list[StagePlan]) -> StagePlan:
     """The compression stage with the largest device peak (the eval command's stage aside)."""
-    return max((s for s in stages if s.name != EVAL_STAGE), key=lambda s: s.device)
+    return max((s for s in stages if s.name != EVAL_STAGE and s.device is not None), key=lambda s: s.device)

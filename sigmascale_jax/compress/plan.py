@@ -156,6 +156,8 @@ class Factorizer(NamedTuple):
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
     progress: Callable[[BlockResult], dict[str, str]] = lambda result: mean_loss(result)  # the block bar's postfix
     flat_record: bool = False  # also copy its settings to compression.json's top-level key of its name (format 1)
+    # `(device bytes, note)` of factoring one block at `ranks`, from shapes alone (`--plan-only`; None: not estimated)
+    memory: Callable[[ModelConfig, RunSpec, dict], tuple[int, str]] | None = None
 
 
 def mean_loss(result: BlockResult) -> dict[str, str]:
@@ -194,6 +196,7 @@ class Refiner(NamedTuple):
     settings: Settings
     refine: Callable[[ModelContext, list[Params], Ranks], tuple[list[Params], dict[str, Any]]]
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
+    memory: Callable[[ModelConfig, RunSpec], tuple[int, str]] | None = None  # device bytes, note (`--plan-only`)
 
 
 @dataclasses.dataclass(frozen=True)

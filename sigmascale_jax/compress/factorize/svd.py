@@ -42,4 +42,9 @@ def svd() -> Factorizer:
         with factor_precision(inputs.precision) as dtype:
             return factor_block(inputs.block, ranks, group, "svd")
 
-    return Factorizer("svd", NoSettings(), factor)
+    def memory(cfg, spec, ranks) -> tuple[int, str]:
+        from sigmascale_jax.compress.memory import group_memory
+
+        return group_memory(cfg, spec, ranks, svd_group, 0), "the largest same-shape group's SVD"
+
+    return Factorizer("svd", NoSettings(), factor, memory=memory)

@@ -144,4 +144,13 @@ def svd_llm(update: bool = False) -> Factorizer:
         with factor_precision(inputs.precision) as dtype:
             return factor_block(inputs.block, ranks, group, "svd-llm")
 
-    return Factorizer("svd-llm", settings, factor, needs_dense_stream=settings.update, check=check)
+    def memory(cfg, spec: RunSpec, ranks) -> tuple[int, str]:
+        from sigmascale_jax.compress.memory import group_memory
+        from sigmascale_jax.linalg.precision import resolve_precision
+
+        precision = resolve_precision(spec.precision)
+        peak = group_memory(cfg, spec, ranks, _whitened_group, 1, triangular=True, update=settings.update,
+                            solver="gram" if precision == "float64" else "svd")
+        return peak, f"the largest same-shape group's whitened truncation ({precision})"
+
+    return Factorizer("svd-llm", settings, factor, needs_dense_stream=settings.update, check=check, memory=memory)

@@ -280,7 +280,22 @@ def heal(**kwargs: Any) -> Refiner:
     def refine(ctx: ModelContext, blocks: list[Params], ranks: Ranks) -> tuple[list[Params], dict]:
         return heal_model(ctx, blocks, settings)
 
-    return Refiner("heal", settings, refine, check)
+    def memory(cfg, spec: RunSpec) -> tuple[int, str]:
+        from sigmascale_jax.compress.memory import abstract_params, compiled_peak
+
+        params = abstract_params(cfg)
+        length = settings.heal_seq_len or spec.seq_len
+        tokens = jax.ShapeDtypeStruct((settings.heal_batch, length), jnp.int32)
+        peak = compiled_peak(_loss_grad, params, params, tokens, cfg=cfg, remat=settings.heal_remat)
+        moments = 2 * cfg.num_layers * sum(m * n for m, n in cfg.projection_shapes().values()) * 4  # AdamW's, at most
+        return peak + moments, (f"teacher + student forward and backward, {settings.heal_batch} x {length} tokens a "
+                                "step (a dense-shaped student: an upper bound)")
+
+    return Refiner("heal", settings, refine, check, memory)
+
+
+def _loss_grad(params: Params, teacher: Params, tokens: jax.Array, *, cfg, remat: bool) -> Params:
+    return jax.grad(lambda p: distill_loss(p, teacher, tokens, cfg, 0.0, remat)[0])(params)
 
 
 # ------------------------------------------------------------------ after the fact: a finished folder

@@ -68,7 +68,29 @@ def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None =
         block, spectra = info.pop("_block", None), info.pop("_spectra", None)
         return BlockResult(new, info, block, spectra)
 
-    return Factorizer("sigmascale", settings, factor, check=check, needs_outputs=True, progress=progress,
+    def memory(cfg, spec: RunSpec, ranks) -> tuple[int, str]:
+        """The learning scan's compiled peak (the block loss); the paper's per-matrix recipe is not estimated."""
+        if settings.loss != "block":
+            return 0, f"not estimated for --loss {settings.loss}"
+        import jax
+        import jax.numpy as jnp
+
+        from sigmascale_jax.compress.factorize.sigmascale.block import learn_block_scales
+        from sigmascale_jax.compress.memory import abstract_block, compiled_peak
+
+        n, t, d = spec.nsamples, spec.seq_len, cfg.hidden_size
+        hold = holdout_windows(n, settings.holdout)
+        shapes = cfg.projection_shapes()
+        whitening = {p: jax.ShapeDtypeStruct((shapes[p][1],) * 2, jnp.float32) for p in shapes}
+        window = lambda k: jax.ShapeDtypeStruct((k, t, d), jnp.float32)  # noqa: E731
+        peak = compiled_peak(learn_block_scales, abstract_block(cfg), whitening, (window(n - hold),) * 2,
+                             (window(hold),) * 2, jax.eval_shape(lambda: jax.random.key(0)), cfg=cfg,
+                             ranks=tuple(sorted(ranks.items())), kind="block", steps=settings.steps, lr=settings.lr,
+                             batch_windows=settings.step_windows, eval_every=settings.eval_every,
+                             truncation=settings.truncation, min_gain=settings.min_gain)
+        return peak, f"the learning scan, {settings.step_windows} windows a step"
+
+    return Factorizer("sigmascale", settings, factor, check=check, needs_outputs=True, progress=progress, memory=memory,
                       flat_record=True)
 
 
