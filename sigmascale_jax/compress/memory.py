@@ -146,7 +146,7 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     peak = compiled_peak(_block_jit, block, x, cfg=cfg)
     stages.append(StagePlan("propagate", peak + 2 * acts, host_base + acts, "the block applied to every window"))
 
-    if plan.allocate.name != "uniform":
+    if plan.allocate.costly:  # whole-model passes (ZS-SVD, FermiGrad, ...), not the cheap uniform ranks
         stages.append(StagePlan(f"allocate ({plan.allocate.name})", None, None,
                                 "not estimated yet (whole-model passes; the plan's ranks are uniform)"))
     ranks = block_ranks(cfg, spec.ratio)
