@@ -16,13 +16,13 @@ B=${SHAPE_B:-qwen3-8b}
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-timeout ${T0:-270} $PY scripts/profile_block.py --shape "$A" --work /tmp/scale --out "$OUT/profile_gpu" \
+timeout ${T0:-240} $PY scripts/profile_block.py --shape "$A" --work /tmp/scale --out "$OUT/profile_gpu" \
     || echo "part 0 failed: $?"
-timeout ${TP:-60} $PY -m sigmascale_jax.compress --model /tmp/scale/$A --method sigmascale --ratio 0.2 \
+timeout ${TP:-120} $PY -m sigmascale_jax.compress --model /tmp/scale/$A --method sigmascale --ratio 0.2 \
     --steps 50 --step-windows 4 --plan-only --device-memory 80GB > "$OUT/plan_gpu.txt" || echo "plan failed: $?"
 timeout ${T1:-150} $PY scripts/bench_scale.py --shapes "$A" --truncations eigh --full-block --work /tmp/scale \
     --out "$OUT/scale_gpu_a" || echo "part 1 failed: $?"
-timeout ${T2:-50} $PY scripts/bench_scale.py --shapes "$B" --truncations eigh --work /tmp/scale \
+timeout ${T2:-40} $PY scripts/bench_scale.py --shapes "$B" --truncations eigh --work /tmp/scale \
     --out "$OUT/scale_gpu_b" || echo "part 2 failed: $?"
-timeout ${T3:-50} $PY scripts/bench_scale.py --shapes "$A" --truncations svd --work /tmp/scale \
+timeout ${T3:-40} $PY scripts/bench_scale.py --shapes "$A" --truncations svd --work /tmp/scale \
     --out "$OUT/scale_gpu_a_svd" || echo "part 3 failed: $?"
