@@ -114,4 +114,8 @@ def use_compilation_cache(enabled: bool = True) -> Path | None:
         return None
     folder = root / "xla"
     jax.config.update("jax_compilation_cache_dir", str(folder))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        # JAX keeps only programs that took a second to compile; a block's functions take 0.1-1 s each on a CPU
+        # and there are dozens of them, which is the time a second run should not spend again
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     return folder
