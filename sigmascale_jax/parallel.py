@@ -4,9 +4,8 @@ Calibration and evaluation windows split over the `data` axis: every chunk of wi
 passed to a jit-compiled function is placed with its leading (window) axis sharded
 over the mesh, and XLA partitions the computation and inserts the reductions (a Gram
 matrix sums over tokens, a loss over windows). Weights stay replicated. Without a
-mesh (one device) arrays go to that device with an explicit `jax.device_put` (the transfer
-a `jax.transfer_guard("disallow")` around the loops allows): the computation is the
-single-device one, bit for bit.
+mesh (one device) nothing is placed: the code path is the single-device one, bit
+for bit.
 
     mesh = make_mesh("data=8")            # or None: every local device; "data=1": no mesh
     x = shard(x, mesh, "windows")         # [N, ...] split over data when N divides evenly

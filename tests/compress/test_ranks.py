@@ -290,8 +290,8 @@ def test_correction_guard_keeps_the_uncorrected_factors_when_held_out_loss_rises
     assert ref["refine"][0]["held_out_loss_after"] < ref["refine"][0]["held_out_loss_before"]
     real = corr_mod.correct_block
 
-    def harmful(dense, comp, grads, stats, ranks):  # a step that doubles every corrected left factor
-        new, info = real(dense, comp, grads, stats, ranks)
+    def harmful(dense, comp, grads, stats, ranks, *rest):  # a step that doubles every corrected left factor
+        new, info = real(dense, comp, grads, stats, ranks, *rest)
         return {n: ({**p, "b": p["b"] * 2} if n in info else p) for n, p in new.items()}, info
 
     monkeypatch.setattr(corr_mod, "correct_block", harmful)
