@@ -77,39 +77,30 @@ def nbytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def compiled_peak(fn: Callable, *args, x64: bool = False, **kwargs) -> int:
-    """Bytes XLA's memory analysis gives `fn(*args, **kwargs)` compiled for these abstract args."""
-    ctx = jax.enable_x64(True) if x64 else _null()
-    with ctx:
-        stats = jax.jit(fn, static_argnames=tuple(kwargs)).lower(*args, **kwargs).compile().memory_analysis()
+def compiled_peak(fn: Callable, *args, **kwargs) -> int:
+    """Bytes XLA's memory analysis gives `fn(*args, **kwargs)` compiled for these abstract args (float64 ones
+    inside `linalg.precision.factor_precision`)."""
+    stats = jax.jit(fn, static_argnames=tuple(kwargs)).lower(*args, **kwargs).compile().memory_analysis()
     if stats is None:  # a backend without the analysis: count what goes in and out at least
         return nbytes(args) + nbytes(jax.eval_shape(lambda *a: fn(*a, **kwargs), *args))
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
                - stats.alias_size_in_bytes)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def group_memory(cfg: ModelConfig, spec: RunSpec, ranks: dict, group_fn: Callable, extra: int, **static) -> int:
     """Device bytes of the largest same-shape group of a per-matrix factorizer: `group_fn(w [G, m, n], gram
     [G, n, n], *([G, n, n] or [G, n]) * extra, **static)` compiled in the run's precision."""
     from sigmascale_jax.compress.factorize._blocks import low_rank_groups
-    from sigmascale_jax.linalg.precision import resolve_precision
+    from sigmascale_jax.linalg.precision import factor_precision
 
-    x64 = resolve_precision(spec.precision) == "float64"
-    dtype = jnp.float64 if x64 else jnp.float32
     shapes = cfg.projection_shapes()
     peaks = [0]
-    for ((m, n), rank), names in low_rank_groups({p: {"w": _Shape(shapes[p])} for p in PROJECTIONS}, ranks).items():
-        g = len(names)
-        args = [jax.ShapeDtypeStruct((g, m, n), dtype), *[jax.ShapeDtypeStruct((g, n, n), dtype)] * (1 + extra)]
-        peaks.append(compiled_peak(group_fn, *args, x64=x64, rank=rank, **static))
+    with factor_precision(spec.precision) as dtype:
+        for ((m, n), rank), names in low_rank_groups({p: {"w": _Shape(shapes[p])} for p in PROJECTIONS},
+                                                     ranks).items():
+            g = len(names)
+            args = [jax.ShapeDtypeStruct((g, m, n), dtype), *[jax.ShapeDtypeStruct((g, n, n), dtype)] * (1 + extra)]
+            peaks.append(compiled_peak(group_fn, *args, rank=rank, **static))
     return max(peaks)
 
 
