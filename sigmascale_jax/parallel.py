@@ -1,18 +1,32 @@
-"""A device mesh with one `data` axis, and sharding as data: which arrays split along it.
+"""A `(data, model)` device mesh, and sharding as data: which axis of which array splits over which mesh axis.
 
-Calibration and evaluation windows split over the `data` axis: every chunk of windows
-passed to a jit-compiled function is placed with its leading (window) axis sharded
-over the mesh, and XLA partitions the computation and inserts the reductions (a Gram
-matrix sums over tokens, a loss over windows). Weights stay replicated. Without a
-mesh (one device) nothing is placed: the code path is the single-device one, bit
-for bit.
+Calibration and evaluation windows split over the `data` axis; weights and factors split
+over the `model` axis (attention heads, MLP width, vocabulary), so a big model needs no
+full replica per device. Each array gets *logical* axis names from where it sits in the
+params tree (`PROJECTION_AXES`, `FIELD_AXES`, `TOP_AXES`), and `LOGICAL_RULES` maps logical
+names to mesh axes, as MaxText's logical axis rules do. Arrays are placed with those
+shardings before a jit-compiled function runs, and XLA partitions the computation and
+inserts the collectives (a Gram matrix sums over tokens, a projection's output gathers
+over heads). Without a mesh (one device) arrays go to the default device: the
+single-device code path, bit for bit.
 
-    mesh = make_mesh("data=8")            # or None: every local device; "data=1": no mesh
-    x = shard(x, mesh, "windows")         # [N, ...] split over data when N divides evenly
+    mesh = make_mesh("data=2,model=4")        # None (all local devices on data), "data=1": no mesh
+    x = shard(x, mesh, "windows")             # [N, ...] split over data when N divides evenly
+    params = on_device(params, mesh)          # weights split over model by the rules
+
+Several processes (hosts) run one job with JAX's own multi-controller model: every process
+runs the same program, `initialize` joins them (`jax.distributed.initialize`), the mesh
+spans every process's devices, each process places the shards of a window batch that its
+devices hold, and XLA's collectives (gloo on CPU) reduce Gram matrices, losses and
+gradients across them. `fetch` brings any result back to every process's host.
+
+A user's own `Mesh` with other axis names: `Layout(mesh, {"batch": "dp", "heads": "tp", ...})`
+wherever a mesh is taken (a plain `Mesh` uses `LOGICAL_RULES` with the axes it has).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -21,56 +35,132 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sigmascale_jax.errors import UserError
 
-# What splits along the data axis: a name per kind of array, its PartitionSpec (rules as data).
-RULES: dict[str, PartitionSpec] = {
-    "windows": PartitionSpec("data"),  # [N, ...]: calibration / evaluation windows, activations, targets
-    "replicated": PartitionSpec(),  # weights, statistics
+AXES = ("data", "model")  # the command line's mesh axes, in device-grid order
+
+# logical axis -> mesh axis (None: never split)
+LOGICAL_RULES: dict[str, str | None] = {
+    "batch": "data",  # windows, activations, targets
+    "vocab": "model",  # embedding and LM head rows
+    "heads": "model",  # q/k/v outputs, o inputs (heads × head_dim)
+    "mlp": "model",  # gate/up outputs, down inputs
+    "embed": None,  # the residual stream: every device holds it whole
+    "rank": None,  # factor ranks differ per matrix and are small
+}
+
+# (out, in) logical axes of each projection's matrix [out, in]
+PROJECTION_AXES: dict[str, tuple[str, str]] = {
+    "q": ("heads", "embed"), "k": ("heads", "embed"), "v": ("heads", "embed"), "o": ("embed", "heads"),
+    "gate": ("mlp", "embed"), "up": ("mlp", "embed"), "down": ("embed", "mlp"),
+}
+
+# a projection's arrays by field name, in terms of its matrix's (out, in): B [out, k], C [k, in], PivGa's R
+# [k, in - k] (its columns are permuted, so only the rank could split)
+FIELD_AXES: dict[str, tuple[str, ...]] = {
+    "w": ("out", "in"), "b": ("out", "rank"), "c": ("rank", "in"), "bias": ("out",), "r": ("rank", None),
+}
+
+TOP_AXES: dict[str, tuple[str, ...]] = {"embed": ("vocab", "embed"), "lm_head": ("vocab", "embed")}
+
+RULES: dict[str, tuple[str | None, ...]] = {  # kinds of data arrays, by their logical axes
+    "windows": ("batch",),  # [N, ...]
+    "replicated": (),  # statistics, keys, scalars
 }
 
 
-def parse_mesh(spec: str | None) -> int:
-    """The data-axis size of `--mesh data=N` (None: all local devices)."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh and the logical axis rules that place arrays on it (`rules`: logical name -> mesh axis or None)."""
+
+    mesh: Mesh
+    rules: dict[str, str | None] = dataclasses.field(default_factory=lambda: dict(LOGICAL_RULES))
+
+    def axis(self, logical: str | None) -> str | None:
+        """The mesh axis a logical axis splits over (None when the rules or the mesh have none for it)."""
+        name = self.rules.get(logical) if logical else None
+        return name if name in self.mesh.axis_names else None
+
+    def size(self, logical: str) -> int:
+        """How many ways a logical axis splits (1 when it does not)."""
+        name = self.axis(logical)
+        return 1 if name is None else int(self.mesh.shape[name])
+
+    def spec(self, logical: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec:
+        """The PartitionSpec of an array with these logical axes: a dimension that does not divide evenly (or
+        an axis already used by an earlier dimension) stays whole."""
+        names, used = [], set()
+        for axis, dim in zip(logical, shape):
+            name = self.axis(axis)
+            if name is None or name in used or dim % self.mesh.shape[name]:
+                name = None
+            used.add(name)
+            names.append(name)
+        while names and names[-1] is None:
+            names.pop()
+        return PartitionSpec(*names)
+
+
+def as_layout(mesh: Mesh | Layout | None) -> Layout | None:
+    """A `Layout` of a mesh (the default rules), a layout as it is, or None without a mesh."""
+    if mesh is None or isinstance(mesh, Layout):
+        return mesh
+    return Layout(mesh)
+
+
+def data_size(mesh: Mesh | Layout | None) -> int:
+    """How many ways windows split (1 without a mesh)."""
+    layout = as_layout(mesh)
+    return 1 if layout is None else layout.size("batch")
+
+
+def parse_mesh(spec: str | None) -> dict[str, int]:
+    """`{"data": N, "model": M}` of `--mesh data=N,model=M` (either may be left out: 1; None: every device on data,
+    every process's devices in a multi-process run)."""
     if spec is None:
-        return jax.local_device_count()
-    name, _, size = spec.partition("=")
-    if name.strip() != "data" or not size.strip().isdigit() or int(size) < 1:
-        raise UserError(f"--mesh takes data=N with N ≥ 1 (one data axis), got {spec!r}")
-    n = int(size)
-    if n > jax.local_device_count():
-        raise UserError(f"--mesh data={n}: only {jax.local_device_count()} local devices")
-    return n
+        return {"data": jax.device_count(), "model": 1}
+    sizes = {"data": 1, "model": 1}
+    for part in spec.split(","):
+        name, _, size = part.partition("=")
+        name = name.strip()
+        if name not in sizes or not size.strip().isdigit() or int(size) < 1:
+            raise UserError(f"--mesh takes data=N,model=M with N, M ≥ 1 (either may be left out), got {spec!r}")
+        sizes[name] = int(size)
+    n = sizes["data"] * sizes["model"]
+    if n > jax.device_count():
+        raise UserError(f"--mesh {spec}: needs {n} devices, only {jax.device_count()} available")
+    return sizes
 
 
 def make_mesh(spec: str | None = None) -> Mesh | None:
-    """A one-axis `data` mesh over the first N local devices, or None for one device."""
-    n = parse_mesh(spec)
+    """A `(data, model)` mesh over the first data × model devices, or None for one device."""
+    sizes = parse_mesh(spec)
+    n = sizes["data"] * sizes["model"]
     if n == 1:
         return None
-    return Mesh(jax.local_devices()[:n], ("data",))
+    devices = np.asarray(jax.devices()[:n]).reshape(sizes["data"], sizes["model"])
+    return Mesh(devices, AXES)
 
 
-def sharding(rows: int, mesh: Mesh, rule: str = "windows") -> NamedSharding:
-    """Where an array with `rows` leading rows goes by `RULES[rule]` on `mesh` (replicated unless they split
+def sharding(rows: int, mesh: Mesh | Layout, rule: str = "windows") -> NamedSharding:
+    """Where an array with `rows` leading rows goes by `RULES[rule]` (whole on every device unless they split
     evenly)."""
-    spec = RULES[rule]
-    if spec and rows % mesh.shape["data"]:
-        spec = PartitionSpec()  # an uneven last chunk runs replicated: right, only not split
-    return NamedSharding(mesh, spec)
+    layout = as_layout(mesh)
+    return NamedSharding(layout.mesh, layout.spec(RULES[rule], (rows,)))
 
 
-def shard(x: Any, mesh: Mesh | None, rule: str = "windows") -> Any:
-    """`x` placed by `RULES[rule]` on `mesh` (replicated if its leading axis does not split evenly); on the default
-    device without a mesh. An explicit transfer: allowed where `jax.transfer_guard("disallow")` holds."""
+def shard(x: Any, mesh: Mesh | Layout | None, rule: str = "windows") -> Any:
+    """`x` placed by `RULES[rule]` on `mesh` (whole on every device if its leading axis does not split evenly); on
+    the default device without a mesh. An explicit transfer: allowed where `jax.transfer_guard("disallow")`
+    holds."""
     if mesh is None:
         return jax.device_put(x)
     return jax.device_put(x, sharding(x.shape[0], mesh, rule))
 
 
-def device_chunks(xs: Any, size: int, mesh: Mesh | None) -> list[jax.Array]:
+def device_chunks(xs: Any, size: int, mesh: Mesh | Layout | None) -> list[jax.Array]:
     """`xs: [N, ...]` cut into chunks of `size` rows (the last may be shorter), placed on the device(s) in one call.
 
-    Each chunk is split over `mesh`'s data axis as `shard` places it. The data moves once, before a loop over the
-    chunks, which then runs under `jax.transfer_guard("disallow")` with nothing left to move.
+    Each chunk is split over the mesh's data axis as `shard` places it. The data moves once, before a loop over
+    the chunks, which then runs under `jax.transfer_guard("disallow")` with nothing left to move.
     """
     pieces = [np.asarray(xs[s : s + size]) for s in range(0, len(xs), size)]
     if mesh is None:
@@ -78,13 +168,113 @@ def device_chunks(xs: Any, size: int, mesh: Mesh | None) -> list[jax.Array]:
     return jax.device_put(pieces, [sharding(len(p), mesh) for p in pieces])
 
 
-def on_device(tree: Any, mesh: Mesh | None) -> Any:
-    """Every array of `tree` on the device, or replicated over `mesh`: weights placed once, before a loop uses them."""
-    return jax.device_put(tree) if mesh is None else replicate(tree, mesh)
+def _key_name(k: Any) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return k
 
 
-def replicate(tree: Any, mesh: Mesh | None) -> Any:
-    """Every array of `tree` copied to every device of `mesh` (weights beside sharded windows); unchanged without one."""
+def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
+    """The logical axes of the array at `path` in a params tree (a block's, the whole model's, or anything holding
+    them, such as an optimizer state): a projection's field by `PROJECTION_AXES` and `FIELD_AXES`, the embedding
+    and LM head by `TOP_AXES`; anything else (norms, scales, statistics, codes) has none."""
+    names = [_key_name(k) for k in path]
+    proj = next((n for n in reversed(names) if n in PROJECTION_AXES), None)
+    if proj is not None:
+        field = next((n for n in names[names.index(proj) + 1 :] if n in FIELD_AXES), None)
+        if field is not None and len(FIELD_AXES[field]) == ndim:
+            out, inp = PROJECTION_AXES[proj]
+            return tuple({"out": out, "in": inp}.get(a, a) for a in FIELD_AXES[field])
+        return ()
+    top = names[-1] if names else None
+    if top in TOP_AXES and len(TOP_AXES[top]) == ndim:
+        return TOP_AXES[top]
+    return ()
+
+
+def param_shardings(tree: Any, mesh: Mesh | Layout) -> Any:
+    """A NamedSharding for every array of `tree`, by its logical axes (`logical_axes`) and the layout's rules."""
+    layout = as_layout(mesh)
+
+    def one(path, x):
+        shape = tuple(np.shape(x))
+        return NamedSharding(layout.mesh, layout.spec(logical_axes(path, len(shape)), shape))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def on_device(tree: Any, mesh: Mesh | Layout | None) -> Any:
+    """Every array of `tree` on the device, or on `mesh` by the rules (weights split over `model`, the rest whole
+    on every device): placed once, before a loop uses them."""
+    return jax.device_put(tree) if mesh is None else jax.device_put(tree, param_shardings(tree, mesh))
+
+
+CACHE_AXES = (None, "batch", "heads", None, None)  # a KV cache's k and v: [L, B, Hkv, S, hd]
+
+
+def place_cache(cache: Any, mesh: Mesh | Layout | None) -> Any:
+    """A `kvcache.KVCache` on the device, or on `mesh`: rows over data, key/value heads over model."""
     if mesh is None:
-        return tree
-    return jax.device_put(tree, NamedSharding(mesh, RULES["replicated"]))
+        return jax.device_put(cache)
+    layout = as_layout(mesh)
+    kv = NamedSharding(layout.mesh, layout.spec(CACHE_AXES, cache.k.shape))
+    return jax.device_put(cache, type(cache)(kv, kv, NamedSharding(layout.mesh, PartitionSpec())))
+
+
+# ------------------------------------------------------------------ several processes
+
+
+def initialize(coordinator: str | None, num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Join this process to a multi-process run before any device is used.
+
+    `coordinator` "HOST:PORT" with `num_processes` and `process_id` (0 is the coordinator's, and the one that
+    writes); "auto": what `jax.distributed.initialize` detects on a cluster (SLURM, Open MPI, TPU pods);
+    None: a single process. On CPU the collectives run over gloo.
+    """
+    if coordinator is None:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise UserError("--num-processes / --process-id need --coordinator HOST:PORT (or --coordinator auto)")
+        return
+    if coordinator != "auto":
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--coordinator takes HOST:PORT (or auto), got {coordinator!r}")
+        if num_processes is None or process_id is None:
+            raise UserError("--coordinator HOST:PORT needs --num-processes N and --process-id I")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise UserError(f"--process-id must lie in 0..{num_processes - 1} (--num-processes {num_processes}), "
+                            f"got {process_id}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices of several processes talk over it
+    if coordinator == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes outputs (process 0; always so in a single-process run)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to wait for in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def fetch(tree: Any) -> Any:
+    """Every array of `tree` as a host numpy array, whole, on every process: an explicit transfer (allowed under
+    `jax.transfer_guard("disallow")`). Arrays split over several processes' devices are gathered across them."""
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+

@@ -35,10 +35,11 @@ def test_the_guard_catches_an_implicit_transfer_on_this_backend():
         jax.jit(lambda x: x + 1)(np.ones(3, np.float32))
 
 
-def test_statistics_propagation_sigmascale_and_perplexity_loops_are_guarded(guards):
+def test_statistics_propagation_sigmascale_perplexity_and_generation_loops_are_guarded(guards):
     from sigmascale_jax.compress.factorize.sigmascale.block import sigmascale_block
     from sigmascale_jax.compress.pipeline import apply_in_chunks
     from sigmascale_jax.compress.stats import block_stats
+    from sigmascale_jax.deploy.generate import generate
     from sigmascale_jax.eval.perplexity import perplexity
     from sigmascale_jax.io.hf_map import load_block, load_params
     from sigmascale_jax.io.sources import open_model
@@ -55,5 +56,9 @@ def test_statistics_propagation_sigmascale_and_perplexity_loops_are_guarded(guar
     sigmascale_block(block, stats, xs, ys, cfg, ranks, steps=2, eval_every=1, batch_windows=4, holdout=0.2)
     assert guards == ["disallow"] * 3
     windows = np.random.default_rng(1).integers(0, cfg.vocab_size, (5, 16)).astype(np.int32)
-    res = perplexity(load_params(src.reader, cfg), cfg, windows, batch_size=2, progress=False)  # 2 + 2 + 1 padded
+    params = load_params(src.reader, cfg)
+    res = perplexity(params, cfg, windows, batch_size=2, progress=False)  # 2 + 2 + 1 padded
     assert guards == ["disallow"] * 4 and np.isfinite(res["ppl"]) and res["windows"] == 5
+    seen = []
+    out = generate(params, cfg, windows[:2, :4], 6, temperature=0.8, top_p=0.9, on_tokens=seen.append)
+    assert guards == ["disallow"] * 5 and out.shape == (2, 10) and len(seen) == 6

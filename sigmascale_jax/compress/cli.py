@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "read, nothing written; --model may be a config.json), and stop")
     run.add_argument("--device-memory", default=None, metavar="SIZE",
                      help="--plan-only: say whether each stage fits a device of this size (e.g. 80GB, 16GiB)")
+    procs = p.add_argument_group("several processes (hosts): every process runs the same command with its own "
+                                 "--process-id; process 0 writes --out, which every process must see")
+    procs.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's address, to join a multi-process run (jax.distributed); 'auto': what JAX "
+                       "detects on a cluster (SLURM, Open MPI, TPU pods)")
+    procs.add_argument("--num-processes", type=int, default=None, help="with --coordinator: how many processes")
+    procs.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process's index, "
+                       "0..N-1")
     run.add_argument("--method", default=None, choices=tuple(FACTORIZERS),
                      help="how to cut (required): " + "; ".join(f"{e.name}: {e.help}" for e in FACTORIZERS.values()))
     run.add_argument("--ranks", default=None, choices=tuple(ALLOCATORS),
@@ -167,7 +175,7 @@ def spec_and_plan(args: argparse.Namespace):
     spec = RunSpec(**{k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k) is not None})
     refine = tuple(name for name in REFINERS if getattr(args, name.replace("-", "_")))
     skip = set(RUN_FLAGS) | {"config", "out", "data_dir", "overwrite", "no_progress", "no_compile_cache", "method",
-                             "ranks", "encoding", "plan_only", "device_memory"}
+                             "ranks", "encoding", "plan_only", "device_memory", "coordinator", "num_processes", "process_id"}
     settings = {k: v for k, v in vars(args).items() if k not in skip | set(REFINERS) and v is not None}
     return spec, make_plan(args.method, args.ranks or "uniform", refine, args.encoding or "plain", **settings)
 
@@ -179,8 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     spec, plan = spec_and_plan(args)
     if args.plan_only:
         return plan_only(spec, plan, args.device_memory)
+    from sigmascale_jax.parallel import initialize, is_main_process
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
+    if not is_main_process():  # its checkpoints go to a scratch folder: Orbax's notes on them mean nothing to a user
+        import logging
+
+        logging.getLogger("absl").setLevel(logging.ERROR)
     use_compilation_cache(not args.no_compile_cache)
-    report = run(spec, plan, args.out, data_dir=args.data_dir, overwrite=args.overwrite, progress=not args.no_progress)
+    report = run(spec, plan, args.out, data_dir=args.data_dir, overwrite=args.overwrite,
+                 progress=not args.no_progress and is_main_process())
+    if not is_main_process():
+        return 0
     extra = (" +update" if report["update"] else "") + (f", ranks {report['ranks_method']}")
     extra += "".join(f", {r['name']}" + (" (dropped by its guard)" if r.get("kept") == "uncorrected" else "")
                      for r in report["refine"])

@@ -94,12 +94,12 @@ def apply_in_chunks(block, xs: np.ndarray, cfg, batch_size: int, mesh=None) -> n
     import jax
 
     from sigmascale_jax.model.modeling import block_apply
-    from sigmascale_jax.parallel import device_chunks, on_device
+    from sigmascale_jax.parallel import device_chunks, fetch, on_device
 
     block, chunks = on_device(block, mesh), device_chunks(xs, batch_size, mesh)
     with jax.transfer_guard("disallow"):
         outs = [block_apply(block, chunk, cfg) for chunk in chunks]
-    return np.concatenate(jax.device_get(outs))
+    return np.concatenate(fetch(outs))
 
 
 def check_ranks(ranks: Any, cfg) -> list[dict[str, int | None]]:
@@ -174,6 +174,11 @@ def open_checked(spec: RunSpec, plan: Plan):
     from sigmascale_jax.parallel import parse_mesh
 
     parse_mesh(spec.mesh)  # a bad --mesh fails here, before any work
+    import jax
+
+    if jax.process_count() > 1 and any(r.name == "heal" for r in plan.refine):
+        raise UserError("healing (--heal-steps) runs in one process: compress with several processes and no "
+                        "healing, then heal the folder in one (`compress.refine.heal.heal_compressed`)")
     if spec.seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {spec.seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
     plan.check(spec, cfg)
@@ -204,12 +209,16 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
     calibration text, `--out`) is checked before `OUT.partial/` is created; a run that
     fails before finishing anything removes it again.
     """
+    from sigmascale_jax.parallel import barrier, is_main_process
+
     out = Path(out)
     inputs = run_inputs(spec, data_dir)
     check_out(out, overwrite, inputs)
     clock = _Clock()
     source = open_checked(spec, plan)
     windows = run_windows(source, spec, data_dir)
+    if not is_main_process():
+        return _run_worker(spec, plan, source, windows, out, clock, data_dir)
     with out_lock(out):
         check_out(out, overwrite, inputs)  # another run may have finished it meanwhile
         spec_key = {**run_key(spec), **plan.key(), "calib_sha1": hashlib.sha1(windows.tobytes()).hexdigest()}
@@ -217,6 +226,8 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
         try:
             (staging / "blocks").mkdir(parents=True, exist_ok=True)
             write_json_atomic(staging / "spec.json", spec_key)
+            barrier("sigmascale-staging-ready")  # the other processes copy what there is to resume ...
+            barrier("sigmascale-staging-copied")  # ... before anything new is written
             clock.lap("calibration")
             report = _compress(spec, plan, source, windows, staging, clock, progress, data_dir)
             report["resumed"] = resuming
@@ -225,6 +236,24 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         return _finalize(staging, out, report)
+
+
+def _run_worker(spec: RunSpec, plan: Plan, source, windows: np.ndarray, out: Path, clock: _Clock,
+                data_dir: str | None) -> dict[str, Any]:
+    """A process other than 0 of a multi-process run: the same stages and collectives as process 0, from a copy of
+    its staging folder (so it resumes exactly where process 0 does), written only to a scratch folder that is
+    removed after. Process 0 alone writes `out`. Every process needs `out`'s folder (a shared file system)."""
+    import tempfile
+
+    from sigmascale_jax.parallel import barrier
+
+    barrier("sigmascale-staging-ready")
+    with tempfile.TemporaryDirectory(prefix="sigmascale-worker-") as tmp:
+        staging = Path(tmp) / "staging"
+        shutil.copytree(out.with_name(out.name + PARTIAL_SUFFIX), staging)
+        barrier("sigmascale-staging-copied")
+        clock.lap("calibration")
+        return _compress(spec, plan, source, windows, staging, clock, False, data_dir)
 
 
 def fresh_windows_of(source, spec: RunSpec, data_dir: str | None):
@@ -259,7 +288,9 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
     # Host copies: only the block being worked on lives on the device.
     outer = jax.device_get(load_outer(source.reader, cfg))
     ctx = ModelContext(cfg, outer, lambda i: load_block(source.reader, cfg, i), windows, spec, progress,
-                       model_key=model_fingerprint(source), mesh=make_mesh(spec.mesh),
+                       # no disk cache across processes: one hitting it while another computes would deadlock
+                       model_key=model_fingerprint(source) if jax.process_count() == 1 else None,
+                       mesh=make_mesh(spec.mesh),
                        fresh_windows=fresh_windows_of(source, spec, data_dir))
     clock.lap("load")
     done = compress_stages(plan, ctx, clock, staging)
@@ -428,7 +459,8 @@ def compress_params(params: dict, cfg, windows: Any, plan: Plan, ratio: float, *
       windows: int `[N, T]` calibration tokens (`calibration_windows(...)`): the same windows give the
         same factors as `python -m sigmascale_jax.compress` on that model.
       plan: `make_plan(...)`; ratio: fraction of the projections' parameters removed, in (0, 1).
-      mesh: a `jax.sharding.Mesh` with a `data` axis: calibration windows split over it (None: one device).
+      mesh: a `jax.sharding.Mesh` with `data` and/or `model` axes (calibration windows split over data, weights
+        over model), or a `parallel.Layout` for other axis names (None: one device).
       seed: SigmaScale's minibatches and FermiGrad's windows; sequential: feed block i+1 from the compressed
         block i; batch_size: windows per device call; precision: "float64" or "float32", what the factorizations
         run in (default: float32 on TPU, float64 elsewhere).

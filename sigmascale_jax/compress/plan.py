@@ -42,7 +42,8 @@ class RunSpec(Settings):
                         max=MAX_SEED)
     sequential: bool = setting(True, "feed block i+1 from the compressed block i")
     batch_size: int = setting(8, "calibration windows per device call", min=1)
-    mesh: str | None = setting(None, "data=N: split calibration windows over N local devices (default: all of them)")
+    mesh: str | None = setting(None, "data=N,model=M: split calibration windows over N devices and weights over M "
+                                "(default: every local device on data)")
     precision: str | None = setting(None, "float64 or float32: what factorizations (Cholesky, eigh, solves, SVDs) run "
                                     "in (default: float32 on TPU, float64 elsewhere)", choices=("float64", "float32"))
 
@@ -62,7 +63,7 @@ class ModelContext:
     spec: RunSpec
     progress: bool = True
     model_key: dict | None = dataclasses.field(default_factory=dict)  # identifies the weights (None: in memory, uncached)
-    mesh: Any = None  # a `parallel.make_mesh` data mesh, or None for one device
+    mesh: Any = None  # a `parallel.make_mesh` (data, model) mesh or a `parallel.Layout`, or None for one device
     # more windows of a calibration text (None: the run's), disjoint from `windows` where there is room:
     # `(calib, n, seq_len) -> ([n, seq_len], record)`; None in memory, where only `windows` exist
     fresh_windows: Callable[[str | None, int, int], tuple[np.ndarray, dict]] | None = None
@@ -134,7 +135,7 @@ class BlockInputs(NamedTuple):
     cfg: ModelConfig
     batch_size: int
     ref_stats: dict | None = None  # the dense model's stream, for factorizers with `needs_dense_stream`
-    mesh: Any = None  # windows split over its data axis (None: one device)
+    mesh: Any = None  # windows split over its data axis, weights over model (None: one device)
     precision: str = "float64"  # what factorizations run in (`linalg.precision`)
 
 

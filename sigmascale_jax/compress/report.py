@@ -30,7 +30,7 @@ def peak_memory() -> dict[str, float]:
     import jax
 
     mem = {"host_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         mem["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
     return mem

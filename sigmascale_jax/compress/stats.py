@@ -10,7 +10,7 @@ import numpy as np
 
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import Params, block_forward_taps, rope_cos_sin
-from sigmascale_jax.parallel import device_chunks, on_device
+from sigmascale_jax.parallel import device_chunks, fetch, on_device
 
 
 @jax.jit(static_argnames=("cfg", "outputs"))
@@ -80,7 +80,7 @@ def block_stats(block: Params, xs: np.ndarray, cfg: ModelConfig, batch_size: int
             if outputs:
                 outs.append(out)
             acc = _first_sums(stats) if acc is None else accumulate(acc, stats)
-    outs, acc = jax.device_get((outs, acc))
+    outs, acc = fetch((outs, acc))
     tokens = xs.shape[0] * xs.shape[1]
     result = {}
     for name, ((g_hi, g_lo), (s_hi, s_lo)) in acc.items():

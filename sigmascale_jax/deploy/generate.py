@@ -24,41 +24,33 @@ from sigmascale_jax.io.diskcache import COMPILE_CACHE_HELP, use_compilation_cach
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: the sampling distribution is argmax to float precision
 
 
-def sample(logits, key, temperature: float, top_p: float):
-    """Next tokens `[B]` from `logits: [B, V]`: argmax at temperature 0 (or below `GREEDY_BELOW`), else nucleus
-    sampling (top-p of the mass)."""
-    import jax
-    import jax.numpy as jnp
+def __getattr__(name: str):
+    if name == "sample":  # the sampler is device code (`model.sampling`): importing it loads JAX, so only on use
+        from sigmascale_jax.model.sampling import sample
 
-    if temperature < GREEDY_BELOW:
-        return jnp.argmax(logits, axis=-1)
-    # shifted so the largest is 0 before dividing: a small temperature cannot overflow to inf - inf = NaN
-    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
-    if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
-        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # the first token always stays
-        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
-    return jax.random.categorical(key, logits, axis=-1)
+        return sample
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def generate(
     params, cfg, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
     seed: int = 0, eos_id: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None,
-    key=None,
+    key=None, mesh=None,
 ) -> np.ndarray:
     """`[B, T0 + n]` tokens: `prompt: [B, T0]` (int) and up to `max_new_tokens` more (all rows stop at EOS together).
 
     `params`: dense or compressed (any leaf form); `temperature` 0 (or below `GREEDY_BELOW`) is greedy, else
     nucleus sampling with `top_p`, drawn with the PRNG `key` (default `jax.random.key(seed)`, seed in
     0..2**32 - 1). `on_tokens(new [B])` is called after each new token (streaming: see `TextStream`).
+    `mesh`: a `(data, model)` mesh or `parallel.Layout` (weights and the cache's heads split over model, rows over
+    data), None for one device. Everything goes to the device before the loop; inside it only each new token
+    comes back to the host (explicitly, for EOS and streaming), under `jax.transfer_guard("disallow")`.
     """
     import jax
-    import jax.numpy as jnp
 
     from sigmascale_jax.model.kvcache import init_cache, step
+    from sigmascale_jax.model.sampling import next_tokens
+    from sigmascale_jax.parallel import fetch, on_device, place_cache, shard
 
     prompt = np.asarray(prompt, np.int32)
     b, t0 = prompt.shape
@@ -66,22 +58,25 @@ def generate(
     check_length(t0, max_new_tokens, cfg)
     if key is None and not 0 <= seed <= MAX_SEED:
         raise UserError(f"seed must lie in 0..{MAX_SEED}, got {seed}")
-    cache = init_cache(cfg, b, total)
-    logits, cache = step(params, jnp.asarray(prompt), cfg, cache)
     key = jax.random.key(seed) if key is None else key
+    params, cache = on_device(params, mesh), place_cache(init_cache(cfg, b, total), mesh)
+    tokens, key, i = shard(prompt, mesh), on_device(key, mesh), on_device(np.int32(0), mesh)
     out = [prompt]
     done = np.zeros(b, bool)
-    for i in range(max_new_tokens):
-        nxt = np.asarray(sample(logits[:, -1], jax.random.fold_in(key, i), temperature, top_p)).astype(np.int32)
-        out.append(nxt[:, None])
-        if on_tokens:
-            on_tokens(nxt)
-        if eos_id is not None:
-            done |= nxt == eos_id
-            if done.all():
-                break
-        if i + 1 < max_new_tokens:
-            logits, cache = step(params, jnp.asarray(nxt[:, None]), cfg, cache)
+    with jax.transfer_guard("disallow"):
+        logits, cache = step(params, tokens, cfg, cache)
+        for n in range(max_new_tokens):
+            tokens, i = next_tokens(logits, key, i, temperature, top_p)
+            if n + 1 < max_new_tokens:  # queued before the host waits for this token
+                logits, cache = step(params, tokens, cfg, cache)
+            nxt = fetch(tokens)[:, 0]
+            out.append(nxt[:, None])
+            if on_tokens:
+                on_tokens(nxt)
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if done.all():
+                    break
     return np.concatenate(out, axis=1)
 
 
@@ -142,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help=f"sampling seed, 0..{MAX_SEED}")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of the weights")
+    p.add_argument("--mesh", default=None, help="data=N,model=M: split the weights and the cache's heads over M "
+                                                "devices (rows over N); default: one device")
     p.add_argument("--no-compile-cache", action="store_true", help=COMPILE_CACHE_HELP)
     return p
 
@@ -181,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from sigmascale_jax.io.sources import load_model
+    from sigmascale_jax.parallel import make_mesh
 
     args = build_parser().parse_args(argv)
     check_args(args)
+    mesh = make_mesh(args.mesh or "data=1")  # a bad --mesh fails before the model loads
     use_compilation_cache(not args.no_compile_cache)
     cfg, params, source = load_model(args.model, getattr(jnp, args.dtype))
     tok = source.tokenizer()
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.chat:
         write(args.prompt)
     generate(params, cfg, np.asarray([ids]), args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-             seed=args.seed, eos_id=eos, on_tokens=stream)
+             seed=args.seed, eos_id=eos, on_tokens=stream, mesh=mesh)
     stream.end()
     write("\n")
     return 0

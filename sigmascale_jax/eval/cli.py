@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round-to-nearest quantize a dense model's projections first (the compressor's quantizer: "
                         "quantization alone, to compare with low-rank compression)")
     p.add_argument("--group-size", type=int, default=None, help="--quantize: columns per scale group (default 128)")
-    p.add_argument("--mesh", default=None, help="data=N: split each batch of windows over N local devices "
-                                                "(default: all of them)")
+    p.add_argument("--mesh", default=None, help="data=N,model=M: split each batch of windows over N devices and the "
+                                                "weights over M (default: every local device on data)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-compile-cache", action="store_true", help=COMPILE_CACHE_HELP)

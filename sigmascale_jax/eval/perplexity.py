@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import Params, token_nll
-from sigmascale_jax.parallel import device_chunks, on_device
+from sigmascale_jax.parallel import data_size, device_chunks, fetch, on_device
 
 
 def make_windows(ids: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
@@ -46,7 +46,7 @@ def perplexity(
     device in one call before the loop, which runs under `jax.transfer_guard("disallow")`.
     """
     n, seq_len = windows.shape
-    devices = 1 if mesh is None else mesh.shape["data"]
+    devices = data_size(mesh)
     batch_size = min(batch_size, -(-n // devices) * devices)  # padding past the windows there are would only cost
     padded = -(-n // batch_size) * batch_size
     if padded > n:
@@ -58,7 +58,7 @@ def perplexity(
     def tally(start: int, sums: jax.Array) -> None:
         nonlocal total
         real = min(batch_size, n - start)
-        sums = np.asarray(jax.device_get(sums), np.float64)[:real]
+        sums = np.asarray(fetch(sums), np.float64)[:real]
         if not np.isfinite(sums).all():
             raise FloatingPointError(f"non-finite NLL in windows {start}..{start + real - 1} of {desc}")
         total += float(sums.sum())

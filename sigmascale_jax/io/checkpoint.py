@@ -28,22 +28,38 @@ SPECTRA_FILE = "spectra.npz"
 
 def save_pytree(path: Path, tree: Any) -> None:
     """Write `tree` as an Orbax checkpoint at `path` (blocking until it is complete)."""
-    import orbax.checkpoint as ocp
+    import jax
 
-    ckpt = ocp.StandardCheckpointer()
+    if jax.process_count() > 1:  # Orbax takes one process's device arrays for shards of a global one: save host copies
+        from sigmascale_jax.parallel import fetch
+
+        tree = fetch(tree)
+    ckpt = _checkpointer()
     ckpt.save(Path(path).resolve(), tree, force=True)
     ckpt.wait_until_finished()
 
 
+def _checkpointer():
+    """An Orbax checkpointer that writes and reads host trees from this process alone: in a multi-process run each
+    process checkpoints into its own folder (`pipeline._run_worker`), so none may wait on the others."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process-{me}"))
+
+
 def load_pytree(path: Path) -> Any:
     """Restore an Orbax checkpoint written by `save_pytree` (structure from its own metadata)."""
-    import orbax.checkpoint as ocp
 
     path = Path(path).resolve()
     if not path.is_dir():
         raise UserError(f"no Orbax checkpoint at {path}")
     try:
-        return ocp.StandardCheckpointer().restore(path)
+        return _checkpointer().restore(path)
     except Exception as e:
         raise UserError(f"cannot restore the Orbax checkpoint at {path} ({root_cause(e)}); the folder is damaged: "
                         "write it again") from None

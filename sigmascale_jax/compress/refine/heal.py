@@ -191,7 +191,7 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
     """The stage: `blocks` (the compressor's dict forms) distilled toward the dense model; and the record."""
     from tqdm.auto import tqdm
 
-    from sigmascale_jax.parallel import on_device, replicate, shard
+    from sigmascale_jax.parallel import on_device, shard
 
     cfg, spec = ctx.cfg, ctx.spec
     t0 = time.perf_counter()
@@ -208,9 +208,8 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
         text = {"calib": "the calibration windows given", "windows": n_train + n_held, "seq_len": seq_len,
                 "disjoint_from_calibration": False}
     held, train = windows[:n_held], windows[n_held:]
-    teacher = replicate(jax.device_put({**ctx.outer, "blocks": [ctx.load_block(i) for i in range(cfg.num_layers)]}),
-                        ctx.mesh)
-    params = replicate(jax.device_put({**ctx.outer, "blocks": blocks}), ctx.mesh)
+    teacher = on_device({**ctx.outer, "blocks": [ctx.load_block(i) for i in range(cfg.num_layers)]}, ctx.mesh)
+    params = on_device({**ctx.outer, "blocks": blocks}, ctx.mesh)  # weights split over the mesh's model axis
     tx = heal_optimizer(optax.adamw(schedule(settings), weight_decay=0.0), params, norms=settings.heal_norms)
     state = (params, tx.init(params), params)  # current, optimizer state, best so far
     ckpt = _Checkpoint(ctx.staging, {**settings.asdict(), "text": text})

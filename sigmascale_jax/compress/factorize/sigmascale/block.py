@@ -302,11 +302,11 @@ def sigmascale_block(
             s, route = _triangular_whitening_jit(jnp.asarray(stats[tap]["gram"], dtype))
             whitenings[tap], routes[tap] = np.asarray(s), int(route)
     white32 = {n: jnp.asarray(whitenings[PROJECTION_INPUT[n]], jnp.float32) for n in names}
-    from sigmascale_jax.parallel import on_device, shard
+    from sigmascale_jax.parallel import fetch, on_device, shard
 
-    block, white32 = on_device(block, mesh), on_device(white32, mesh)
+    host_block, block, white32 = block, on_device(block, mesh), on_device(white32, mesh)
     if kind == "block":
-        xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+        xs, ys = np.asarray(xs), np.asarray(ys)
         train = (shard(xs[:-n_hold], mesh), shard(ys[:-n_hold], mesh))
         hold_data = (shard(xs[-n_hold:], mesh), shard(ys[-n_hold:], mesh))
     else:
@@ -323,8 +323,9 @@ def sigmascale_block(
             cfg=cfg, ranks=tuple(sorted(ranks.items())), kind=kind, steps=steps, lr=lr,
             batch_windows=batch_windows, eval_every=eval_every, truncation=truncation, min_gain=min_gain,
         )
-        jax.block_until_ready(scales)
+        scales, trace = fetch((scales, trace))  # whole on every process's host
     learn_s = time.perf_counter() - t0  # compilation included when this block's shapes are new
+    block = host_block
     new = {k: v for k, v in block.items() if k not in PROJECTIONS}
     info: dict[str, Any] = {}
     all_spectra: dict[str, np.ndarray] = {}
