@@ -66,6 +66,13 @@ def abstract_block(cfg: ModelConfig) -> dict:
     return _abstract(block_tensors(cfg, 0))
 
 
+def abstract_outer(cfg: ModelConfig) -> dict:
+    """The embedding, final norm and LM head as abstract arrays."""
+    from sigmascale_jax.io.hf_map import outer_tensors
+
+    return _abstract(outer_tensors(cfg))
+
+
 def abstract_params(cfg: ModelConfig) -> dict:
     from sigmascale_jax.io.hf_map import outer_tensors
 
@@ -138,8 +145,13 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     stages.append(StagePlan("propagate", peak + 2 * acts, host_base + acts, "the block applied to every window"))
 
     if plan.allocate.costly:  # whole-model passes (ZS-SVD, FermiGrad, ...), not the cheap uniform ranks
-        stages.append(StagePlan(f"allocate ({plan.allocate.name})", None, None,
-                                "not estimated yet (whole-model passes; the plan's ranks are uniform)"))
+        name = f"allocate ({plan.allocate.name})"
+        if plan.allocate.memory:
+            device, host, detail = plan.allocate.memory(cfg, spec)
+            stages.append(StagePlan(name, device, host, detail))
+        else:
+            stages.append(StagePlan(name, None, None, "not estimated yet (whole-model passes; the factorize stage "
+                                    "below assumes uniform ranks)"))
     ranks = block_ranks(cfg, spec.ratio)
     fz = plan.factorize
     device, detail = fz.memory(cfg, spec, ranks) if fz.memory else (None, "not estimated for this method")

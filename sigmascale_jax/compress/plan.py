@@ -123,6 +123,8 @@ class RankAllocator(NamedTuple):
     allocate: Callable[[ModelContext, Budget], Allocation]
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None  # cross-checks against the run's settings and the model
     costly: bool = True  # kept in OUT.partial for a resumed run (False: recomputed, as uniform ranks are)
+    # (device bytes, host bytes, note) of its whole-model passes, from the config alone (`--plan-only`)
+    memory: Callable[[ModelConfig, RunSpec], tuple[int, int, str]] | None = None
 
 
 class BlockInputs(NamedTuple):

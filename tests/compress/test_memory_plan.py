@@ -44,3 +44,17 @@ def test_a_bad_device_memory_is_one_line(capsys):
     proc = compress_cli(capsys, "--model", str(CONFIGS / "llama-3.1-8b.json"), "--method", "svd-llm",
                         "--ratio", "0.2", "--plan-only", "--device-memory", "eighty")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--device-memory" in proc.stderr
+
+
+def test_the_zs_svd_passes_are_in_the_plan_and_fermigrad_says_it_is_not():
+    from conftest import STORIES, require
+
+    cfg = read_config(str(require(STORIES)))
+    spec = RunSpec(model="x", ratio=0.2, nsamples=32, seq_len=64)
+    by_name = {s.name: s for s in memory_plan(cfg, spec, make_plan("svd-llm", ranks="zs-svd", grad_samples=16))}
+    zs = by_name["allocate (zs-svd)"]
+    grads = cfg.num_layers * sum(m * n for m, n in cfg.projection_shapes().values()) * 4
+    inputs = cfg.num_layers * 16 * 64 * cfg.hidden_size * 4  # every block's inputs on the 16 gradient windows
+    assert zs.device > 2 * 16 * 64 * cfg.hidden_size * 4 and zs.host >= grads + inputs, zs
+    fermi = {s.name: s for s in memory_plan(cfg, spec, make_plan("svd-llm", ranks="fermigrad"))}["allocate (fermigrad)"]
+    assert fermi.device is None and "not estimated" in fermi.detail

@@ -64,6 +64,14 @@ cfg1 = sigmascale_jax.load_model(f"{tmp}/svd-llm-1")[0]
 prompt = np.asarray([[1, 403, 29], [1, 87, 5]], np.int32)
 gen = [sigmascale_jax.generate(one, cfg1, prompt, 12, mesh=make_mesh(m)).tolist() for m in ("data=1", "data=2,model=4")]
 out["generate_equal"] = gen[0] == gen[1]
+# a user's mesh with its own axis names, through a Layout
+from sigmascale_jax.eval.perplexity import perplexity
+from sigmascale_jax.parallel import Layout
+lay = Layout(Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp")),
+             {"batch": "dp", "heads": "tp", "mlp": "tp", "vocab": "tp"})
+toks = np.random.default_rng(0).integers(0, cfg1.vocab_size, (8, 48)).astype(np.int32)
+out["layout_ppl"] = [perplexity(one, cfg1, toks, 4, progress=False, mesh=m)["ppl"] for m in (None, lay)]
+out["layout_split"] = str(on_device(one, lay)["blocks"][0]["down"].c.sharding.spec)
 print("RESULT " + json.dumps(out))
 """
 
@@ -85,6 +93,8 @@ def test_eight_devices_give_the_factors_and_perplexity_of_one(tmp_path):
     assert res["product_2x4"] < 1e-3, res
     assert res["q_split"] == ["P('model',)", "P('model',)"], res  # no full replica
     assert res["generate_equal"], res
+    a, b = res["layout_ppl"]
+    assert abs(a - b) <= 1e-5 * a and res["layout_split"] == "P(None, 'tp')", res  # down's C: [k, in] over MLP width
 
 
 def test_a_bad_mesh_is_a_one_line_error(tmp_path, capsys):

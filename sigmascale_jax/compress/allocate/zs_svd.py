@@ -221,6 +221,31 @@ def model_deltas(ctx: ModelContext, n_grad: int) -> dict:
             "seconds": {"gradient": round(t1 - t0, 3), "sensitivities": round(time.perf_counter() - t1, 3)}}
 
 
+def memory(cfg, spec: RunSpec, n_grad: int) -> tuple[int, int, str]:
+    """(device bytes, host bytes, note) of ZS-SVD's passes, from the config alone: the gradient pass holds one
+    block and a chunk of windows on the device (its heaviest compiled function: the head's or a block's VJP), and on
+    the host every block's inputs on the gradient windows and every projection's gradient until its block's
+    sensitivities are taken; the sensitivities whiten and decompose one matrix at a time in the run's precision."""
+    from sigmascale_jax.compress.grads import _block_vjp, _head_vjp
+    from sigmascale_jax.compress.memory import GiB, abstract_block, abstract_outer, compiled_peak, nbytes
+
+    b, t, d = min(spec.batch_size, n_grad), spec.seq_len, cfg.hidden_size
+    x = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
+    block = abstract_block(cfg)
+    vjp = max(compiled_peak(_head_vjp, abstract_outer(cfg), x, jax.ShapeDtypeStruct((b, t), jnp.int32),
+                            jax.ShapeDtypeStruct((), jnp.float32), cfg=cfg),
+              compiled_peak(_block_vjp, block, x, x, cfg=cfg))
+    with factor_precision(spec.precision) as dtype:
+        deltas = max(compiled_peak(component_deltas, *(jax.ShapeDtypeStruct(s, dtype) for s in ((m, n), (m, n), (n, n))),
+                                   triangular=True) for m, n in set(cfg.projection_shapes().values()))
+    inputs = cfg.num_layers * n_grad * t * d * 4
+    grads = cfg.num_layers * sum(m * n for m, n in cfg.projection_shapes().values()) * 4
+    device = max(vjp + 2 * n_grad * t * d * 4, deltas)
+    return device, inputs + grads + nbytes(abstract_outer(cfg)), (
+        f"gradient on {n_grad} windows: {vjp / GiB:.2f} GiB compiled; host: every block's inputs "
+        f"({inputs / GiB:.1f} GiB) and every projection's gradient ({grads / GiB:.1f} GiB)")
+
+
 @register(ALLOCATORS, "zs-svd", ZsSvdSettings, "ZS-SVD: global zero-sum selection of singular components")
 def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> RankAllocator:
     settings = ZsSvdSettings(grad_samples=grad_samples, min_rank_ratio=min_rank_ratio)
@@ -272,4 +297,5 @@ def zs_svd(grad_samples: int | None = None, min_rank_ratio: float = 0.0) -> Rank
         }
         return Allocation(ranks, info)
 
-    return RankAllocator("zs-svd", settings, allocate, check)
+    return RankAllocator("zs-svd", settings, allocate, check,
+                         memory=lambda cfg, spec: memory(cfg, spec, grad_windows(spec, settings.grad_samples)))
