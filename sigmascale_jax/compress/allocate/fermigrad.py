@@ -204,6 +204,35 @@ def fermi_model(ctx: ModelContext) -> FermiModel:
                       jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *rest), ctx.outer)
 
 
+def memory(cfg: ModelConfig, spec, settings) -> tuple[int, int, str]:
+    """(device bytes, host bytes, note) of FermiGrad's learning, from the config alone: the whole model in its Fermi
+    form (`A [L, m, r]`, `B [L, r, n]` per projection, r = min(m, n)) is on the device for the compiled learning
+    scan (`learn_mu`), and built on the host first."""
+    from sigmascale_jax.compress.memory import GiB, abstract_block, abstract_outer, compiled_peak, nbytes
+
+    f32, num = jnp.float32, cfg.num_layers
+    sds = jax.ShapeDtypeStruct
+    block = abstract_block(cfg)
+    factors = {}
+    for p, (m, n) in cfg.projection_shapes().items():
+        r = min(m, n)
+        factors[p] = {"a": sds((num, m, r), f32), "b": sds((num, r, n), f32)}
+        if "bias" in block[p]:
+            factors[p]["bias"] = sds((num, m), f32)
+    rest = {k: sds((num, *v.shape), v.dtype) for k, v in block.items() if k not in PROJECTIONS}
+    model = FermiModel(factors, rest, abstract_outer(cfg))
+    n_probe = max(1, min(8, spec.nsamples // 4)) if spec.nsamples > 1 else 0
+    device = compiled_peak(
+        learn_mu, {p: sds((num,), f32) for p in PROJECTIONS}, model,
+        sds((spec.nsamples - n_probe, spec.seq_len), jnp.int32), jax.eval_shape(jax.random.key, 0), sds((), f32),
+        cfg=cfg, steps=settings.fermi_steps, step_windows=settings.fermi_windows, lr=settings.fermi_lr,
+        penalty=settings.fermi_penalty, t0=settings.fermi_t0, t1=settings.fermi_t1)
+    held = nbytes(model)
+    acts = spec.nsamples * spec.seq_len * cfg.hidden_size * 4
+    return device, held + 2 * acts, (f"the whole model in Fermi form ({held / GiB:.1f} GiB) and the learning scan "
+                                     f"({settings.fermi_windows} window(s) a step)")
+
+
 # ------------------------------------------------------------------ the allocator
 
 
@@ -317,4 +346,4 @@ def fermigrad(fermi_steps: int = 150, fermi_windows: int = 1, fermi_lr: float = 
             raise FloatingPointError("fermigrad: non-finite ranks after learning")
         return Allocation(ranks, info)
 
-    return RankAllocator("fermigrad", settings, allocate, check)
+    return RankAllocator("fermigrad", settings, allocate, check, memory=lambda cfg, spec: memory(cfg, spec, settings))
