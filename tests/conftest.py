@@ -16,13 +16,6 @@ if _OWN_XLA_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sigmascale-tests-xla-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# The suite is compile-bound: its models are tiny (stories260k, SmolLM2 blocks), and with per-matrix ranks every
-# block compiles its own shapes. LLVM's optimizations are most of XLA:CPU's compile time and buy little here (the
-# big operations are library calls, not generated code): without them a zs-svd fixture ran 85 -> 68 s and a
-# SmolLM2 SigmaScale test 72 -> 64 s. The same programs run, only less optimized; set before JAX reads XLA_FLAGS.
-_OPT_FLAG = "--xla_backend_optimization_level"
-if _OPT_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_OPT_FLAG}=0".strip()
 
 import sigmascale_jax  # noqa: F401,E402  (first: it sets XLA and OpenBLAS thread settings before they load)
 

@@ -174,11 +174,6 @@ def open_checked(spec: RunSpec, plan: Plan):
     from sigmascale_jax.parallel import parse_mesh
 
     parse_mesh(spec.mesh)  # a bad --mesh fails here, before any work
-    import jax
-
-    if jax.process_count() > 1 and any(r.name == "heal" for r in plan.refine):
-        raise UserError("healing (--heal-steps) runs in one process: compress with several processes and no "
-                        "healing, then heal the folder in one (`compress.refine.heal.heal_compressed`)")
     if spec.seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {spec.seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
     plan.check(spec, cfg)

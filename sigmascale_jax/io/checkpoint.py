@@ -36,20 +36,27 @@ def save_pytree(path: Path, tree: Any) -> None:
         tree = fetch(tree)
     ckpt = _checkpointer()
     ckpt.save(Path(path).resolve(), tree, force=True)
-    ckpt.wait_until_finished()
+    if hasattr(ckpt, "wait_until_finished"):  # the async checkpointer (one process); the synchronous one is done
+        ckpt.wait_until_finished()
 
 
 def _checkpointer():
-    """An Orbax checkpointer that writes and reads host trees from this process alone: in a multi-process run each
-    process checkpoints into its own folder (`pipeline._run_worker`), so none may wait on the others."""
+    """An Orbax checkpointer that writes and reads host trees from this process alone.
+
+    In a multi-process run each process checkpoints into its own folder (`pipeline._run_worker`), so none may wait
+    on the others: a synchronous checkpointer (the async one keys its signals by a per-process operation counter in
+    the shared coordination service, where two processes' saves collide and wait forever) with this process as its
+    only participant and its own barrier names.
+    """
     import jax
     import orbax.checkpoint as ocp
 
     if jax.process_count() == 1:
         return ocp.StandardCheckpointer()
     me = jax.process_index()
-    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
-        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process-{me}"))
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                               barrier_sync_key_prefix=f"sigmascale-process-{me}")
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=alone), multiprocessing_options=alone)
 
 
 def load_pytree(path: Path) -> Any:

@@ -50,7 +50,7 @@ def _two(out, logs) -> list[subprocess.Popen]:
             for i in (0, 1)]
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     """Wait for `proc`; its exit code, stdout and stderr."""
     proc.wait(timeout=timeout)
     return proc.returncode, *(f.read_text() for f in proc.logs)

@@ -275,6 +275,9 @@ def heal(**kwargs: Any) -> Refiner:
         if seq_len > cfg.max_position_embeddings:
             raise UserError(f"--heal-seq-len {seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} "
                             "positions")
+        if jax.process_count() > 1:
+            raise UserError("healing (--heal-steps) runs in one process: compress with several processes and no "
+                            "healing, then heal the folder in one (`compress.refine.heal.heal_compressed`)")
 
     def refine(ctx: ModelContext, blocks: list[Params], ranks: Ranks) -> tuple[list[Params], dict]:
         return heal_model(ctx, blocks, settings)
