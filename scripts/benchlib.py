@@ -132,7 +132,7 @@ def method_row(method: str, ratio: float, args, extra: list[str] = (), label: st
         "c4_ppl": res["c4"]["ppl"], "compress_s": report["seconds"],
         "peak_host_mib": report["memory"]["host_peak_mib"], "timings_s": report["timings_s"],
         "eval_windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")},
-        "run": str(runs / name),
+        "run": str(Path(args.runs_dir) / name),  # repo-relative, as results files give paths
     }
     if report.get("blocks"):
         init = [b["holdout_init"] for b in report["blocks"]]
