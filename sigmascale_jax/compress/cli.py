@@ -164,6 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         checker.error = yaml_error  # type: ignore[method-assign]
         checker.parse_args(tokens)  # a bad YAML value is reported against the file
         args = parser.parse_args(tokens + list(sys.argv[1:] if argv is None else argv))
+    if args.method is None and args.ratio == 0:
+        args.method = "none"  # --ratio 0: quantization alone, nothing to cut
     for name in ("model", "method", "ratio") + (() if args.plan_only else ("out",)):
         if getattr(args, name) is None:
             raise UserError(f"--{name} is required (on the command line or in --config)")

@@ -152,7 +152,7 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
         else:
             stages.append(StagePlan(name, None, None, "not estimated yet (whole-model passes; the factorize stage "
                                     "below assumes uniform ranks)"))
-    ranks = block_ranks(cfg, spec.ratio)
+    ranks = block_ranks(cfg, spec.ratio) if spec.ratio else {n: None for n in cfg.projection_shapes()}
     fz = plan.factorize
     device, detail = fz.memory(cfg, spec, ranks) if fz.memory else (None, "not estimated for this method")
     stages.append(StagePlan(f"factorize ({fz.name})", device, host_base + 2 * acts + stats_host, detail))

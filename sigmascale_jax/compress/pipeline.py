@@ -121,6 +121,8 @@ def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path | N
     Without a staging folder (in memory) nothing is read or written here; the disk cache skips weights without a
     `model_key` (`diskcache.cached`)."""
     path = None if staging is None else staging / RANKS_FILE
+    if budget.ratio == 0:  # quantization alone: nothing to allocate
+        return Allocation([{n: None for n in PROJECTIONS} for _ in range(ctx.cfg.num_layers)], {"dense": True})
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         return Allocation(check_ranks(saved["ranks"], ctx.cfg), saved["info"])
@@ -320,6 +322,7 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
 
     import jax
 
+    from sigmascale_jax.model.leaves import is_leaf
     from sigmascale_jax.model.modeling import param_count
 
     ctx = dataclasses.replace(ctx, staging=staging)
@@ -335,12 +338,14 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
         refined.append({"name": refiner.name, **refiner.settings.asdict(), **info})
         clock.lap("refine")
     # (3) how to store what is left: every projection becomes its encoder's typed leaf
-    typed = [{**block, **{n: encoder.encode(block[n], results[i].matrices[n]) for n in PROJECTIONS}}
+    typed = [{**block, **{n: block[n] if is_leaf(block[n]) else encoder.encode(block[n], results[i].matrices[n])
+                          for n in PROJECTIONS}}
              for i, block in enumerate(blocks)]
     clock.lap("encode")
     outer = ctx.outer
     other = param_count(outer) + sum(param_count({k: v for k, v in b.items() if k not in PROJECTIONS}) for b in blocks)
-    other += sum(int(np.size(b[n]["bias"])) for b in blocks for n in PROJECTIONS if "bias" in b[n])
+    biases = [b[n].bias if is_leaf(b[n]) else b[n].get("bias") for b in blocks for n in PROJECTIONS]
+    other += sum(int(np.size(bias)) for bias in biases if bias is not None)
     return Stages({**outer, "blocks": typed}, alloc, results, refined, budget,
                   {"model_dense": dense_count + param_count(outer), "other": other})
 
@@ -372,7 +377,7 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
     from sigmascale_jax.io.checkpoint import save_pytree
     from sigmascale_jax.model.modeling import param_count
 
-    cfg, factorizer, spec = ctx.cfg, plan.factorize, ctx.spec
+    cfg, factorizer, spec, encoder = ctx.cfg, plan.factorize, ctx.spec, plan.encoder()
     xs = ctx.outer["embed"][ctx.windows]  # [N, L, D]
     xs_ref = xs if factorizer.needs_dense_stream and spec.sequential else None
     blocks, results, dense_count = [], [], 0
@@ -383,7 +388,7 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
         dense_count += param_count(dense)
         clock.lap("load")
         if ckpt is not None and ckpt.with_suffix(".json").is_file():  # finished before an interruption
-            result = _resumed_block(ckpt, ckpt.with_suffix(".json"), i, staging)
+            result = _resumed_block(ckpt, ckpt.with_suffix(".json"), i, staging, encoder)
             xs = apply_in_chunks(result.params if spec.sequential else dense, xs, cfg, spec.batch_size, ctx.mesh)
             if xs_ref is not None:
                 xs_ref = apply_in_chunks(dense, xs_ref, cfg, spec.batch_size, ctx.mesh)
@@ -401,8 +406,11 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
             key = jax.random.fold_in(jax.random.key(spec.seed), i)
             result = factorizer.factor(inputs, alloc.ranks[i], key)
             clock.lap("factorize")
+            if encoder.needs_gram:  # GPTQ: stored now, from this block's Grams; the next block sees its rounding
+                result = result._replace(params=encode_block(encoder, result, stats, inputs.precision))
+                clock.lap("encode")
             if ckpt is not None:
-                save_pytree(ckpt, result.params)
+                save_pytree(ckpt, stored_block(result.params))
                 if result.spectra:
                     write_npz_atomic(ckpt.with_suffix(".spectra.npz"), result.spectra)
                 write_json_atomic(ckpt.with_suffix(".json"), {"matrices": result.matrices, "block": result.block})
@@ -417,12 +425,35 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
     return blocks, results, dense_count
 
 
-def _resumed_block(ckpt: Path, info_file: Path, i: int, staging: Path) -> BlockResult:
+def encode_block(encoder, result: BlockResult, stats: dict, precision: str) -> dict:
+    """A factored block with every projection its encoder's typed leaf, encoded from the Gram of its input
+    (`stats`: `block_stats` of the block's inputs)."""
+    import jax
+
+    from sigmascale_jax.model.modeling import PROJECTION_INPUT
+
+    params = jax.device_get(result.params)
+    return {**params, **{n: encoder.encode(params[n], result.matrices[n], stats[PROJECTION_INPUT[n]]["gram"], precision)
+                         for n in PROJECTIONS}}
+
+
+def stored_block(block: dict) -> dict:
+    """A block as checkpointed: typed leaves (already encoded) as their saved dicts."""
+    from sigmascale_jax.model.leaves import is_leaf
+
+    return {k: v.to_tree() if is_leaf(v) else v for k, v in block.items()}
+
+
+def _resumed_block(ckpt: Path, info_file: Path, i: int, staging: Path, encoder) -> BlockResult:
     from sigmascale_jax.io.checkpoint import load_pytree
 
     try:
         saved = json.loads(info_file.read_text())
-        return BlockResult(load_pytree(ckpt), saved["matrices"], saved["block"])
+        params = load_pytree(ckpt)
+        if encoder.needs_gram:  # encoded in the loop: read back as the typed leaves it saved
+            params = {**params, **{n: encoder.read(params[n], {**saved["matrices"][n], **encoder.record()})
+                                   for n in PROJECTIONS}}
+        return BlockResult(params, saved["matrices"], saved["block"])
     except (UserError, OSError, ValueError, KeyError) as e:
         raise UserError(f"block {i}'s checkpoint in {staging} cannot be read ({' '.join(str(e).split())[:150]}); "
                         "pass --overwrite to start over") from None

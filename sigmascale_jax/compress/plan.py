@@ -34,7 +34,8 @@ class RunSpec(Settings):
     """What every compression needs whatever its methods (the pipeline's own settings)."""
 
     model: str = setting(None, "HF folder, .gguf file or hub id (required)")
-    ratio: float = setting(None, "fraction of the projections' parameters removed (required)", above=0.0, below=1.0)
+    ratio: float = setting(None, "fraction of the projections' parameters removed (required); 0 keeps every "
+                           "projection dense, for --quantize alone", min=0.0, below=1.0)
     calib: str = setting("c4", "c4 (docs 0-999), wikitext2-valid, or a .txt/.jsonl file")
     nsamples: int = setting(64, "calibration windows", min=1)
     seq_len: int = setting(512, "tokens per calibration window", min=2)
@@ -180,6 +181,9 @@ class Encoder(NamedTuple):
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
     read: Callable[[dict, dict], Any] | None = None  # (saved dict, its compression.json record) -> the typed leaf
     reencode: Callable[[Any, str], Any] | None = None  # (a stored leaf, where it came from) -> the leaf stored this way
+    # encode takes (p, record, gram, precision): the Gram of the projection's input (GPTQ), so the pipeline encodes
+    # each block as the block loop reaches it
+    needs_gram: bool = False
 
 
 def read_leaf(tree: dict, record: dict) -> Any:
@@ -214,8 +218,20 @@ class Plan:
 
     def check(self, spec: RunSpec, cfg: ModelConfig) -> None:
         """Settings that clash with each other or with the model: a UserError before anything is written."""
-        for stage in (self.allocate, self.factorize, *self.refine, self.encoder()):
+        allocate = (self.allocate,) if spec.ratio != 0 else ()  # --ratio 0: nothing to allocate
+        for stage in (*allocate, self.factorize, *self.refine, self.encoder()):
             stage.check(spec, cfg)
+        if spec.ratio == 0 and not getattr(self.encoder().settings, "kind", None):
+            from sigmascale_jax.errors import UserError
+
+            raise UserError("--ratio 0 keeps every projection dense: add --quantize int8, int4 or int3 (quantization "
+                            "alone), or ask for a ratio above 0")
+        if self.refine and self.encoder().needs_gram:
+            from sigmascale_jax.errors import UserError
+
+            raise UserError(f"--quantizer gptq rounds each block as the block loop reaches it, before "
+                            f"{' and '.join(r.name for r in self.refine)} revises the factors; use --quantizer rtn "
+                            "with it, or drop it")
         check_reachable(spec.ratio, cfg, self.encoder().count)
 
     def encoder(self) -> Encoder:

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot: tokens per forward pass (rows x padded length)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $SIGMASCALE_DATA, else ../shared/data)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the weights")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+    p.add_argument("--quantize", choices=("int8", "int4", "int3"), default=None,
                    help="round-to-nearest quantize a dense model's projections first (the compressor's quantizer: "
                         "quantization alone, to compare with low-rank compression)")
     p.add_argument("--group-size", type=int, default=None, help="--quantize: columns per scale group (default 128)")
@@ -80,7 +80,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.tokens_per_batch < 1:
         raise UserError(f"--tokens-per-batch must be at least 1, got {args.tokens_per_batch}")
     if args.group_size is not None and args.quantize is None:
-        raise UserError("--group-size sets the quantization groups; it needs --quantize int8 or int4")
+        raise UserError("--group-size sets the quantization groups; it needs --quantize int8, int4 or int3")
     if args.group_size is not None and (args.group_size < 1 or (args.quantize == "int4" and args.group_size % 2)):
         raise UserError(f"--group-size must be at least 1 (and even for int4), got {args.group_size}")
 

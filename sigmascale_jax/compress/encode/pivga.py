@@ -131,11 +131,54 @@ def pivga_from_factors(b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.nda
     return b @ c_p, r, perm
 
 
-def pivga_leaf(b, c, settings: QuantSettings | None = None, bias=None) -> PivGa:
-    """The rank-k pair `b: [m, k]`, `c: [k, n]` as a PivGa leaf, its matrices stored as `settings` say (float32)."""
+def pivga_leaf(b, c, settings: QuantSettings | None = None, bias=None, gram=None, precision: str = "float64") -> PivGa:
+    """The rank-k pair `b: [m, k]`, `c: [k, n]` as a PivGa leaf, its matrices stored as `settings` say (float32).
+
+    With GPTQ (`gram`: the input's `[n, n]` Gram), B' and R are rounded one after the other (`pivga_pair`)."""
     settings = settings or QuantSettings()
     bp, r, perm = pivga_from_factors(b, c)
-    return PivGa(settings.store(bp), settings.store(r), perm_codes(perm), bias)
+    if not settings.needs_gram:
+        return PivGa(settings.store(bp), settings.store(r), perm_codes(perm), bias)
+    b_q, r_q = pivga_pair(settings, bp, r, np.asarray(gram, np.float64)[np.ix_(perm, perm)], precision)
+    return PivGa(b_q, r_q, perm_codes(perm), bias)
+
+
+def pivga_pair(settings: QuantSettings, bp: np.ndarray, r: np.ndarray, h: np.ndarray, precision: str = "float64",
+               order: str | None = None) -> tuple[Any, Any]:
+    """PivGa's `B' [m, k]` and `R [k, n − k]` quantized with GPTQ against `h`, the input Gram in pivot order
+    (`QuantSettings.store_pair`'s orders). Its inner factor `[I R]` passes the pivot inputs through exactly, so R
+    is rounded against the Gram of the other inputs `h_RR`; outer first refits R to B̂ by least squares under h:
+    `R = B̂⁺ (W_R − (B̂ − W_P) h_PR h_RR⁻¹)`."""
+    from sigmascale_jax.compress.encode.quant import dequantized, pick_order, refit_outer
+
+    k = bp.shape[1]
+    eye = np.eye(k)
+    w = bp @ np.concatenate([eye, r], axis=1)
+    h_rr = h[k:, k:]
+
+    def inner(r_values):
+        return np.concatenate([eye, r_values], axis=1)
+
+    def inner_first():
+        r_q = settings.store(r, h_rr, precision)
+        g = inner(dequantized(r_q))
+        return settings.store(refit_outer(w, g, h), g @ h @ g.T, precision), r_q
+
+    def outer_first():
+        g = inner(r)
+        b_q = settings.store(bp, g @ h @ g.T, precision)
+        b_hat = dequantized(b_q)
+        ridge = 1e-10 * max(np.trace(h_rr) / max(len(h_rr), 1), np.finfo(np.float64).tiny) * np.eye(len(h_rr))
+        target = w[:, k:] - (b_hat - w[:, :k]) @ np.linalg.solve(h_rr + ridge, h[k:, :k]).T
+        return b_q, settings.store(np.linalg.lstsq(b_hat, target, rcond=None)[0], h_rr, precision)
+
+    def independent():
+        g = inner(r)
+        return settings.store(bp, g @ h @ g.T, precision), settings.store(r, h_rr, precision)
+
+    return pick_order(order or settings.gptq_order, {"inner-first": inner_first, "outer-first": outer_first,
+                                                     "independent": independent},
+                      lambda pair: dequantized(pair[0]) @ inner(dequantized(pair[1])), w, h)
 
 
 def _read(tree: dict, record: dict, settings: QuantSettings) -> PivGa:
@@ -162,6 +205,5 @@ def pivga_params(m: int, n: int, k):
 
 @register(ENCODERS, "pivga", PivGaSettings,
           "PivGa: B' = B C_P and R = C_P⁻¹ C_R with pivot columns P, lossless, k(m+n) − k² numbers")
-def pivga(quantize: str = "none", group_size: int | None = None) -> Encoder:
-    return make_encoder("pivga", PivGaSettings(quantize=quantize, group_size=group_size), pivga_params, pivga_leaf,
-                        _read, _requantize)
+def pivga(**settings) -> Encoder:
+    return make_encoder("pivga", PivGaSettings(**settings), pivga_params, pivga_leaf, _read, _requantize)

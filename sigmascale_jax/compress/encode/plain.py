@@ -17,9 +17,9 @@ class PlainSettings(QuantSettings):
     pass
 
 
-def dense_leaf(p: dict, settings: QuantSettings) -> Dense:
-    """A projection kept dense (`{"w"}`), its matrix stored as `settings` say."""
-    return Dense(settings.store(p["w"]), p.get("bias"))
+def dense_leaf(p: dict, settings: QuantSettings, gram=None, precision: str = "float64") -> Dense:
+    """A projection kept dense (`{"w"}`), its matrix stored as `settings` say (GPTQ: against `gram`, its input's)."""
+    return Dense(settings.store(p["w"], gram, precision), p.get("bias"))
 
 
 def refuse_quantized(matrices, src: str) -> None:
@@ -36,15 +36,18 @@ def float_form(leaf: Dense | LowRank, src: str) -> dict:
 
 
 def make_encoder(name: str, settings: QuantSettings, count, factored, read_factored, reencode_own=None) -> Encoder:
-    """An encoder that stores low-rank pairs with `factored(b, c, settings, bias)` and dense matrices as they are.
+    """An encoder that stores low-rank pairs with `factored(b, c, settings, bias, gram, precision)` and dense matrices
+    as they are (quantized as `settings` say; GPTQ against `gram`, the projection's input Gram, given to `encode`).
 
     `read_factored(tree, record, settings)` reads its saved form back; `reencode_own(leaf, settings, src)` re-stores
     a leaf of its own type (None: this encoder has no type of its own, and another encoder's leaf is refused)."""
 
-    def encode(p: dict, record: dict):
+    def encode(p: dict, record: dict, gram=None, precision: str = "float64"):
+        if settings.needs_gram and gram is None:
+            raise ValueError(f"{name} with --quantizer gptq encodes a projection from its input's Gram matrix")
         if "w" in p:
-            return dense_leaf(p, settings)
-        return factored(p["b"], p["c"], settings, p.get("bias"))
+            return dense_leaf(p, settings, gram, precision)
+        return factored(p["b"], p["c"], settings, p.get("bias"), gram, precision)
 
     def read(tree: dict, record: dict):
         if record.get("dense"):
@@ -52,6 +55,9 @@ def make_encoder(name: str, settings: QuantSettings, count, factored, read_facto
         return read_factored(tree, record, settings)
 
     def reencode(leaf: Any, src: str):
+        if settings.needs_gram:
+            raise UserError("--quantizer gptq rounds against the calibration Gram matrices, which a finished folder "
+                            "does not keep; compress with --quantizer gptq instead of re-encoding")
         if isinstance(leaf, (Dense, LowRank)):
             return encode(float_form(leaf, src), {})
         if reencode_own is None:
@@ -63,10 +69,13 @@ def make_encoder(name: str, settings: QuantSettings, count, factored, read_facto
         return {"encoding": name, **settings.record()}
 
     return Encoder(name, settings, count, encode, record, check=lambda spec, cfg: settings.check_model(cfg), read=read,
-                   reencode=reencode)
+                   reencode=reencode, needs_gram=settings.needs_gram)
 
 
-def _plain(b, c, settings: QuantSettings, bias) -> LowRank:
+def _plain(b, c, settings: QuantSettings, bias, gram=None, precision: str = "float64") -> LowRank:
+    if settings.needs_gram:
+        b, c = settings.store_pair(b, c, gram, precision)
+        return LowRank(b, c, bias)
     return LowRank(settings.store(b), settings.store(c), bias)
 
 
@@ -76,6 +85,5 @@ def _read_plain(tree: dict, record: dict, settings: QuantSettings) -> LowRank:
 
 
 @register(ENCODERS, "plain", PlainSettings, "the factors B, C as they are: k(m+n) numbers")
-def plain(quantize: str = "none", group_size: int | None = None) -> Encoder:
-    return make_encoder("plain", PlainSettings(quantize=quantize, group_size=group_size), factored_params, _plain,
-                        _read_plain)
+def plain(**settings) -> Encoder:
+    return make_encoder("plain", PlainSettings(**settings), factored_params, _plain, _read_plain)

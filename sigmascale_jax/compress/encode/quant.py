@@ -1,21 +1,31 @@
-"""Round-to-nearest quantization of a matrix in groups along its last axis, int8 or int4 (packed two per byte).
+"""Quantized matrices (int8, int4, int3) in groups along the last axis, rounded to nearest or by GPTQ.
 
 A matrix `[rows, cols]` (HF layout `[out, in]`, so groups run along the input dimension,
-the one a matmul reduces over) is cut into groups of `group` consecutive columns
-(the last one may be shorter; nothing is padded on disk but one nibble when an int4
-row has an odd length). Per group:
+the one a matmul reduces over) is cut into groups of `group` consecutive columns (the
+last one may be shorter; nothing is padded on disk). The grids (`linalg/grid.py`, on
+qwix): int8 symmetric (codes in [−127, 127]); int4 and int3 asymmetric with a zero point
+per group (codes in [0, 2ᵇ − 1]), packed little-endian along each row (two int4 codes a
+byte, even column in the low nibble; eight int3 codes in three bytes). Scales are float32,
+zero points uint8.
 
-- int8: symmetric, `q = round(x / s)`, `s = max|x| / 127`, q in [−127, 127];
-- int4: asymmetric, `q = round(x / s) + z`, `s = (max − min) / 15`, `z = round(−min / s)`,
-  q in [0, 15]; two values per byte (even column in the low nibble), so a group of
-  128 costs 64 bytes plus its scale and zero point.
+Rounding: `--quantizer rtn` rounds each value to its nearest grid point (`|x − x̂| ≤ s / 2`);
+`--quantizer gptq` rounds column by column against the Gram matrix of the matrix's input,
+spreading each column's error over the columns after it (`linalg/gptq.py`). A factor pair
+`B·C` is quantized one factor after the other, the second refit to the first's rounded
+values so it absorbs their error instead of multiplying it (`QuantSettings.store_pair`):
+inner first (C against the input Gram H, then B refit by least squares under H and rounded
+against `Ĉ H Ĉᵀ`, the Gram of C's output) or outer first (B against `C H Cᵀ`, then C refit
+to B̂ and rounded against H); by default both, keeping the pair with the lower output error
+on the calibration Gram (`scripts/quant_error.py` measures the orders on SmolLM2).
 
-Scales are float32 and zero points uint8. Round-to-nearest keeps every element within
-half a step of its value: `|x − x̂| ≤ s / 2` (plus float32 rounding), the format's bound.
 The codes are `leaves.Codes` (exact integers in a float carrier, no gradient), so a
-quantized tree differentiates; its scales are what `trainable` lets train.
+quantized tree differentiates; its scales are what `trainable` lets train. qwix's own
+`QArray` holds integer arrays, which `jax.grad` refuses ("grad requires real- or
+complex-valued inputs ... but got int8"), so it is made on demand (`QuantMatrix.qarray()`),
+not stored in the tree.
 
-This module also holds the settings every encoder shares (`--quantize`, `--group-size`).
+This module also holds the settings every encoder shares (`--quantize`, `--quantizer`,
+`--group-size`, `--gptq-damp`, `--act-order`, `--gptq-order`).
 """
 
 from __future__ import annotations
@@ -31,16 +41,43 @@ from flax import struct
 
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
+from sigmascale_jax.linalg.gptq import DEFAULT_DAMP, gptq
+from sigmascale_jax.linalg.grid import Grid
 from sigmascale_jax.model.leaves import FACTOR, Codes, matrix_bytes
 
-BITS = {"int8": 8, "int4": 4}
+BITS = {"int8": 8, "int4": 4, "int3": 3}
 DEFAULT_GROUP = 128
+
+
+def packed_width(cols: int, bits: int) -> int:
+    """Bytes a row of `cols` codes takes: one each at 8 bits, else `ceil(cols · bits / 8)`."""
+    return cols if bits == 8 else math.ceil(cols * bits / 8)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned `codes: [rows, cols]` (< 2^bits) as uint8 `[rows, packed_width]`, little-endian bits along each row
+    (int4: the even column in the low nibble)."""
+    codes = np.asarray(codes, np.uint8)
+    rows, cols = codes.shape
+    bitplanes = (codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # [rows, cols, bits]
+    return np.packbits(bitplanes.reshape(rows, cols * bits), axis=1, bitorder="little")
+
+
+def unpack(packed: jax.Array, bits: int, cols: int) -> jax.Array:
+    """The unsigned codes `[rows, cols]` (int32) that `pack` wrote."""
+    packed = packed.astype(jnp.int32)
+    rows = packed.shape[0]
+    if bits == 4:
+        return jnp.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, :cols]
+    bitplanes = (packed[..., None] >> jnp.arange(8)) & 1  # [rows, bytes, 8]
+    bitplanes = bitplanes.reshape(rows, -1)[:, : cols * bits].reshape(rows, cols, bits)
+    return (bitplanes << jnp.arange(bits)).sum(-1)
 
 
 @struct.dataclass
 class QuantMatrix:
-    """A quantized `[rows, cols]` matrix: codes int8 `[rows, cols]` or packed uint8 `[rows, ceil(cols/2)]`,
-    `scale` float32 `[rows, groups]`, `zero` uint8 `[rows, groups]` (int4 only)."""
+    """A quantized `[rows, cols]` matrix: codes int8 `[rows, cols]` (int8) or packed uint8 `[rows, packed_width]`
+    (int4, int3), `scale` float32 `[rows, groups]`, `zero` uint8 `[rows, groups]` (int4, int3)."""
 
     values: Codes
     scale: jax.Array
@@ -53,31 +90,40 @@ class QuantMatrix:
     def shape(self) -> tuple[int, int]:
         return (self.values.shape[0], self.cols)
 
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.group)
+
     def check(self) -> None:
         """A ValueError unless the codes, scales and zero points make a `[rows, cols]` matrix in groups of `group`."""
         rows = self.values.shape[0]
         groups = math.ceil(self.cols / self.group)
-        want = {"codes": (rows, self.cols if self.bits == 8 else math.ceil(self.cols / 2)), "scales": (rows, groups)}
+        want = {"codes": (rows, packed_width(self.cols, self.bits)), "scales": (rows, groups)}
         have = {"codes": tuple(self.values.shape), "scales": tuple(self.scale.shape)}
-        if self.bits == 4:
+        if self.bits != 8:
             want["zero points"], have["zero points"] = (rows, groups), tuple(self.zero.shape)
         if have != want:
             raise ValueError(f"an int{self.bits} [{rows}, {self.cols}] matrix in groups of {self.group} needs "
                              + ", ".join(f"{k} {list(v)}" for k, v in want.items()) + "; the params hold "
                              + ", ".join(f"{k} {list(v)}" for k, v in have.items()))
 
+    def codes(self) -> jax.Array:
+        """The codes `[rows, cols]` (int32): signed for int8, unsigned (with zero points) below."""
+        if self.bits == 8:
+            return self.values.array().astype(jnp.int32)
+        return unpack(self.values.array(), self.bits, self.cols)
+
+    def qarray(self):
+        """qwix's `QArray` of this matrix, padded with zero columns to whole groups (`[rows, groups · group]`):
+        for qwix's quantized matmuls (`qwix.dot_general`) and `qwix.dequantize`."""
+        grid = self.grid
+        return grid.qarray(grid.pad(self.codes()), self.scale, None if self.zero is None else self.zero.array())
+
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The float matrix `[rows, cols]` it stands for."""
-        rows, groups = self.scale.shape
-        if self.bits == 8:
-            q = self.values.array().astype(jnp.float32)
-        else:
-            packed = self.values.array()
-            q = jnp.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, : self.cols].astype(jnp.float32)
-        q = jnp.pad(q, ((0, 0), (0, groups * self.group - self.cols))).reshape(rows, groups, self.group)
-        if self.bits == 4:
-            q = q - self.zero.array().astype(jnp.float32)[..., None]
-        return (q * self.scale[..., None]).reshape(rows, -1)[:, : self.cols].astype(dtype)
+        import qwix
+
+        return qwix.dequantize(self.qarray())[:, : self.cols].astype(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -99,32 +145,75 @@ class QuantMatrix:
         zero = Codes.of(tree["zero"]) if "zero" in tree else None
         return cls(Codes.of(tree["values"]), jnp.asarray(tree["scale"]), zero, bits, group, cols)
 
+    @classmethod
+    def of(cls, codes: Any, scale: Any, zero: Any, bits: int, group: int) -> "QuantMatrix":
+        """A stored matrix from a grid's codes `[rows, cols]` (unsigned below 8 bits), scales and zero points
+        `[rows, groups]`."""
+        codes = np.asarray(codes)
+        cols = codes.shape[1]
+        values = codes.astype(np.int8) if bits == 8 else pack(codes, bits)
+        zero = None if zero is None else Codes.of(np.asarray(zero).astype(np.uint8))
+        return cls(Codes.of(values), jnp.asarray(scale, jnp.float32), zero, bits, group, cols)
 
-def quantize(x: np.ndarray, kind: str, group: int) -> QuantMatrix:
-    """RTN-quantize `x: [rows, cols]` (float, host) as `kind` ("int8" or "int4") in groups of `group` columns."""
+
+def _check_kind(kind: str, group: int) -> int:
+    if kind not in BITS:
+        raise ValueError(f"quantize as one of {', '.join(BITS)}, got {kind!r}")
     bits = BITS[kind]
     if bits == 4 and group % 2:
         raise ValueError(f"int4 packs two values per byte: the group size must be even, got {group}")
-    x = np.asarray(x, np.float64)
-    rows, cols = x.shape
-    groups = math.ceil(cols / group)
-    padded = np.zeros((rows, groups * group))
-    padded[:, :cols] = x
-    g = padded.reshape(rows, groups, group)
-    if bits == 8:
-        scale = np.abs(g).max(axis=-1) / 127.0
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        q = np.clip(np.rint(g / scale[..., None]), -127, 127).astype(np.int8).reshape(rows, -1)[:, :cols]
-        return QuantMatrix(Codes.of(q), jnp.asarray(scale), None, 8, group, cols)
-    lo, hi = g.min(axis=-1), g.max(axis=-1)
-    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)  # zero stays exactly representable (padding, sparse rows)
-    scale = ((hi - lo) / 15.0)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    zero = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)
-    q = np.clip(np.rint(g / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8).reshape(rows, -1)
-    q = q[:, : cols + cols % 2]  # keep the real columns (and one padding nibble for an odd count)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-    return QuantMatrix(Codes.of(packed), jnp.asarray(scale), Codes.of(zero), 4, group, cols)
+    return bits
+
+
+def quantize(x: Any, kind: str, group: int) -> QuantMatrix:
+    """Round-to-nearest `x: [rows, cols]` (float; rounded as float32) as `kind` ("int8", "int4", "int3") in groups of
+    `group` columns."""
+    bits = _check_kind(kind, group)
+    grid = Grid(bits, group)
+    codes, scale, zero = grid.round(jnp.asarray(np.asarray(x, np.float32)))
+    return QuantMatrix.of(codes, scale, zero, bits, group)
+
+
+def quantize_gptq(x: Any, gram: Any, kind: str, group: int, *, damp: float = DEFAULT_DAMP, act_order: bool = True,
+                  precision: str = "float64") -> QuantMatrix:
+    """GPTQ of `x: [rows, cols]` (rounded as float32) against its input's Gram `gram: [cols, cols]`
+    (`linalg/gptq.py`) as `kind` in groups of `group` columns."""
+    bits = _check_kind(kind, group)
+    q = gptq(np.asarray(x, np.float32), gram, Grid(bits, group), damp=damp, act_order=act_order, precision=precision)
+    return QuantMatrix.of(q.codes, q.scale, q.zero, bits, group)
+
+
+GPTQ_ORDERS = ("best", "inner-first", "outer-first")
+
+
+def dequantized(m: Any) -> np.ndarray:
+    """A stored matrix's values as float64 numpy."""
+    return np.asarray(m.dequantize() if hasattr(m, "dequantize") else m, np.float64)
+
+
+def pick_order(order: str, make: dict, product, w: np.ndarray, gram: np.ndarray):
+    """The factor pair `make[order]()` builds; for "best", whichever of inner-first and outer-first gives the
+    lower output error `tr((Ŵ − W) H (Ŵ − W)ᵀ)` (`product(pair)` = Ŵ, in the coordinates of `gram`)."""
+    if order != "best":
+        if order not in make:
+            raise ValueError(f"order is one of {', '.join(('independent', *GPTQ_ORDERS))}, got {order!r}")
+        return make[order]()
+
+    def error(pair) -> float:
+        d = product(pair) - w
+        return float(np.einsum("ij,jk,ik->", d, gram, d))
+
+    return min((make[o]() for o in ("inner-first", "outer-first")), key=error)
+
+
+def refit_outer(w: np.ndarray, inner: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """`B: [m, k]` minimising `tr((B G − W) H (B G − W)ᵀ)` for `w: [m, n]`, `inner` G `[k, n]`, `gram` H `[n, n]`:
+    `B = W H Gᵀ (G H Gᵀ)⁻¹` (float64, a solve with a relative ridge of 1e-10 against a singular `G H Gᵀ`)."""
+    w, g, h = (np.asarray(a, np.float64) for a in (w, inner, gram))
+    hg = h @ g.T  # [n, k]
+    a = g @ hg
+    a = a + 1e-10 * max(np.trace(a) / len(a), np.finfo(np.float64).tiny) * np.eye(len(a))
+    return np.linalg.solve(a, (w @ hg).T).T
 
 
 def check_group_size(group: int, cfg) -> None:
@@ -137,21 +226,51 @@ def check_group_size(group: int, cfg) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class QuantSettings(Settings):
-    quantize: str = setting("none", "store every projection's matrices as int8 or int4 (round to nearest, a scale per "
-                            "group; int4 with zero points, packed two per byte)", choices=("none", "int8", "int4"))
+    quantize: str = setting("none", "store every projection's matrices as int8, int4 or int3 (a scale per group; "
+                            "int4 and int3 with zero points, packed)", choices=("none", *BITS))
+    quantizer: str | None = setting(None, "--quantize: how values are rounded: rtn (to nearest) or gptq (column by "
+                                    "column against the calibration Gram matrices, each column's error spread over "
+                                    "the rest; block by block as the compressor reaches them) (default: rtn)",
+                                    choices=("rtn", "gptq"))
     group_size: int | None = setting(None, f"quantization: columns per group sharing a scale (default "
                                      f"{DEFAULT_GROUP}; even for int4)", min=1)
+    gptq_damp: float | None = setting(None, f"--quantizer gptq: damping added to the Gram's diagonal, a fraction of "
+                                      f"its mean (default {DEFAULT_DAMP})", min=0.0)
+    act_order: bool | None = setting(None, "--quantizer gptq: round columns in decreasing input energy (the Gram's "
+                                     "diagonal), groups keeping the original matrix's scales (default: on)")
+    gptq_order: str | None = setting(None, "--quantizer gptq on factors: which factor is rounded first, the other refit "
+                                     "to it and rounded after; best: both, keeping the pair with the lower output "
+                                     "error on the calibration Gram (default: best)", choices=GPTQ_ORDERS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.quantize == "none":
-            if self.group_size is not None:
-                raise UserError("--group-size sets the quantization groups; it needs --quantize int8 or int4")
+            for name in ("group_size", "quantizer", "gptq_damp", "act_order", "gptq_order"):
+                if getattr(self, name) is not None:
+                    what = "the quantization groups" if name == "group_size" else "how matrices are quantized"
+                    raise UserError(f"--{name.replace('_', '-')} sets {what}; it needs --quantize int8, int4 or int3")
             return
-        if self.group_size is None:
-            object.__setattr__(self, "group_size", DEFAULT_GROUP)
+        defaults = {"group_size": DEFAULT_GROUP, "quantizer": "rtn"}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.quantizer == "gptq":
+            object.__setattr__(self, "gptq_damp", DEFAULT_DAMP if self.gptq_damp is None else self.gptq_damp)
+            object.__setattr__(self, "act_order", True if self.act_order is None else self.act_order)
+            object.__setattr__(self, "gptq_order", self.gptq_order or "best")
+        elif self.gptq_damp is not None or self.act_order is not None or self.gptq_order is not None:
+            raise UserError("--gptq-damp, --act-order and --gptq-order set GPTQ; they need --quantizer gptq")
         if self.quantize == "int4" and self.group_size % 2:
             raise UserError(f"--quantize int4 packs two values per byte: --group-size must be even, got {self.group_size}")
+
+    def asdict(self) -> dict[str, Any]:
+        """The settings that change the result: GPTQ's only where it is used (so unquantized and RTN runs keep the
+        resume keys they had before GPTQ existed)."""
+        out = super().asdict()
+        for name in ("quantizer", "gptq_damp", "act_order", "gptq_order"):
+            if out[name] is None or (name == "quantizer" and out[name] == "rtn"):
+                out.pop(name)
+        return out
 
     def check_model(self, cfg) -> None:
         """The group size fits the model: no longer than the longest row any projection's matrix has."""
@@ -162,15 +281,59 @@ class QuantSettings(Settings):
     def kind(self) -> str | None:
         return None if self.quantize == "none" else self.quantize
 
-    def store(self, m: Any) -> Any:
-        """A float matrix as this encoding keeps it: quantized, or a float32 array."""
+    @property
+    def needs_gram(self) -> bool:
+        """Whether storing a matrix needs the Gram matrix of its input (GPTQ)."""
+        return self.quantizer == "gptq"
+
+    def store(self, m: Any, gram: Any = None, precision: str = "float64") -> Any:
+        """A float matrix `m: [rows, cols]` as this encoding keeps it: quantized, or a float32 array. GPTQ needs
+        `gram: [cols, cols]`, the Gram of the matrix's input."""
         # the float32 values are what gets quantized, so a float32 folder re-encoded later gives the same bits
         m = np.asarray(m, np.float32)
-        return quantize(m, self.kind, self.group_size) if self.kind else jnp.asarray(m)
+        if not self.kind:
+            return jnp.asarray(m)
+        if not self.needs_gram:
+            return quantize(m, self.kind, self.group_size)
+        if gram is None:
+            raise ValueError("GPTQ quantization needs the Gram matrix of the matrix's input")
+        return quantize_gptq(m, gram, self.kind, self.group_size, damp=self.gptq_damp, act_order=self.act_order,
+                             precision=precision)
+
+    def store_pair(self, b: Any, c: Any, gram: Any, precision: str = "float64",
+                   order: str | None = None) -> tuple[Any, Any]:
+        """A factor pair `b: [m, k]`, `c: [k, n]` quantized with GPTQ against `gram: [n, n]`, the Gram of C's input:
+        (B stored, C stored). `order` (default `--gptq-order`): "inner-first" (C against H; B refit to Ĉ and rounded
+        against `Ĉ H Ĉᵀ`), "outer-first" (B against `C H Cᵀ`; C refit to B̂ and rounded against H), "best" (both,
+        keeping the pair with the lower output error `tr(ΔW H ΔWᵀ)` on the calibration Gram) or "independent"
+        (each against its float input's Gram, no refit: the baseline the orders are measured against)."""
+        b, c, h = (np.asarray(a, np.float64) for a in (b, c, gram))
+        w = b @ c
+
+        def inner_first():
+            c_q = self.store(c, h, precision)
+            c_hat = dequantized(c_q)
+            return self.store(refit_outer(w, c_hat, h), c_hat @ h @ c_hat.T, precision), c_q
+
+        def outer_first():
+            b_q = self.store(b, c @ h @ c.T, precision)
+            return b_q, self.store(np.linalg.lstsq(dequantized(b_q), w, rcond=None)[0], h, precision)
+
+        def independent():
+            return self.store(b, c @ h @ c.T, precision), self.store(c, h, precision)
+
+        return pick_order(order or self.gptq_order, {"inner-first": inner_first, "outer-first": outer_first,
+                                                     "independent": independent},
+                          lambda pair: dequantized(pair[0]) @ dequantized(pair[1]), w, h)
 
     def load(self, tree: Any, cols: int) -> Any:
         """A matrix as `store` saved it (`to_tree`), `cols` columns wide."""
         return QuantMatrix.from_tree(tree, BITS[self.kind], self.group_size, cols) if self.kind else jnp.asarray(tree)
 
     def record(self) -> dict[str, Any]:
-        return {"quantize": self.kind, "group_size": self.group_size}
+        out = {"quantize": self.kind, "group_size": self.group_size}
+        if self.kind:
+            out["quantizer"] = self.quantizer
+        if self.needs_gram:
+            out.update(gptq_damp=self.gptq_damp, act_order=self.act_order, gptq_order=self.gptq_order)
+        return out

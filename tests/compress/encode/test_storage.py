@@ -89,7 +89,8 @@ def test_pivga_keeps_more_components_at_the_same_size():
 # ------------------------------------------------------------------ quantization
 
 
-@pytest.mark.parametrize("kind,group", [("int8", 128), ("int8", 7), ("int4", 64), ("int4", 10)])
+@pytest.mark.parametrize("kind,group", [("int8", 128), ("int8", 7), ("int4", 64), ("int4", 10), ("int3", 64),
+                                        ("int3", 9)])
 def test_round_trip_error_is_within_half_a_step(kind, group):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(37, 301)) * rng.uniform(0.01, 3, size=(37, 1))
@@ -101,9 +102,66 @@ def test_round_trip_error_is_within_half_a_step(kind, group):
     err = np.abs(back - x)
     assert (err <= steps / 2 * (1 + 1e-5) + 1e-7).all()
     assert (err > steps / 4).any()  # it does round (the bound is not vacuous)
-    bits = 8 if kind == "int8" else 4
+    bits = int(kind[3:])
     assert np.dtype(q.values.dtype) == (np.int8 if bits == 8 else np.uint8)
-    assert q.values.shape[1] == (x.shape[1] if bits == 8 else (x.shape[1] + 1) // 2)  # no padding stored
+    assert q.values.shape[1] == -(-x.shape[1] * bits // 8)  # packed, no padding stored
+    assert q.nbytes == 37 * -(-301 * bits // 8) + 37 * -(-301 // group) * (4 + (bits < 8))
+
+
+def legacy_quantize(x, bits, group):
+    """The hand-written int8 / int4 quantizer the qwix-backed one replaced (float64 numpy, as it was): codes,
+    scales, zero points."""
+    rows, cols = x.shape
+    groups = -(-cols // group)
+    g = np.zeros((rows, groups * group))
+    g[:, :cols] = x
+    g = g.reshape(rows, groups, group)
+    if bits == 8:
+        scale = np.abs(g).max(-1) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        return np.clip(np.rint(g / scale[..., None]), -127, 127).astype(np.int8).reshape(rows, -1)[:, :cols], scale, None
+    lo, hi = np.minimum(g.min(-1), 0.0), np.maximum(g.max(-1), 0.0)
+    scale = np.where(hi - lo > 0, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    zero = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)
+    q = np.clip(np.rint(g / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8).reshape(rows, -1)
+    q = q[:, : cols + cols % 2]
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), scale, zero
+
+
+def legacy_dequantize(values, scale, zero, bits, group, cols):
+    rows, groups = scale.shape
+    if bits == 8:
+        q = values.astype(np.float32)
+    else:
+        q = np.stack([values & 0x0F, values >> 4], axis=-1).reshape(rows, -1)[:, :cols].astype(np.float32)
+    q = np.pad(q, ((0, 0), (0, groups * group - cols))).reshape(rows, groups, group)
+    if bits == 4:
+        q = q - zero.astype(np.float32)[..., None]
+    return (q * scale[..., None]).reshape(rows, -1)[:, :cols]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qwix_backed_matrices_give_the_outputs_of_the_hand_written_ones(bits):
+    """Codes written by the old quantizer read back through qwix exactly as the old reader read them (old folders
+    load unchanged), and quantizing on qwix gives the old codes and outputs."""
+    from sigmascale_jax.compress.encode.quant import QuantMatrix
+    from sigmascale_jax.model.leaves import Codes, Dense
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(40, 301)) * rng.uniform(0.01, 3, size=(40, 1))).astype(np.float32)
+    values, scale, zero = legacy_quantize(x, bits, 32)
+    old = legacy_dequantize(values, scale, zero, bits, 32, 301)
+    stored = QuantMatrix(Codes.of(values), jnp.asarray(scale), None if zero is None else Codes.of(zero), bits, 32, 301)
+    np.testing.assert_array_equal(np.asarray(stored.dequantize()), old)
+    new = quantize(x, f"int{bits}", 32)
+    same = np.mean(np.asarray(new.codes()) == np.asarray(stored.codes()))
+    assert same > 0.999, same  # a tie at half a step may round either way in float32
+    np.testing.assert_allclose(np.asarray(new.scale), scale, rtol=1e-6)
+    inputs = jnp.asarray(rng.normal(size=(3, 301)), jnp.float32)
+    want = inputs @ old.T
+    got = Dense(new).apply(inputs)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-3 * np.abs(want).max())
+    assert isinstance(new.qarray(), __import__("qwix").QArray)
 
 
 def test_quantized_compression_saves_loads_and_counts_bytes(tmp_path, plain_run):
@@ -138,7 +196,11 @@ def test_quantized_compression_saves_loads_and_counts_bytes(tmp_path, plain_run)
 @pytest.mark.parametrize("extra,fragment", [
     (["--group-size", "64"], "--group-size sets the quantization groups"),
     (["--quantize", "int4", "--group-size", "33"], "must be even"),
-    (["--quantize", "int3"], "invalid choice: 'int3'"),
+    (["--quantize", "int2"], "invalid choice: 'int2'"),
+    (["--quantizer", "gptq"], "--quantizer sets how matrices are quantized; it needs --quantize"),
+    (["--quantize", "int4", "--act-order"], "need --quantizer gptq"),
+    (["--ratio", "0"], "--ratio 0 keeps every projection dense: add --quantize"),
+    (["--quantize", "int4", "--quantizer", "gptq", "--correction", "--ranks", "zs-svd"], "before correction revises"),
     (["--encoding", "magic"], "invalid choice: 'magic'"),
 ])
 def test_bad_storage_combinations_are_one_line_errors(tmp_path, capsys, extra, fragment):
@@ -169,3 +231,67 @@ def test_reencoding_a_folder_equals_compressing_with_that_encoding(tmp_path):
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     with pytest.raises(sigmascale_jax.errors.UserError, match="quantized"):
         reencode(tmp_path / "direct", tmp_path / "twice", quantize="int4")
+
+
+# ------------------------------------------------------------------ GPTQ in the pipeline
+
+
+def _perplexity(out) -> float:
+    """Perplexity of a folder on the first WikiText-2 windows (text no calibration window came from)."""
+    from sigmascale_jax.eval.cli import evaluate
+
+    results = evaluate(str(out), ["wikitext2"], seq_len=128, max_windows=6, data_dir=str(DATA), progress=False)
+    return results["wikitext2"]["ppl"]
+
+
+def test_quantization_alone_with_gptq_beats_round_to_nearest(tmp_path, capsys):
+    """`--ratio 0`: every projection dense, int3; GPTQ from the block loop's Grams against RTN on held-out text."""
+    ppl = {}
+    for quantizer in ("rtn", "gptq"):
+        out = tmp_path / quantizer
+        proc = compress_cli(capsys, "--model", str(STORIES), "--ratio", "0", "--quantize", "int3", "--quantizer",
+                            quantizer, "--group-size", "32", "--nsamples", "12", "--seq-len", "64", "--out", str(out),
+                            "--data-dir", str(DATA), "--no-progress")
+        assert proc.returncode == 0, proc.stderr
+        report = sigmascale_jax.io.checkpoint.read_report(out)
+        assert report["method"] == "none" and report["ratio_achieved"] == 0.0
+        assert all(m["dense"] and m["quantize"] == "int3" for m in report["matrices"])
+        assert report["byte_ratio"] > 0.85  # 3 bits and a scale and zero point per 32 values of 32 bits
+        ppl[quantizer] = _perplexity(out)
+    dense = _perplexity(STORIES)
+    assert dense < ppl["gptq"] < ppl["rtn"], (dense, ppl)
+    assert ppl["gptq"] - dense < 0.5 * (ppl["rtn"] - dense), (dense, ppl)
+
+
+def test_gptq_factors_resume_bit_exactly_and_load(tmp_path, monkeypatch):
+    """PivGa factors quantized by GPTQ inside the block loop: an interrupted run resumes to the uninterrupted one's
+    codes (the blocks it finished are read back as quantized leaves and fed forward); the folder loads and runs."""
+    import sigmascale_jax.compress.factorize.svd_llm as svd_llm_mod
+    from sigmascale_jax.compress.encode.quant import QuantMatrix
+    from sigmascale_jax.io.checkpoint import load_pytree
+    from sigmascale_jax.io.sources import load_model
+    from sigmascale_jax.model.modeling import forward_jit
+
+    kw = dict(encoding="pivga", quantize="int4", quantizer="gptq", group_size=32, **SMALL)
+    whole = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "whole", **kw)
+    assert all(m["quantizer"] == "gptq" and m["gptq_order"] == "best" for m in whole["matrices"])
+    real, calls = svd_llm_mod.factor_block, {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(svd_llm_mod, "factor_block", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "resumed", **kw)
+    monkeypatch.setattr(svd_llm_mod, "factor_block", real)
+    again = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "resumed", **kw)
+    assert again["resumed"] and again["bytes"] == whole["bytes"]
+    a, b = load_pytree(tmp_path / "whole" / "params"), load_pytree(tmp_path / "resumed" / "params")
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    cfg, params, source = load_model(str(tmp_path / "resumed"))
+    assert isinstance(params["blocks"][4]["down"].b, QuantMatrix)
+    tokens = jnp.asarray(source.tokenizer()("The little dog ran to the park.").input_ids)[None]
+    assert np.isfinite(np.asarray(forward_jit(params, tokens, cfg))).all()
