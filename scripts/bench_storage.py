@@ -9,6 +9,13 @@
    Perplexity against whole-model bytes (embeddings and norms stay float32 in every
    family) as a table and a PNG, one line per family.
 
+3. `--gptq`: error-compensating quantization at equal whole-model bytes. Dense RTN
+   (`eval --quantize`) and dense GPTQ (`compress --ratio 0 --quantizer gptq`) at each of
+   `--gptq-kinds`, against low-rank + GPTQ factors (`--gptq-recipe`, svd-llm × ZS-SVD ranks ×
+   PivGa by default) at `--gptq-points` (ratio:kind), and the same low-rank runs stored with RTN
+   (re-encodings of `--gptq-float-runs`' float folders). `--previous` keeps sections 1-2 from an
+   earlier results JSON instead of rerunning them.
+
 Runs the public command lines (one process per compression and evaluation; finished runs
 are reused, see benchlib). Writes OUT.md, OUT.json and OUT.png.
 
@@ -59,6 +66,62 @@ def reencoded_row(src: Path, family: str, quant: str, ratio: float, args) -> dic
             "byte_ratio": report["whole_model_byte_ratio"], "run": str(dst)}
 
 
+def gptq_rows(args, rows: list[dict], write) -> list[dict]:
+    """Section 3: dense RTN / GPTQ and low-rank + GPTQ (and + RTN) at the chosen points, appended to `rows` (and
+    written after each)."""
+    recipe = args.gptq_recipe.split()
+    group = ["--group-size", str(args.gptq_group)] if args.gptq_group else []
+    for kind in args.gptq_kinds.split(","):
+        for quantizer in ("rtn", "gptq"):
+            family = f"dense {quantizer}"
+            try:
+                if quantizer == "rtn":
+                    row = dense_quant_row(kind, args)
+                else:
+                    row = run_row("none", f"dense-gptq-{kind}", family, 0.0, args,
+                                  ["--quantize", kind, "--quantizer", "gptq", *group])
+            except benchlib.NotRun:
+                row = {"not_run": True}
+            rows.append({**row, "family": family, "kind": kind, "ratio": 0.0})
+            write()
+    for point in args.gptq_points.split(","):
+        ratio, kind = point.split(":")
+        ratio = float(ratio)
+        label = f"{args.gptq_label}-gptq-{kind}"
+        row = run_row(recipe[0], label, f"low-rank {args.gptq_label}+gptq", ratio, args,
+                      [*recipe[1:], "--quantize", kind, "--quantizer", "gptq", *group])
+        rows.append({**row, "kind": kind})
+        write()
+        src = benchlib.REPO / args.gptq_float_runs / f"{args.gptq_label}-{ratio}"
+        if (src / "compression.json").is_file():
+            try:
+                row = reencoded_row(src, f"low-rank {args.gptq_label}+rtn", kind, ratio, args)
+            except benchlib.NotRun:
+                row = {"family": f"low-rank {args.gptq_label}+rtn", "ratio": ratio, "not_run": True}
+            rows.append({**row, "kind": kind})
+            write()
+    return rows
+
+
+def gptq_markdown(rows: list[dict], args) -> list[str]:
+    out = ["", "## 3. Error-compensating quantization (GPTQ) at equal whole-model bytes\n",
+           f"Dense: every projection quantized alone (RTN: `eval --quantize`; GPTQ: `compress --ratio 0 --quantizer "
+           f"gptq`, act order, 1% damping). Low-rank: `{args.gptq_recipe}` at the ratio, its factors stored by GPTQ "
+           "(`--quantizer gptq`: the factor pair rounded one after the other, the second refit to the first, the "
+           "better of both orders per matrix) or by RTN (the same float factors re-encoded). Group size "
+           f"{args.gptq_group or 128}; embeddings and norms float32 everywhere.\n",
+           "| family | kind | ratio | model MB | WikiText-2 ppl | C4 ppl | compress s |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: -r.get("model_bytes", 0)):
+        if r.get("not_run"):
+            out.append(f"| {r['family']} | {r.get('kind', '')} | {r['ratio']} | not run | | | |")
+            continue
+        secs = f"{r['compress_s']:.0f}" if r.get("compress_s") else ""
+        out.append(f"| {r['family']} | {r['kind']} | {r['ratio']} | {r['model_bytes'] / 2**20:.1f} "
+                   f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {secs} |")
+    return out
+
+
 def run_row(method: str, label: str, family: str, ratio: float, args, extra: list[str]) -> dict:
     row = benchlib.method_row(method, ratio, args, extra, label=label)
     if row.get("not_run"):
@@ -81,7 +144,7 @@ def encoding_flags(enc: str) -> list[str]:
     return [] if enc == "plain" else ["--encoding", enc]
 
 
-def markdown(equal: list[dict], frontier: list[dict], args) -> str:
+def markdown(equal: list[dict], frontier: list[dict], args, gptq: list[dict] | None = None) -> str:
     out = [benchlib.header("Storage", args),
            "## 1. Plain vs PivGa factors at equal stored numbers\n",
            "| ratio | method | encoding | mean rank q / gate | WikiText-2 ppl | C4 ppl | stored ratio | MB |",
@@ -102,10 +165,12 @@ def markdown(equal: list[dict], frontier: list[dict], args) -> str:
         byte_ratio = 1 - r["model_bytes"] / args.dense_bytes
         out.append(f"| {r['family']} | {r['ratio']} | {r['model_bytes'] / 2**20:.1f} | {byte_ratio:.3f} "
                    f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} |")
+    if gptq:
+        out += gptq_markdown(gptq, args)
     return "\n".join(out) + "\n"
 
 
-def plot(frontier: list[dict], path: Path) -> None:
+def plot(frontier: list[dict], path: Path, gptq: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,6 +184,11 @@ def plot(frontier: list[dict], path: Path) -> None:
                          if r["family"] == fam and not r.get("not_run"))
             style = "s" if fam.startswith("dense") else "-o"
             ax.plot(*zip(*pts), style, label=fam, ms=5)
+        for fam in sorted({r["family"] for r in gptq if not r.get("not_run")}):  # section 3, hollow markers
+            pts = sorted((r["model_bytes"] / 2**20, r[f"{task}_ppl"]) for r in gptq
+                         if r["family"] == fam and not r.get("not_run"))
+            ax.plot(*zip(*pts), "--D" if fam.startswith("dense") else "--^", label=f"{fam} (sec. 3)", ms=6,
+                    mfc="none")
         ax.set_xlabel("model size (MB)")
         ax.set_ylabel(f"{task} perplexity")
         ax.set_yscale("log")
@@ -143,6 +213,18 @@ def main() -> int:
                    help="frontier encodings also re-encoded as int8 and int4")
     p.add_argument("--config", default="configs/smollm2-sigmascale.yaml",
                    help="SigmaScale's learning settings are read from this config")
+    p.add_argument("--gptq", action="store_true", help="also section 3 (GPTQ at equal bytes)")
+    p.add_argument("--gptq-kinds", default="int8,int4,int3", help="section 3: dense quantization kinds")
+    p.add_argument("--gptq-points", default="0.1:int4,0.1:int8,0.2:int4",
+                   help="section 3: low-rank points as ratio:kind, comma-separated")
+    p.add_argument("--gptq-recipe", default="svd-llm --ranks zs-svd --encoding pivga",
+                   help="section 3: the low-rank recipe, a benchlib method then compressor flags")
+    p.add_argument("--gptq-label", default="cheap", help="section 3: the recipe's run label")
+    p.add_argument("--gptq-float-runs", default="runs/bench_heal",
+                   help="section 3: where the recipe's float runs (LABEL-RATIO) are, re-encoded for the RTN rows")
+    p.add_argument("--gptq-group", type=int, default=None, help="section 3: --group-size (default 128)")
+    p.add_argument("--previous", default=None,
+                   help="a results JSON of this script: keep its sections 1-2 instead of running them")
     args = p.parse_args()
     import yaml
 
@@ -159,9 +241,21 @@ def main() -> int:
     tensors = list(outer_tensors(cfg).values()) + [t for i in range(cfg.num_layers) for t in block_tensors(cfg, i).values()]
     args.dense_bytes = 4 * sum(math.prod(shape) for _, shape in tensors)  # the float32 model
 
+    gptq: list[dict] = []
+
     def write(equal, frontier):
         benchlib.write(args.out, {"args": {k: v for k, v in vars(args).items()}, "equal_size": equal,
-                                  "frontier": frontier}, markdown(equal, frontier, args))
+                                  "frontier": frontier, "gptq": gptq}, markdown(equal, frontier, args, gptq))
+
+    if args.previous:
+        prev = json.loads((benchlib.REPO / args.previous).read_text())
+        equal, frontier = prev["equal_size"], prev["frontier"]
+        args.previous_args = prev["args"]
+        gptq_rows(args, gptq, lambda: write(equal, frontier))
+        write(equal, frontier)
+        plot(frontier, benchlib.REPO / f"{args.out}.png", gptq)
+        print(markdown(equal, frontier, args, gptq))
+        return 0
 
     equal, frontier = [], [{"family": "dense float32", "ratio": 0.0, "model_bytes": args.dense_bytes,
                             "wikitext2_ppl": dense["wikitext2_ppl"], "c4_ppl": dense["c4_ppl"]}]
@@ -193,9 +287,11 @@ def main() -> int:
                     except benchlib.NotRun:
                         frontier.append({"family": family, "ratio": ratio, "not_run": True})
                     write(equal, frontier)
+    if args.gptq:
+        gptq_rows(args, gptq, lambda: write(equal, frontier))
     write(equal, frontier)
-    plot(frontier, benchlib.REPO / f"{args.out}.png")
-    print(markdown(equal, frontier, args))
+    plot(frontier, benchlib.REPO / f"{args.out}.png", gptq)
+    print(markdown(equal, frontier, args, gptq))
     return 0
 
 

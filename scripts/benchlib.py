@@ -30,6 +30,7 @@ METHOD_FLAGS = {
     "svd-llm+update": ["--method", "svd-llm", "--update"],
     "sigmascale-block": ["--method", "sigmascale", "--loss", "block"],
     "sigmascale-layer": ["--method", "sigmascale", "--loss", "layer"],
+    "none": ["--method", "none"],  # --ratio 0: every projection dense (quantization alone)
 }
 
 

@@ -39,6 +39,7 @@ from sigmascale_jax.linalg.grid import Grid
 from sigmascale_jax.linalg.precision import factor_precision
 
 DEFAULT_DAMP = 0.01
+ROW_BUCKET = 64
 
 
 class Quantized(NamedTuple):
@@ -87,14 +88,16 @@ def gptq(w, h, grid: Grid, *, damp: float = DEFAULT_DAMP, act_order: bool = True
     full = np.concatenate([perm, np.arange(cols, padded_cols)])  # padding columns stay last, on their own
     u_pad = np.eye(padded_cols)
     u_pad[:cols, :cols] = u
-    w_pad = grid.pad(w)
+    # rows are independent: zero rows up to a multiple of ROW_BUCKET let factors of nearby ranks share one compiled
+    # loop (the columns are already padded to whole groups)
+    w_pad = jnp.pad(grid.pad(w), ((0, -rows % ROW_BUCKET), (0, 0)))
     scale, zero = grid.params(w_pad)  # the original matrix's scales: kept when columns are reordered
     if zero is None:
         zero = jnp.zeros(scale.shape, jnp.int32)
     codes, scale, zero = _gptq_loop(w_pad[:, full], jnp.asarray(u_pad, w.dtype), scale, zero,
                                     jnp.asarray(full // grid.group, jnp.int32), grid, act_order)
-    codes = codes[:, np.argsort(full)][:, :cols]
-    return Quantized(codes, scale, None if grid.symmetric else zero)
+    codes = codes[:rows, np.argsort(full)][:, :cols]
+    return Quantized(codes, scale[:rows], None if grid.symmetric else zero[:rows])
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "static"))
