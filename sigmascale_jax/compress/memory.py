@@ -122,6 +122,7 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     """The stages `spec` and `plan` run, each with its device peak and host bytes (see the module's docstring)."""
     from sigmascale_jax.compress.ranks import block_ranks
     from sigmascale_jax.compress.stats import block_stats_chunk
+    from sigmascale_jax.linalg.precision import resolve_precision
 
     n, t, d = spec.nsamples, spec.seq_len, cfg.hidden_size
     b = min(spec.batch_size, n)
@@ -156,6 +157,15 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     fz = plan.factorize
     device, detail = fz.memory(cfg, spec, ranks) if fz.memory else (None, "not estimated for this method")
     stages.append(StagePlan(f"factorize ({fz.name})", device, host_base + 2 * acts + stats_host, detail))
+    if plan.encoder().needs_gram:
+        # GPTQ's widest input: the damped Gram, its Cholesky factor, that factor's inverse, H⁻¹ and U in the factor
+        # precision, then U and the matrix (and its running copy) in float32 for the column loop
+        cols = max(c for _, c in cfg.projection_shapes().values())
+        rows = max(r for r, c in cfg.projection_shapes().values() if c == cols)
+        wide = 8 if resolve_precision(spec.precision) == "float64" else 4
+        stages.append(StagePlan("encode (gptq)", 5 * cols * cols * wide + cols * cols * f32 + 3 * rows * cols * f32,
+                                host_base + stats_host, f"the widest matrix, {rows}x{cols}, and its Gram's inverse "
+                                "factor"))
     for refiner in plan.refine:
         if refiner.memory:
             device, detail = refiner.memory(cfg, spec)

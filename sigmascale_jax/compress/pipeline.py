@@ -396,7 +396,11 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
         else:
             # --sequential propagates the factored block instead: the dense outputs only if the factorizer reads them
             want_out = not spec.sequential or factorizer.needs_outputs
-            dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size, ctx.mesh, outputs=want_out)
+            if factorizer.needs_stats or encoder.needs_gram:
+                dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size, ctx.mesh, outputs=want_out)
+            else:  # nothing reads the Grams (quantization alone, rounded to nearest)
+                stats = {}
+                dense_out = apply_in_chunks(dense, xs, cfg, spec.batch_size, ctx.mesh) if want_out else None
             ref_stats = None
             if xs_ref is not None:
                 xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, spec.batch_size, ctx.mesh)

@@ -157,6 +157,7 @@ class Factorizer(NamedTuple):
     factor: Callable[[BlockInputs, dict[str, Optional[int]], Any], BlockResult]  # (inputs, ranks, PRNG key)
     needs_dense_stream: bool = False  # also feed the dense model's activations (SVD-LLM's update)
     needs_outputs: bool = False  # reads BlockInputs.ys (else it is None when --sequential: not computed)
+    needs_stats: bool = True  # reads BlockInputs.stats (else, unless the encoder needs Grams, the pass is skipped)
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
     progress: Callable[[BlockResult], dict[str, str]] = lambda result: mean_loss(result)  # the block bar's postfix
     flat_record: bool = False  # also copy its settings to compression.json's top-level key of its name (format 1)

@@ -1,8 +1,9 @@
 """No low-rank factors: every projection stays dense (`--ratio 0`), for quantization alone (`--quantize`).
 
-The block loop still runs its statistics pass, so `--quantizer gptq` rounds each dense
-matrix against its input's Gram, with block i+1 fed by the quantized block i (GPTQ's own
-order); quantization alone and low-rank + quantization are made and measured by one tool.
+With `--quantizer gptq` the block loop runs its statistics pass, and each dense matrix is
+rounded against its input's Gram, block i+1 fed by the quantized block i (GPTQ's own
+order); with RTN it skips the pass and only feeds the blocks forward. Quantization alone
+and low-rank + quantization are made and measured by one tool.
 """
 
 from __future__ import annotations
@@ -27,5 +28,5 @@ def none() -> Factorizer:
         if spec.ratio:
             raise UserError(f"--method none keeps every projection dense; it takes --ratio 0, not {spec.ratio}")
 
-    return Factorizer("none", NoSettings(), factor, check=check, progress=lambda result: {},
+    return Factorizer("none", NoSettings(), factor, needs_stats=False, check=check, progress=lambda result: {},
                       memory=lambda cfg, spec, ranks: (0, "nothing factored"))
