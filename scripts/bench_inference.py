@@ -138,14 +138,25 @@ def run_one(kind: str, label: str, path: str, args) -> dict:
     return row
 
 
-def markdown(rows: list[dict], args) -> str:
-    base = next(r for r in rows if r["label"] == "dense" and r["engine"] == "sigmascale_jax")
-    peer = next((r for r in rows if r["engine"] == "transformers eager"), None)
-    b = args.batch
+def markdown(rows: list[dict], args, previous: dict | None = None) -> str:
     lines = [f"# Inference speed on {Path(args.model).name}\n",
              f"{os.cpu_count()} CPU cores; prompt {args.prompt_len} tokens; decode {args.new_tokens} tokens after it; "
-             f"best of {args.repeats} after a warm-up. Command: `python {' '.join(sys.argv)}`\n",
-             f"| model | engine | prefill tok/s | decode b1 tok/s | decode b{b} tok/s | weights MB | peak RSS MiB "
+             f"best of {args.repeats} after a warm-up. Command: `python {' '.join(sys.argv)}`\n"]
+    if previous:
+        lines += table(rows, args.batch)
+        prev_args = argparse.Namespace(**previous["args"])
+        lines += ["", "## An earlier run (kept from `--previous`; its own dense and transformers rows)\n",
+                  f"Prompt {prev_args.prompt_len}, decode {prev_args.new_tokens}, best of {prev_args.repeats}.\n"]
+        lines += table(previous["rows"], prev_args.batch)
+        return "\n".join(lines) + "\n"
+    return "\n".join(lines + table(rows, args.batch)) + "\n"
+
+
+def table(rows: list[dict], b: int) -> list[str]:
+    """One run's rows, each against that run's dense model (ours) and transformers."""
+    base = next(r for r in rows if r["label"] == "dense" and r["engine"] == "sigmascale_jax")
+    peer = next((r for r in rows if r["engine"] == "transformers eager"), None)
+    lines = [f"| model | engine | prefill tok/s | decode b1 tok/s | decode b{b} tok/s | weights MB | peak RSS MiB "
              f"| vs dense (prefill / b1 / b{b}) | vs transformers (prefill / b1 / b{b}) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     keys = ("prefill_tok_s", "decode_b1_tok_s", f"decode_b{b}_tok_s")
@@ -157,7 +168,7 @@ def markdown(rows: list[dict], args) -> str:
         vp = " / ".join(f"{r[k] / peer[k]:.2f}×" for k in keys) if peer else ""
         lines.append(f"| {r['label']} | {r['engine']} | {r[keys[0]]:.1f} | {r[keys[1]]:.1f} | {r[keys[2]]:.1f} "
                      f"| {r['weight_bytes'] / 2**20:.1f} | {r['peak_rss_mib']:.0f} | {vs} | {vp} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> int:
@@ -170,6 +181,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default="results/inference_smollm2")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--previous", default=None, help="a results JSON of this script whose table is kept below this "
+                   "run's (its rows compared with its own dense run)")
     args = p.parse_args()
     if args.worker:
         worker(*args.worker, args)
@@ -185,8 +198,11 @@ def main() -> int:
             rows.append({"label": label, "path": path, "not_run": True})
             continue
         rows.append(run_one("ours", label, full, args))
-    benchlib.write(args.out, {"args": vars(args), "rows": rows}, markdown(rows, args))
-    print(markdown(rows, args))
+    previous = json.loads((REPO / args.previous).read_text()) if args.previous else None
+    if previous and "previous" in previous:
+        previous.pop("previous")  # one earlier run is kept, not a chain
+    benchlib.write(args.out, {"args": vars(args), "rows": rows, "previous": previous}, markdown(rows, args, previous))
+    print(markdown(rows, args, previous))
     return 0
 
 

@@ -411,7 +411,7 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
             result = factorizer.factor(inputs, alloc.ranks[i], key)
             clock.lap("factorize")
             if encoder.needs_gram:  # GPTQ: stored now, from this block's Grams; the next block sees its rounding
-                result = result._replace(params=encode_block(encoder, result, stats, inputs.precision))
+                result = encode_block(encoder, result, stats, inputs.precision)
                 clock.lap("encode")
             if ckpt is not None:
                 save_pytree(ckpt, stored_block(result.params))
@@ -429,16 +429,18 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
     return blocks, results, dense_count
 
 
-def encode_block(encoder, result: BlockResult, stats: dict, precision: str) -> dict:
+def encode_block(encoder, result: BlockResult, stats: dict, precision: str) -> BlockResult:
     """A factored block with every projection its encoder's typed leaf, encoded from the Gram of its input
-    (`stats`: `block_stats` of the block's inputs)."""
+    (`stats`: `block_stats` of the block's inputs); what the encoder says of each joins its matrix's record."""
     import jax
 
     from sigmascale_jax.model.modeling import PROJECTION_INPUT
 
-    params = jax.device_get(result.params)
-    return {**params, **{n: encoder.encode(params[n], result.matrices[n], stats[PROJECTION_INPUT[n]]["gram"], precision)
-                         for n in PROJECTIONS}}
+    params, matrices = dict(jax.device_get(result.params)), dict(result.matrices)
+    for n in PROJECTIONS:
+        params[n], info = encoder.encode_gram(params[n], matrices[n], stats[PROJECTION_INPUT[n]]["gram"], precision)
+        matrices[n] = {**matrices[n], **info}
+    return result._replace(params=params, matrices=matrices)
 
 
 def stored_block(block: dict) -> dict:

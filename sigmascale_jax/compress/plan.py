@@ -182,9 +182,13 @@ class Encoder(NamedTuple):
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
     read: Callable[[dict, dict], Any] | None = None  # (saved dict, its compression.json record) -> the typed leaf
     reencode: Callable[[Any, str], Any] | None = None  # (a stored leaf, where it came from) -> the leaf stored this way
-    # encode takes (p, record, gram, precision): the Gram of the projection's input (GPTQ), so the pipeline encodes
-    # each block as the block loop reaches it
-    needs_gram: bool = False
+    # (p, record, gram, precision) -> (leaf, info for the matrix's record): an encoder that needs the Gram of the
+    # projection's input (GPTQ) has this instead of `encode`; the pipeline calls it as the block loop reaches the block
+    encode_gram: Callable[..., tuple[Any, dict]] | None = None
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.encode_gram is not None
 
 
 def read_leaf(tree: dict, record: dict) -> Any:

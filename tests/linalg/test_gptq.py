@@ -118,10 +118,12 @@ def test_sequential_orders_keep_the_factor_errors_from_multiplying():
     settings = QuantSettings(quantize="int4", quantizer="gptq", group_size=16)
     errors = {}
     for order in ("inner-first", "independent", "outer-first", "best"):
-        qb, qc = settings.store_pair(b, c, gram, order=order)
+        (qb, qc), info = settings.store_pair(b, c, gram, order=order)
         errors[order] = output_error(b @ c, np.asarray(qb.dequantize()) @ np.asarray(qc.dequantize()), gram)
     rtn = QuantSettings(quantize="int4", group_size=16)
     errors["rtn"] = output_error(b @ c, np.asarray(rtn.store(b).dequantize()) @ np.asarray(rtn.store(c).dequantize()),
                                  gram)
     assert max(errors["inner-first"], errors["outer-first"]) < errors["independent"] < errors["rtn"], errors
     assert errors["best"] == min(errors["inner-first"], errors["outer-first"])
+    assert info["gptq_order_used"] in ("inner-first", "outer-first")
+    assert info["output_error"] == min(info["output_error_orders"].values())

@@ -134,17 +134,18 @@ def pivga_from_factors(b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.nda
 def pivga_leaf(b, c, settings: QuantSettings | None = None, bias=None, gram=None, precision: str = "float64") -> PivGa:
     """The rank-k pair `b: [m, k]`, `c: [k, n]` as a PivGa leaf, its matrices stored as `settings` say (float32).
 
-    With GPTQ (`gram`: the input's `[n, n]` Gram), B' and R are rounded one after the other (`pivga_pair`)."""
+    With GPTQ (`gram`: the input's `[n, n]` Gram), B' and R are rounded one after the other (`pivga_pair`), and
+    the result is `(leaf, what pivga_pair says of it)`."""
     settings = settings or QuantSettings()
     bp, r, perm = pivga_from_factors(b, c)
     if not settings.needs_gram:
         return PivGa(settings.store(bp), settings.store(r), perm_codes(perm), bias)
-    b_q, r_q = pivga_pair(settings, bp, r, np.asarray(gram, np.float64)[np.ix_(perm, perm)], precision)
-    return PivGa(b_q, r_q, perm_codes(perm), bias)
+    (b_q, r_q), info = pivga_pair(settings, bp, r, np.asarray(gram, np.float64)[np.ix_(perm, perm)], precision)
+    return PivGa(b_q, r_q, perm_codes(perm), bias), info
 
 
 def pivga_pair(settings: QuantSettings, bp: np.ndarray, r: np.ndarray, h: np.ndarray, precision: str = "float64",
-               order: str | None = None) -> tuple[Any, Any]:
+               order: str | None = None) -> tuple[tuple[Any, Any], dict]:
     """PivGa's `B' [m, k]` and `R [k, n − k]` quantized with GPTQ against `h`, the input Gram in pivot order
     (`QuantSettings.store_pair`'s orders). Its inner factor `[I R]` passes the pivot inputs through exactly, so R
     is rounded against the Gram of the other inputs `h_RR`; outer first refits R to B̂ by least squares under h:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from sigmascale_jax.compress.encode.quant import QuantSettings
 from sigmascale_jax.compress.plan import ENCODERS, Encoder, register
 from sigmascale_jax.compress.ranks import factored_params
@@ -17,9 +19,18 @@ class PlainSettings(QuantSettings):
     pass
 
 
-def dense_leaf(p: dict, settings: QuantSettings, gram=None, precision: str = "float64") -> Dense:
-    """A projection kept dense (`{"w"}`), its matrix stored as `settings` say (GPTQ: against `gram`, its input's)."""
-    return Dense(settings.store(p["w"], gram, precision), p.get("bias"))
+def dense_leaf(p: dict, settings: QuantSettings) -> Dense:
+    """A projection kept dense (`{"w"}`), its matrix stored as `settings` say."""
+    return Dense(settings.store(p["w"]), p.get("bias"))
+
+
+def dense_leaf_gptq(p: dict, settings: QuantSettings, gram, precision: str = "float64") -> tuple[Dense, dict]:
+    """A projection kept dense, its matrix quantized by GPTQ against `gram` (its input's); and its output error."""
+    from sigmascale_jax.compress.encode.quant import dequantized, output_error
+
+    w = settings.store(p["w"], gram, precision)
+    return Dense(w, p.get("bias")), {"output_error": output_error(np.asarray(p["w"], np.float64), dequantized(w),
+                                                                   np.asarray(gram, np.float64))}
 
 
 def refuse_quantized(matrices, src: str) -> None:
@@ -36,17 +47,23 @@ def float_form(leaf: Dense | LowRank, src: str) -> dict:
 
 
 def make_encoder(name: str, settings: QuantSettings, count, factored, read_factored, reencode_own=None) -> Encoder:
-    """An encoder that stores low-rank pairs with `factored(b, c, settings, bias, gram, precision)` and dense matrices
-    as they are (quantized as `settings` say; GPTQ against `gram`, the projection's input Gram, given to `encode`).
+    """An encoder that stores low-rank pairs with `factored(b, c, settings, bias)` and dense matrices as they are,
+    quantized as `settings` say. With GPTQ, `factored(b, c, settings, bias, gram, precision)` returns `(leaf, info)`
+    and the encoder's `encode_gram(p, record, gram, precision)` gives it (`gram`: the projection's input Gram).
 
     `read_factored(tree, record, settings)` reads its saved form back; `reencode_own(leaf, settings, src)` re-stores
     a leaf of its own type (None: this encoder has no type of its own, and another encoder's leaf is refused)."""
 
-    def encode(p: dict, record: dict, gram=None, precision: str = "float64"):
-        if settings.needs_gram and gram is None:
-            raise ValueError(f"{name} with --quantizer gptq encodes a projection from its input's Gram matrix")
+    def encode(p: dict, record: dict):
+        if settings.needs_gram:
+            raise ValueError(f"{name} with --quantizer gptq encodes a projection from its input's Gram (encode_gram)")
         if "w" in p:
-            return dense_leaf(p, settings, gram, precision)
+            return dense_leaf(p, settings)
+        return factored(p["b"], p["c"], settings, p.get("bias"))
+
+    def encode_gram(p: dict, record: dict, gram, precision: str = "float64"):
+        if "w" in p:
+            return dense_leaf_gptq(p, settings, gram, precision)
         return factored(p["b"], p["c"], settings, p.get("bias"), gram, precision)
 
     def read(tree: dict, record: dict):
@@ -69,13 +86,13 @@ def make_encoder(name: str, settings: QuantSettings, count, factored, read_facto
         return {"encoding": name, **settings.record()}
 
     return Encoder(name, settings, count, encode, record, check=lambda spec, cfg: settings.check_model(cfg), read=read,
-                   reencode=reencode, needs_gram=settings.needs_gram)
+                   reencode=reencode, encode_gram=encode_gram if settings.needs_gram else None)
 
 
-def _plain(b, c, settings: QuantSettings, bias, gram=None, precision: str = "float64") -> LowRank:
+def _plain(b, c, settings: QuantSettings, bias, gram=None, precision: str = "float64"):
     if settings.needs_gram:
-        b, c = settings.store_pair(b, c, gram, precision)
-        return LowRank(b, c, bias)
+        (b, c), info = settings.store_pair(b, c, gram, precision)
+        return LowRank(b, c, bias), info
     return LowRank(settings.store(b), settings.store(c), bias)
 
 

@@ -191,19 +191,25 @@ def dequantized(m: Any) -> np.ndarray:
     return np.asarray(m.dequantize() if hasattr(m, "dequantize") else m, np.float64)
 
 
-def pick_order(order: str, make: dict, product, w: np.ndarray, gram: np.ndarray):
-    """The factor pair `make[order]()` builds; for "best", whichever of inner-first and outer-first gives the
-    lower output error `tr((Ŵ − W) H (Ŵ − W)ᵀ)` (`product(pair)` = Ŵ, in the coordinates of `gram`)."""
-    if order != "best":
-        if order not in make:
-            raise ValueError(f"order is one of {', '.join(('independent', *GPTQ_ORDERS))}, got {order!r}")
-        return make[order]()
+def output_error(w: np.ndarray, w_hat: np.ndarray, gram: np.ndarray) -> float:
+    """`tr((Ŵ − W) H (Ŵ − W)ᵀ) / tr(W H Wᵀ)`: the output error on the calibration inputs whose Gram is H, relative
+    to the output's energy."""
+    d = np.asarray(w_hat, np.float64) - w
+    return float(np.einsum("ij,jk,ik->", d, gram, d) / max(np.einsum("ij,jk,ik->", w, gram, w), 1e-300))
 
-    def error(pair) -> float:
-        d = product(pair) - w
-        return float(np.einsum("ij,jk,ik->", d, gram, d))
 
-    return min((make[o]() for o in ("inner-first", "outer-first")), key=error)
+def pick_order(order: str, make: dict, product, w: np.ndarray, gram: np.ndarray) -> tuple[Any, dict]:
+    """The factor pair `make[order]()` builds, and what the matrix's record says of it: its `output_error`
+    (relative, `output_error`), `gptq_order_used` and `output_error_orders` (each order tried); for "best",
+    whichever of inner-first and outer-first gives the lower output error (`product(pair)` = Ŵ, in the coordinates
+    of `gram`)."""
+    names = ("inner-first", "outer-first") if order == "best" else (order,)
+    if any(n not in make for n in names):
+        raise ValueError(f"order is one of {', '.join(('independent', *GPTQ_ORDERS))}, got {order!r}")
+    pairs = {n: make[n]() for n in names}
+    errors = {n: output_error(w, product(pair), gram) for n, pair in pairs.items()}
+    chosen = min(errors, key=errors.get)
+    return pairs[chosen], {"output_error": errors[chosen], "gptq_order_used": chosen, "output_error_orders": errors}
 
 
 def refit_outer(w: np.ndarray, inner: np.ndarray, gram: np.ndarray) -> np.ndarray:
@@ -301,9 +307,9 @@ class QuantSettings(Settings):
                              precision=precision)
 
     def store_pair(self, b: Any, c: Any, gram: Any, precision: str = "float64",
-                   order: str | None = None) -> tuple[Any, Any]:
+                   order: str | None = None) -> tuple[tuple[Any, Any], dict]:
         """A factor pair `b: [m, k]`, `c: [k, n]` quantized with GPTQ against `gram: [n, n]`, the Gram of C's input:
-        (B stored, C stored). `order` (default `--gptq-order`): "inner-first" (C against H; B refit to Ĉ and rounded
+        ((B stored, C stored), what `pick_order` says of it). `order` (default `--gptq-order`): "inner-first" (C against H; B refit to Ĉ and rounded
         against `Ĉ H Ĉᵀ`), "outer-first" (B against `C H Cᵀ`; C refit to B̂ and rounded against H), "best" (both,
         keeping the pair with the lower output error `tr(ΔW H ΔWᵀ)` on the calibration Gram) or "independent"
         (each against its float input's Gram, no refit: the baseline the orders are measured against)."""

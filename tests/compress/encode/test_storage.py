@@ -275,6 +275,9 @@ def test_gptq_factors_resume_bit_exactly_and_load(tmp_path, monkeypatch):
     kw = dict(encoding="pivga", quantize="int4", quantizer="gptq", group_size=32, **SMALL)
     whole = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "whole", **kw)
     assert all(m["quantizer"] == "gptq" and m["gptq_order"] == "best" for m in whole["matrices"])
+    factored = [m for m in whole["matrices"] if not m["dense"]]
+    assert factored and all(m["gptq_order_used"] in ("inner-first", "outer-first") and 0 < m["output_error"] < 0.2
+                            for m in factored)
     real, calls = svd_llm_mod.factor_block, {"n": 0}
 
     def crash_on_third(*args, **kwargs):
