@@ -82,7 +82,10 @@ def gptq_rows(args, rows: list[dict], write) -> list[dict]:
                                   ["--quantize", kind, "--quantizer", "gptq", *group])
             except benchlib.NotRun:
                 row = {"not_run": True}
-            rows.append({**row, "family": family, "kind": kind, "ratio": 0.0})
+            row = {**row, "family": family, "kind": kind, "ratio": 0.0}
+            if quantizer == "gptq" and not row.get("not_run"):
+                row["orders"] = order_summary(benchlib.REPO / row["run"])
+            rows.append(row)
             write()
     for point in args.gptq_points.split(","):
         ratio, kind = point.split(":")
@@ -90,6 +93,8 @@ def gptq_rows(args, rows: list[dict], write) -> list[dict]:
         label = f"{args.gptq_label}-gptq-{kind}"
         row = run_row(recipe[0], label, f"low-rank {args.gptq_label}+gptq", ratio, args,
                       [*recipe[1:], "--quantize", kind, "--quantizer", "gptq", *group])
+        if not row.get("not_run"):
+            row["orders"] = order_summary(benchlib.REPO / row["run"])
         rows.append({**row, "kind": kind})
         write()
         src = benchlib.REPO / args.gptq_float_runs / f"{args.gptq_label}-{ratio}"
@@ -119,6 +124,37 @@ def gptq_markdown(rows: list[dict], args) -> list[str]:
         secs = f"{r['compress_s']:.0f}" if r.get("compress_s") else ""
         out.append(f"| {r['family']} | {r['kind']} | {r['ratio']} | {r['model_bytes'] / 2**20:.1f} "
                    f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {secs} |")
+    orders = [r for r in rows if r.get("orders")]
+    if orders:
+        out += ["", "Which factor to round first (`--gptq-order best` tries both per matrix and keeps the lower output "
+                "error `tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)` on the calibration Gram; medians over the run's factored matrices):\n",
+                "| run | kind | ratio | inner-first won | outer-first won | median error inner-first | outer-first "
+                "| chosen | dense GPTQ, same kind |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        dense = {r["kind"]: r.get("orders") for r in rows if r["family"] == "dense gptq" and not r.get("not_run")}
+        for r in orders:
+            o = r["orders"]
+            if "won" not in o:
+                continue
+            ref = dense.get(r["kind"]) or {}
+            out.append(f"| {r['family']} | {r['kind']} | {r['ratio']} | {o['won'].get('inner-first', 0)} "
+                       f"| {o['won'].get('outer-first', 0)} | {o['median']['inner-first']:.4f} "
+                       f"| {o['median']['outer-first']:.4f} | {o['median']['chosen']:.4f} "
+                       f"| {ref.get('median', {}).get('chosen', float('nan')):.4f} |")
+    return out
+
+
+def order_summary(run: Path) -> dict:
+    """From a GPTQ run's compression.json: how often each order won, and the median output errors."""
+    import numpy as np
+
+    mats = json.loads((run / "compression.json").read_text())["matrices"]
+    chosen = [m["output_error"] for m in mats if "output_error" in m]
+    out = {"median": {"chosen": float(np.median(chosen)) if chosen else float("nan")}}
+    tried = [m for m in mats if "output_error_orders" in m]
+    if tried:
+        out["won"] = {o: sum(m["gptq_order_used"] == o for m in tried) for o in ("inner-first", "outer-first")}
+        for o in ("inner-first", "outer-first"):
+            out["median"][o] = float(np.median([m["output_error_orders"][o] for m in tried]))
     return out
 
 
