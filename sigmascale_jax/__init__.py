@@ -73,6 +73,10 @@ _API = {
     "sigmascale_factors": "sigmascale_jax.compress.factorize.sigmascale.block",
     "learn_block_scales": "sigmascale_jax.compress.factorize.sigmascale.block",
     "relative_activation_loss": "sigmascale_jax.linalg.lowrank",
+    "quantize": "sigmascale_jax.compress.encode.quant",  # round to nearest: a QuantMatrix
+    "quantize_gptq": "sigmascale_jax.compress.encode.quant",  # GPTQ against an input Gram: a QuantMatrix
+    "gptq": "sigmascale_jax.linalg.gptq",  # GPTQ's codes, scales and zero points on a qwix-backed Grid
+    "Grid": "sigmascale_jax.linalg.grid",
     "UserError": "sigmascale_jax.errors",
 }
 _ALIASES = {"generate_tokens": "generate", "export_params": "export_params"}

@@ -56,18 +56,24 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "mine" / "compression.json").is_file()
 
 
-@pytest.mark.parametrize("encoding", ["plain", "pivga"])
-def test_in_memory_compression_equals_the_cli_folder_bit_for_bit(model, tmp_path, capsys, encoding):
+@pytest.mark.parametrize("method,ratio,settings", [
+    ("svd-llm", 0.3, {"encoding": "plain"}),
+    ("svd-llm", 0.3, {"encoding": "pivga"}),
+    # quantization alone by GPTQ, encoded inside the block loop from its Grams
+    ("none", 0.0, {"encoding": "plain", "quantize": "int4", "quantizer": "gptq", "group_size": 32}),
+])
+def test_in_memory_compression_equals_the_cli_folder_bit_for_bit(model, tmp_path, capsys, method, ratio, settings):
     from sigmascale_jax.compress.pipeline import stored_params
     from sigmascale_jax.io.checkpoint import load_pytree
 
     cfg, params, _, windows = model
     out = tmp_path / "cli"
-    proc = compress_cli(capsys, "--model", str(STORIES), "--method", "svd-llm", "--ratio", "0.3", "--encoding", encoding,
+    flags = [tok for k, v in settings.items() for tok in (f"--{k.replace('_', '-')}", str(v))]
+    proc = compress_cli(capsys, "--model", str(STORIES), "--method", method, "--ratio", str(ratio), *flags,
                         "--nsamples", "16", "--seq-len", "128", "--batch-size", "8", "--data-dir", str(DATA),
                         "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    cparams, report = ssj.compress_params(params, cfg, windows, ssj.make_plan("svd-llm", encoding=encoding), 0.3)
+    cparams, report = ssj.compress_params(params, cfg, windows, ssj.make_plan(method, **settings), ratio)
     disk = load_pytree(out / "params")
     mine = jax.device_get(stored_params(cparams))
     assert jax.tree.structure(disk) == jax.tree.structure(mine)
