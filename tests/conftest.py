@@ -181,3 +181,24 @@ def count_calls(monkeypatch):
         return calls
 
     return wrap
+
+
+@pytest.fixture
+def interrupt_call(monkeypatch):
+    """`interrupt_call(module, name, at)` makes call number `at` of `module.name` raise KeyboardInterrupt (a Ctrl-C
+    mid-run) and returns `(calls, restore)`: `{"n": calls so far}` and a function that puts the real one back."""
+
+    def wrap(module, name: str, at: int):
+        calls = {"n": 0}
+        real = getattr(module, name)
+
+        def interrupted(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise KeyboardInterrupt("simulated interruption")
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, interrupted)
+        return calls, lambda: monkeypatch.setattr(module, name, real)
+
+    return wrap

@@ -96,25 +96,16 @@ def test_orbax_round_trip_is_bit_exact(tmp_path, svd_llm_run):
     assert_equal_trees(load_pytree(tmp_path / "again"), params)
 
 
-def test_resume_gives_the_same_factors(tmp_path, monkeypatch, svd_llm_run):
+def test_resume_gives_the_same_factors(tmp_path, interrupt_call, svd_llm_run):
     ref_out, ref_report = svd_llm_run
     out = tmp_path / "resumed"
-    real = svd_llm_mod.factor_block  # called once per block
-    calls = {"n": 0}
-
-    def crash_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(svd_llm_mod, "factor_block", crash_on_third)
+    calls, restore = interrupt_call(svd_llm_mod, "factor_block", at=3)  # called once per block
     with pytest.raises(KeyboardInterrupt):
         sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, out, **SMALL)
     assert not out.exists()
     partial = out.with_name("resumed.partial")
     assert sorted(p.name for p in (partial / "blocks").glob("*.json")) == ["0000.json", "0001.json"]
-    monkeypatch.setattr(svd_llm_mod, "factor_block", real)
+    restore()
     report = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, out, **SMALL)
     assert report["resumed"] and calls["n"] == 3
     assert_equal_trees(load_pytree(out / "params"), load_pytree(ref_out / "params"))

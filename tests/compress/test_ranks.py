@@ -322,34 +322,21 @@ def test_heterogeneous_ranks_load_and_evaluate(zs_run):
     assert 1 < ppl < 1e4
 
 
-def test_zs_svd_resumes_without_recomputing_the_allocation(tmp_path, monkeypatch, zs_run):
+def test_zs_svd_resumes_without_recomputing_the_allocation(tmp_path, interrupt_call, count_calls, zs_run):
     from sigmascale_jax.compress.allocate import zs_svd as zs_mod
     from sigmascale_jax.compress.factorize import svd_llm as svd_llm_mod
 
     ref_out, _ = zs_run
     out = tmp_path / "r"
-    real_fb, real_grads = svd_llm_mod.factor_block, zs_mod.model_grads
-    calls = {"blocks": 0, "grads": 0}
-
-    def crash_on_third(*a, **k):
-        calls["blocks"] += 1
-        if calls["blocks"] == 3:
-            raise KeyboardInterrupt("simulated")
-        return real_fb(*a, **k)
-
-    def counted_grads(*a, **k):
-        calls["grads"] += 1
-        return real_grads(*a, **k)
-
-    monkeypatch.setattr(svd_llm_mod, "factor_block", crash_on_third)
-    monkeypatch.setattr(zs_mod, "model_grads", counted_grads)
+    _, restore = interrupt_call(svd_llm_mod, "factor_block", at=3)
+    grads = count_calls(zs_mod, "model_grads")
     kw = dict(ranks="zs-svd", correction=True, grad_samples=6, **SMALL)
     with pytest.raises(KeyboardInterrupt):
         sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, out, **kw)
     assert (tmp_path / "r.partial" / "ranks.json").is_file() and not out.exists()
-    monkeypatch.setattr(svd_llm_mod, "factor_block", real_fb)
+    restore()
     report = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, out, **kw)
-    assert report["resumed"] and calls["grads"] == 1
+    assert report["resumed"] and grads["n"] == 1
     a, b = load_pytree(out / "params"), load_pytree(ref_out / "params")
     assert jax.tree.structure(a) == jax.tree.structure(b)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

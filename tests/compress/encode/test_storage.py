@@ -263,7 +263,7 @@ def test_quantization_alone_with_gptq_beats_round_to_nearest(tmp_path, capsys):
     assert ppl["gptq"] - dense < 0.5 * (ppl["rtn"] - dense), (dense, ppl)
 
 
-def test_gptq_factors_resume_bit_exactly_and_load(tmp_path, monkeypatch):
+def test_gptq_factors_resume_bit_exactly_and_load(tmp_path, interrupt_call):
     """PivGa factors quantized by GPTQ inside the block loop: an interrupted run resumes to the uninterrupted one's
     codes (the blocks it finished are read back as quantized leaves and fed forward); the folder loads and runs."""
     import sigmascale_jax.compress.factorize.svd_llm as svd_llm_mod
@@ -278,18 +278,10 @@ def test_gptq_factors_resume_bit_exactly_and_load(tmp_path, monkeypatch):
     factored = [m for m in whole["matrices"] if not m["dense"]]
     assert factored and all(m["gptq_order_used"] in ("inner-first", "outer-first") and 0 < m["output_error"] < 0.2
                             for m in factored)
-    real, calls = svd_llm_mod.factor_block, {"n": 0}
-
-    def crash_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(svd_llm_mod, "factor_block", crash_on_third)
+    _, restore = interrupt_call(svd_llm_mod, "factor_block", at=3)
     with pytest.raises(KeyboardInterrupt):
         sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "resumed", **kw)
-    monkeypatch.setattr(svd_llm_mod, "factor_block", real)
+    restore()
     again = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "resumed", **kw)
     assert again["resumed"] and again["bytes"] == whole["bytes"]
     a, b = load_pytree(tmp_path / "whole" / "params"), load_pytree(tmp_path / "resumed" / "params")
