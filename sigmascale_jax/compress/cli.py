@@ -205,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     extra += "".join(f", {r['name']}" + (" (dropped by its guard)" if r.get("kept") == "uncorrected" else "")
                      for r in report["refine"])
     enc = report["encode"]
-    extra += f", {enc['name']}" + (f" {enc['quantize']}" if enc["quantize"] != "none" else "")
+    if enc.get("group_size"):  # set iff quantized; "quantizer" kept only where it is not rtn
+        extra += f", {enc['name']} {enc['quantize']}" + (f" {enc['quantizer']}" if enc.get("quantizer") else "")
+    else:
+        extra += f", {enc['name']}"
     print(f"{report['method']}{extra}: ratio asked {report['ratio_requested']:.3f}, "
           f"achieved {report['ratio_achieved']:.4f} (whole model {report['whole_model_ratio']:.4f}; in bytes "
           f"{report['byte_ratio']:.4f}, whole model {report['whole_model_byte_ratio']:.4f}) "

@@ -46,6 +46,7 @@ from sigmascale_jax.linalg.grid import Grid
 from sigmascale_jax.model.leaves import FACTOR, Codes, matrix_bytes
 
 BITS = {"int8": 8, "int4": 4, "int3": 3}
+UNQUANTIZED = "none"  # --quantize's float32 choice (a name of its own: "none" is also --method none's)
 DEFAULT_GROUP = 128
 
 
@@ -232,8 +233,8 @@ def check_group_size(group: int, cfg) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class QuantSettings(Settings):
-    quantize: str = setting("none", "store every projection's matrices as int8, int4 or int3 (a scale per group; "
-                            "int4 and int3 with zero points, packed)", choices=("none", *BITS))
+    quantize: str = setting(UNQUANTIZED, "store every projection's matrices as int8, int4 or int3 (a scale per group; "
+                            "int4 and int3 with zero points, packed)", choices=(UNQUANTIZED, *BITS))
     quantizer: str | None = setting(None, "--quantize: how values are rounded: rtn (to nearest) or gptq (column by "
                                     "column against the calibration Gram matrices, each column's error spread over "
                                     "the rest; block by block as the compressor reaches them) (default: rtn)",
@@ -250,7 +251,7 @@ class QuantSettings(Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.quantize == "none":
+        if self.quantize == UNQUANTIZED:
             for name in ("group_size", "quantizer", "gptq_damp", "act_order", "gptq_order"):
                 if getattr(self, name) is not None:
                     what = "the quantization groups" if name == "group_size" else "how matrices are quantized"
@@ -285,7 +286,7 @@ class QuantSettings(Settings):
 
     @property
     def kind(self) -> str | None:
-        return None if self.quantize == "none" else self.quantize
+        return None if self.quantize == UNQUANTIZED else self.quantize
 
     @property
     def needs_gram(self) -> bool:
