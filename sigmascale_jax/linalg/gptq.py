@@ -50,19 +50,28 @@ class Quantized(NamedTuple):
     zero: jax.Array | None
 
 
-def inverse_factor(h: jax.Array, damp: float = DEFAULT_DAMP) -> jax.Array:
+def inverse_factor(h: jax.Array, damp: float = DEFAULT_DAMP, size: int | None = None) -> jax.Array:
     """Upper-triangular U with `(H + damp · mean(diag H) · I)⁻¹ = Uᵀ U`, in h's dtype (`h: [n, n]`, dead inputs
-    already given a unit diagonal). A FloatingPointError if the damped H is not positive definite."""
+    already given a unit diagonal); with `size`, H is first extended by an identity block to `[size, size]` (U then
+    ends in that identity block), so that Grams of nearby widths share one compiled program. A FloatingPointError if
+    the damped H is not positive definite."""
     n = h.shape[0]
-    eye = jnp.eye(n, dtype=h.dtype)
-    h = h + damp * jnp.mean(jnp.diagonal(h)) * eye
-    lower = jnp.linalg.cholesky(h)
-    linv = solve_triangular(lower, eye, lower=True)
-    u = jnp.linalg.cholesky(linv.T @ linv).T
+    size = size or n
+    lam = damp * jnp.mean(jnp.diagonal(h))
+    full = jnp.eye(size, dtype=h.dtype).at[:n, :n].set(h + lam * jnp.eye(n, dtype=h.dtype))
+    u = _upper_inverse_cholesky(full)
     if not bool(jnp.isfinite(u).all()):
         raise FloatingPointError(f"GPTQ: the damped Gram matrix ({n}x{n}, damping {damp}) is not positive definite "
                                  "in this precision; raise the damping (--gptq-damp)")
     return u
+
+
+@jax.jit
+def _upper_inverse_cholesky(h: jax.Array) -> jax.Array:
+    """Upper U with `h⁻¹ = Uᵀ U` (`h: [n, n]` symmetric positive definite; NaN where Cholesky fails)."""
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    linv = solve_triangular(jnp.linalg.cholesky(h), eye, lower=True)
+    return jnp.linalg.cholesky(linv.T @ linv).T
 
 
 def gptq(w, h, grid: Grid, *, damp: float = DEFAULT_DAMP, act_order: bool = True,
@@ -82,12 +91,10 @@ def gptq(w, h, grid: Grid, *, damp: float = DEFAULT_DAMP, act_order: bool = True
     h[dead, dead] = 1.0
     w = jnp.where(jnp.asarray(dead)[None, :], 0.0, w)
     perm = np.argsort(-np.diagonal(h), kind="stable") if act_order else np.arange(cols)
-    with factor_precision(precision) as dtype:
-        u = np.asarray(inverse_factor(jnp.asarray(h[np.ix_(perm, perm)], dtype), damp), np.float64)
     padded_cols = grid.groups(cols) * grid.group
+    with factor_precision(precision) as dtype:  # padding columns: an identity block of H, and so of U
+        u_pad = np.asarray(inverse_factor(jnp.asarray(h[np.ix_(perm, perm)], dtype), damp, padded_cols), np.float64)
     full = np.concatenate([perm, np.arange(cols, padded_cols)])  # padding columns stay last, on their own
-    u_pad = np.eye(padded_cols)
-    u_pad[:cols, :cols] = u
     # rows are independent: zero rows up to a multiple of ROW_BUCKET let factors of nearby ranks share one compiled
     # loop (the columns are already padded to whole groups)
     w_pad = jnp.pad(grid.pad(w), ((0, -rows % ROW_BUCKET), (0, 0)))

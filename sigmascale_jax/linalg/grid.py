@@ -106,7 +106,14 @@ class Grid:
 
     def round(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """Round-to-nearest of `x: [rows, cols]`: unsigned codes `[rows, cols]`, scales and zero points
-        `[rows, groups]`."""
-        padded = self.pad(x)
-        scale, zero = self.params(padded)
-        return self.codes(padded, scale, zero)[:, : x.shape[1]], scale, zero
+        `[rows, groups]`. Rows are padded to a multiple of 64 first (zero rows round to zero on their own), so
+        factors of nearby ranks share one compiled program."""
+        rows, cols = x.shape
+        codes, scale, zero = _round(jnp.pad(self.pad(x), ((0, -rows % 64), (0, 0))), self)
+        return codes[:rows, :cols], scale[:rows], None if zero is None else zero[:rows]
+
+
+@jax.jit(static_argnames="grid")
+def _round(x: jax.Array, grid: Grid) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    scale, zero = grid.params(x)
+    return grid.codes(x, scale, zero), scale, zero
