@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import struct
 
 from sigmascale_jax.compress.settings import Settings, setting
@@ -118,12 +119,12 @@ class QuantMatrix:
         """qwix's `QArray` of this matrix, padded with zero columns to whole groups (`[rows, groups · group]`):
         for qwix's quantized matmuls (`qwix.dot_general`) and `qwix.dequantize`."""
         grid = self.grid
-        return grid.qarray(grid.pad(self.codes()), self.scale, None if self.zero is None else self.zero.array())
+        if self.bits == 8:  # the stored int8 codes as they are: no detour through int32 (dequantized every step)
+            return qwix.QArray(grid.pad(self.values.array()), self.scale, None, grid.qtype)
+        return grid.qarray(grid.pad(self.codes()), self.scale, self.zero.array())
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The float matrix `[rows, cols]` it stands for."""
-        import qwix
-
         return qwix.dequantize(self.qarray())[:, : self.cols].astype(dtype)
 
     @property
