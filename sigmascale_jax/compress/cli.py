@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     procs.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process's index, "
                        "0..N-1")
     run.add_argument("--method", default=None, choices=tuple(FACTORIZERS),
-                     help="how to cut (required): " + "; ".join(f"{e.name}: {e.help}" for e in FACTORIZERS.values()))
+                     help="how to cut (required; at --ratio 0 it defaults to none): " + "; ".join(f"{e.name}: {e.help}" for e in FACTORIZERS.values()))
     run.add_argument("--ranks", default=None, choices=tuple(ALLOCATORS),
                      help="where to cut (default: uniform): " + "; ".join(f"{e.name}: {e.help}" for e in ALLOCATORS.values()))
     for entry in REFINERS.values():
