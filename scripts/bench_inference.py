@@ -189,7 +189,10 @@ def main() -> int:
         return 0
     import benchlib
 
-    rows = [run_one("torch", "dense", args.model, args)]
+    def shown(path: str) -> str:  # results name models repo-relative (../shared/..., runs/...), not by this machine
+        return os.path.relpath(REPO / path, REPO)
+
+    rows = [{**run_one("torch", "dense", args.model, args), "path": shown(args.model)}]
     for item in args.models.split(","):
         label, path = item.split("=", 1)
         full = path if Path(path).is_absolute() else str(REPO / path)
@@ -197,11 +200,12 @@ def main() -> int:
             print(f"{label:<24} not run ({path} missing)")
             rows.append({"label": label, "path": path, "not_run": True})
             continue
-        rows.append(run_one("ours", label, full, args))
+        rows.append({**run_one("ours", label, full, args), "path": shown(path)})
     previous = json.loads((REPO / args.previous).read_text()) if args.previous else None
     if previous and "previous" in previous:
         previous.pop("previous")  # one earlier run is kept, not a chain
-    benchlib.write(args.out, {"args": vars(args), "rows": rows, "previous": previous}, markdown(rows, args, previous))
+    benchlib.write(args.out, {"args": {**vars(args), "model": shown(args.model)}, "rows": rows, "previous": previous},
+                   markdown(rows, args, previous))
     print(markdown(rows, args, previous))
     return 0
 

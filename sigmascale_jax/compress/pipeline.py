@@ -352,7 +352,7 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
 
 def stored_params(params: dict) -> dict:
     """Typed params as saved (Orbax): every projection as its leaf's plain dict."""
-    return {**params, "blocks": [{**b, **{n: b[n].to_tree() for n in PROJECTIONS}} for b in params["blocks"]]}
+    return {**params, "blocks": [stored_block(b) for b in params["blocks"]]}
 
 
 def stages_report(spec: RunSpec, plan: Plan, cfg, done: Stages, windows: np.ndarray, clock: _Clock) -> dict[str, Any]:
@@ -457,8 +457,7 @@ def _resumed_block(ckpt: Path, info_file: Path, i: int, staging: Path, encoder) 
         saved = json.loads(info_file.read_text())
         params = load_pytree(ckpt)
         if encoder.needs_gram:  # encoded in the loop: read back as the typed leaves it saved
-            params = {**params, **{n: encoder.read(params[n], {**saved["matrices"][n], **encoder.record()})
-                                   for n in PROJECTIONS}}
+            params = {**params, **{n: encoder.read(params[n], saved["matrices"][n]) for n in PROJECTIONS}}
         return BlockResult(params, saved["matrices"], saved["block"])
     except (UserError, OSError, ValueError, KeyError) as e:
         raise UserError(f"block {i}'s checkpoint in {staging} cannot be read ({' '.join(str(e).split())[:150]}); "

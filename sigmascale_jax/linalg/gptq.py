@@ -39,7 +39,6 @@ from sigmascale_jax.linalg.grid import Grid
 from sigmascale_jax.linalg.precision import factor_precision
 
 DEFAULT_DAMP = 0.01
-ROW_BUCKET = 64
 
 
 class Quantized(NamedTuple):
@@ -95,9 +94,7 @@ def gptq(w, h, grid: Grid, *, damp: float = DEFAULT_DAMP, act_order: bool = True
     with factor_precision(precision) as dtype:  # padding columns: an identity block of H, and so of U
         u_pad = np.asarray(inverse_factor(jnp.asarray(h[np.ix_(perm, perm)], dtype), damp, padded_cols), np.float64)
     full = np.concatenate([perm, np.arange(cols, padded_cols)])  # padding columns stay last, on their own
-    # rows are independent: zero rows up to a multiple of ROW_BUCKET let factors of nearby ranks share one compiled
-    # loop (the columns are already padded to whole groups)
-    w_pad = jnp.pad(grid.pad(w), ((0, -rows % ROW_BUCKET), (0, 0)))
+    w_pad = grid.bucket(w)  # rows are independent, so nearby ranks share one compiled loop
     scale, zero = grid.params(w_pad)  # the original matrix's scales: kept when columns are reordered
     if zero is None:
         zero = jnp.zeros(scale.shape, jnp.int32)

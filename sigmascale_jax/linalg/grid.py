@@ -30,6 +30,7 @@ import qwix
 from qwix._src.core import qarray
 
 # int8's symmetric range in qwix is ±127.5 (the ±127 buckets used in full); ±127 keeps every code in [−127, 127]
+ROW_BUCKET = 64  # rows are padded to a multiple of this before compiling (`Grid.bucket`)
 _INT8_CALIBRATION = f"absmax,{127.5 / 127.0!r}"
 
 
@@ -70,6 +71,12 @@ class Grid:
         """`x: [rows, cols]` with zero columns up to whole groups `[rows, groups · group]`."""
         return jnp.pad(x, ((0, 0), (0, self.groups(x.shape[1]) * self.group - x.shape[1])))
 
+    def bucket(self, x: jax.Array) -> jax.Array:
+        """`x: [rows, cols]` padded with zero columns to whole groups and zero rows to a multiple of ROW_BUCKET: rows
+        are rounded independently and zeros round to zero, so matrices of nearby shapes (factors of nearby ranks)
+        share one compiled program."""
+        return jnp.pad(self.pad(x), ((0, -x.shape[0] % ROW_BUCKET), (0, 0)))
+
     def params(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """Scales `[rows, groups]` (x's dtype) and unsigned zero points `[rows, groups]` (int32; None for int8) of
         `x: [rows, groups · group]` (padded)."""
@@ -106,10 +113,9 @@ class Grid:
 
     def round(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """Round-to-nearest of `x: [rows, cols]`: unsigned codes `[rows, cols]`, scales and zero points
-        `[rows, groups]`. Rows are padded to a multiple of 64 first (zero rows round to zero on their own), so
-        factors of nearby ranks share one compiled program."""
+        `[rows, groups]`, rounded on the bucketed matrix (`bucket`)."""
         rows, cols = x.shape
-        codes, scale, zero = _round(jnp.pad(self.pad(x), ((0, -rows % 64), (0, 0))), self)
+        codes, scale, zero = _round(self.bucket(x), self)
         return codes[:rows, :cols], scale[:rows], None if zero is None else zero[:rows]
 
 

@@ -16,7 +16,8 @@ values so it absorbs their error instead of multiplying it (`QuantSettings.store
 inner first (C against the input Gram H, then B refit by least squares under H and rounded
 against `Ĉ H Ĉᵀ`, the Gram of C's output) or outer first (B against `C H Cᵀ`, then C refit
 to B̂ and rounded against H); by default both, keeping the pair with the lower output error
-on the calibration Gram (`scripts/quant_error.py` measures the orders on SmolLM2).
+on the calibration Gram (each matrix's record says which won; `scripts/bench_storage.py`
+tallies them on SmolLM2).
 
 The codes are `leaves.Codes` (exact integers in a float carrier, no gradient), so a
 quantized tree differentiates; its scales are what `trainable` lets train. qwix's own
