@@ -5,7 +5,8 @@ function (`jax.jit(f).lower(abstract args).compile().memory_analysis()`: argumen
 outputs + temporaries − aliased) on abstract arrays (`jax.ShapeDtypeStruct`), plus what
 the stage keeps on the device beside it (a block's calibration windows and outputs, see
 `parallel.device_chunks`). Host figures are arithmetic: the calibration activations, one
-dense block, the outer params, the block's statistics in float64. Ranks are the uniform
+dense block, the outer params, the block's statistics in float64, and the blocks already factored (plain
+float32 factors), which wait on the host until the model is written. Ranks are the uniform
 ones at the run's ratio (a rank allocator moves rank between matrices, not the totals).
 
     python -m sigmascale_jax.compress --model CONFIG_OR_MODEL --method sigmascale --ratio 0.2 \
@@ -134,7 +135,11 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     taps = {PROJECTION_INPUT[p]: cfg.projection_shapes()[p][1] for p in PROJECTIONS}
     stats_host = sum(k * k * 8 + k * 8 for k in taps.values())  # float64 Gram and |x| mean per tap
     streams = 2 if plan.factorize.needs_dense_stream and spec.sequential else 1
-    host_base = outer_bytes + block_bytes + acts * streams
+    ranks = block_ranks(cfg, spec.ratio) if spec.ratio else {n: None for n in cfg.projection_shapes()}
+    # the blocks already done wait on the host, factored, until the model is written
+    done = sum((m * n if ranks[p] is None else ranks[p] * (m + n)) - m * n
+               for p, (m, n) in cfg.projection_shapes().items()) * f32 + block_bytes
+    host_base = outer_bytes + block_bytes + acts * streams + (cfg.num_layers - 1) * done
     x = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
     stages = []
 
@@ -153,7 +158,6 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
         else:
             stages.append(StagePlan(name, None, None, "not estimated yet (whole-model passes; the factorize stage "
                                     "below assumes uniform ranks)"))
-    ranks = block_ranks(cfg, spec.ratio) if spec.ratio else {n: None for n in cfg.projection_shapes()}
     fz = plan.factorize
     device, detail = fz.memory(cfg, spec, ranks) if fz.memory else (None, "not estimated for this method")
     stages.append(StagePlan(f"factorize ({fz.name})", device, host_base + 2 * acts + stats_host, detail))

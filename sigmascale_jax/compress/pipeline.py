@@ -148,16 +148,28 @@ def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path | N
 
 
 class _Clock:
-    """Seconds per stage (compression.json's `timings_s`)."""
+    """Seconds per stage (compression.json's `timings_s`) and, where the OS says (Linux), each stage's resident
+    peak (`memory.stage_rss_peak_mib`): on a CPU backend the device's arrays live there too, so this is what
+    `--plan-only`'s figures are checked against without a device (`scripts/bench_memory_plan.py`)."""
 
     def __init__(self) -> None:
+        from sigmascale_jax.compress.report import resident_bytes, resident_high_water
+
         self.start = self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.start_rss = resident_bytes()
+        self.peaks: dict[str, int] = {}
+        resident_high_water(reset=True)
 
     def lap(self, stage: str) -> None:
+        from sigmascale_jax.compress.report import resident_high_water
+
         now = time.perf_counter()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
         self.last = now
+        peak = resident_high_water(reset=True)
+        if peak is not None:
+            self.peaks[stage] = max(self.peaks.get(stage, 0), peak)
 
 
 def open_checked(spec: RunSpec, plan: Plan):
@@ -337,9 +349,11 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
         blocks = [jax.device_get(b) for b in blocks]
         refined.append({"name": refiner.name, **refiner.settings.asdict(), **info})
         clock.lap("refine")
-    # (3) how to store what is left: every projection becomes its encoder's typed leaf
-    typed = [{**block, **{n: block[n] if is_leaf(block[n]) else encoder.encode(block[n], results[i].matrices[n])
-                          for n in PROJECTIONS}}
+    # (3) how to store what is left: every projection becomes its encoder's typed leaf, fetched block by block
+    # (encoders compute on the device; the whole model there at once would not fit where it matters)
+    typed = [jax.device_get({**block, **{n: block[n] if is_leaf(block[n]) else encoder.encode(block[n],
+                                                                                            results[i].matrices[n])
+                                         for n in PROJECTIONS}})
              for i, block in enumerate(blocks)]
     clock.lap("encode")
     outer = ctx.outer
@@ -363,7 +377,8 @@ def stages_report(spec: RunSpec, plan: Plan, cfg, done: Stages, windows: np.ndar
         spec, plan, cfg, done.alloc, done.results, done.refined, done.budget, leaves, counts=done.counts,
         calibration={"source": spec.calib, "nsamples": spec.nsamples, "seq_len": spec.seq_len, "seed": spec.seed,
                      "tokens": int(windows.size), "sha1": hashlib.sha1(windows.tobytes()).hexdigest()},
-        resumed=False, timings=clock.timings, seconds=time.perf_counter() - clock.start,
+        resumed=False, timings=clock.timings, seconds=time.perf_counter() - clock.start, stage_peaks=clock.peaks,
+        start_rss=clock.start_rss,
     )
 
 
@@ -422,7 +437,7 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
             xs = apply_in_chunks(result.params, xs, cfg, spec.batch_size, ctx.mesh) if spec.sequential else dense_out
             clock.lap("propagate")
         blocks.append(jax.device_get(result.params))
-        results.append(result)
+        results.append(result._replace(params=blocks[-1]))  # the device copy goes: one block at a time there
         bar.set_postfix(factorizer.progress(result))
         if not np.isfinite(xs).all():
             raise FloatingPointError(f"non-finite activations after block {i}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import re
 import resource
 import sys
 from typing import Any
@@ -25,15 +27,46 @@ def versions() -> dict[str, str]:
     return out
 
 
-def peak_memory() -> dict[str, float]:
-    """Peak host RSS of this process and, where the backend reports it, peak device memory (MiB)."""
+def peak_memory(stage_peaks: dict[str, int] | None = None, start_rss: int | None = None) -> dict[str, Any]:
+    """Peak host RSS of this process, where the backend reports it peak device memory (MiB), and where the OS
+    reports them (Linux) each stage's resident peak and the resident size when the run began."""
     import jax
 
-    mem = {"host_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    mem: dict[str, Any] = {"host_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         mem["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+    if stage_peaks:
+        mem["stage_rss_peak_mib"] = {k: round(v / 2**20, 1) for k, v in stage_peaks.items()}
+    if start_rss is not None:
+        mem["start_rss_mib"] = round(start_rss / 2**20, 1)
     return mem
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size now (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def resident_high_water(reset: bool = False) -> int | None:
+    """The most resident memory this process has held (Linux's VmHWM) since it began or since the last reset;
+    `reset=True` then lowers the mark to the present size, so the next call sees one stage's peak alone.
+    None where the OS does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+        if m is None:
+            return None
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (Linux >= 4.0)
+                f.write("5")
+        return int(m.group(1)) * 1024
+    except OSError:
+        return None
 
 
 def rank_summary(cfg: ModelConfig, ranks: list[dict]) -> dict[str, dict[str, Any]]:
@@ -59,7 +92,8 @@ def matrix_bytes(leaf: Any) -> int:
 
 def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation, results: list[BlockResult],
                  refined: list[dict], budget: Budget, leaves: list[dict], *, counts: dict, calibration: dict,
-                 resumed: bool, timings: dict, seconds: float) -> dict[str, Any]:
+                 resumed: bool, timings: dict, seconds: float, stage_peaks: dict | None = None,
+                 start_rss: int | None = None) -> dict[str, Any]:
     """compression.json. `counts`: `model_dense` (all parameters) and `other` (those outside the projections'
     matrices: embeddings, norms, head, biases), which stay float32."""
     from sigmascale_jax.io.checkpoint import FORMAT_VERSION
@@ -117,6 +151,6 @@ def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation,
         "resumed": resumed,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "seconds": round(seconds, 3),
-        "memory": peak_memory(),
+        "memory": peak_memory(stage_peaks, start_rss),
         "versions": versions(),
     }

@@ -163,7 +163,7 @@ model, data = sys.argv[1:3]
 cfg, params, source = ssj.load_model(model)
 windows = ssj.calibration_windows(source, "c4", nsamples=24, seq_len=32, seed=0, data_dir=data)
 cparams, _ = ssj.compress_params(params, cfg, windows[:8], ssj.make_plan("svd-llm", encoding="pivga"), 0.3)
-tx = ssj.heal_optimizer(optax.adam(1e-3), cparams)
+tx = ssj.heal_optimizer(optax.sgd(0.01), cparams)  # sgd: an update linear in the gradient, which is what is compared
 mesh = Mesh(np.array(jax.devices()), ("data",))
 out = []
 for sharded in (False, True):
@@ -175,6 +175,7 @@ for sharded in (False, True):
 a, b = (jax.tree.leaves(t) for t in out)
 print(json.dumps({"max_rel": max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / (np.abs(np.asarray(x)).max() + 1e-30))
                                  for x, y in zip(a, b)),
+                  "max_abs": max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a, b)),
                   "moved": max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
                                for x, y in zip(jax.tree.leaves(cparams), a))}))
 """
@@ -187,7 +188,7 @@ def test_distill_step_on_an_8_device_data_mesh_gives_the_one_device_result():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["moved"] > 1e-4  # the steps did train
-    assert result["max_rel"] < 1e-4, result
+    assert result["max_rel"] < 1e-5, result  # float32 rounding (7e-8 measured); Adam's steps amplified it to 2e-4
 
 
 def test_a_finished_pivga_folder_heals_after_the_fact_and_a_quantized_one_is_refused(tmp_path):
