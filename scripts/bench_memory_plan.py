@@ -109,6 +109,11 @@ def main() -> None:
         lines.append(f"\n{run['method']}: whole-run peak {peak:.0f} MiB above the start "
                      f"({run['memory']['start_rss_mib']:.0f} MiB), plan {plan_peak:.0f} MiB: "
                      f"measured / plan {peak / plan_peak:.2f}.")
+        if "device_peak_mib" in run["memory"]:  # a GPU or TPU: its own counter against the plan's device figure
+            plan_device = max(s["device"] for n, s in run["plan"].items()
+                              if s["device"] is not None and not n.startswith("evaluate")) / MiB
+            lines.append(f"{run['method']}: device peak {run['memory']['device_peak_mib']:.0f} MiB, plan "
+                         f"{plan_device:.0f} MiB: measured / plan {run['memory']['device_peak_mib'] / plan_device:.2f}.")
     md = "\n".join(lines) + "\n"
     benchlib.write(args.out, {"rows": rows, "runs": runs, "command": benchlib.command_line(),
                               "cpu": benchlib.cpu_name(), "gib": GiB}, md)

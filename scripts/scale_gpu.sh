@@ -20,6 +20,9 @@ timeout ${T0:-240} $PY scripts/profile_block.py --shape "$A" --work /tmp/scale -
     || echo "part 0 failed: $?"
 timeout ${TP:-120} $PY -m sigmascale_jax.compress --model /tmp/scale/$A --method sigmascale --ratio 0.2 \
     --steps 50 --step-windows 4 --plan-only --device-memory 80GB > "$OUT/plan_gpu.txt" || echo "plan failed: $?"
+SMOL=${SMOLLM2:-../shared/models/smollm2-135m-instruct-q4_1}  # the plan against the device's own peak counter
+[ -d "$SMOL" ] && { timeout ${TM:-150} $PY scripts/bench_memory_plan.py --model "$SMOL" --methods svd-llm \
+    --out "$OUT/memory_plan_gpu" || echo "memory plan part failed: $?"; }
 timeout ${T1:-150} $PY scripts/bench_scale.py --shapes "$A" --truncations eigh --full-block --work /tmp/scale \
     --out "$OUT/scale_gpu_a" || echo "part 1 failed: $?"
 timeout ${T2:-40} $PY scripts/bench_scale.py --shapes "$B" --truncations eigh --work /tmp/scale \
