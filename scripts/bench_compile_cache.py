@@ -8,7 +8,7 @@ method runs three times in a fresh cache folder: with `--no-compile-cache` (ever
 written), cold (compiled and written) and warm (read back); wall-clock seconds of the whole process and the
 report's stage times. The first run also fills the folder's data caches (the model file's sha1, the tokenized
 calibration windows), which the cold and warm runs then read alike: warm against cold is what the compiled
-programs save. Writes OUT.md and OUT.json; `--render` rewrites OUT.md from OUT.json without running anything.
+programs save. Writes OUT.md and OUT.json; `--render` rewrites OUT.md from OUT.json without running anything (notes added below the table are lost).
 """
 
 from __future__ import annotations
@@ -17,23 +17,19 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import benchlib
 
-EXTRA = {"sigmascale-block": ["--steps", "10", "--step-windows", "4", "--eval-every", "5"]}
 MODES = ("off", "cold", "warm")
 
 
 def one_run(method: str, mode: str, cache: Path, out: Path, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(SIGMASCALE_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "sigmascale_jax.compress", "--model", args.model, *benchlib.METHOD_FLAGS[method],
-           "--ratio", str(args.ratio), "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
-           "--out", str(out), "--overwrite", "--no-progress", *EXTRA.get(method, [])]
+    cmd = benchlib.run_command(method, out, args)
     if mode == "off":
         cmd.append("--no-compile-cache")
     t0 = time.perf_counter()
@@ -51,12 +47,7 @@ def one_run(method: str, mode: str, cache: Path, out: Path, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=benchlib.DEFAULT_MODEL)
-    p.add_argument("--methods", default="svd-llm,sigmascale-block")
-    p.add_argument("--ratio", type=float, default=0.2)
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--out", default="results/compile_cache_smollm2")
+    benchlib.add_run_args(p, "results/compile_cache_smollm2")
     p.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json; run nothing")
     args = p.parse_args()
     if args.render:

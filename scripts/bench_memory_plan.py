@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,6 @@ from sigmascale_jax.compress.memory import GiB, memory_plan
 # compression.json's timing stages -> the plan's stage names (a prefix of them)
 STAGES = {"stats": "statistics", "propagate": "propagate", "factorize": "factorize", "encode": "encode",
           "allocate": "allocate"}
-EXTRA = {"sigmascale-block": ["--steps", "10", "--step-windows", "4", "--eval-every", "5"]}
 MiB = 2**20
 
 
@@ -38,15 +36,13 @@ def planned(method: str, args) -> dict[str, dict]:
     from sigmascale_jax.io.sources import read_config
 
     argv = ["--model", args.model, *benchlib.METHOD_FLAGS[method], "--ratio", str(args.ratio),
-            "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--plan-only", *EXTRA.get(method, [])]
+            "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--plan-only", *benchlib.QUICK_FLAGS.get(method, [])]
     spec, plan = spec_and_plan(parse_args(argv))
     return {s.name: {"device": s.device, "host": s.host} for s in memory_plan(read_config(spec.model), spec, plan)}
 
 
 def measured(method: str, out: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "sigmascale_jax.compress", "--model", args.model, *benchlib.METHOD_FLAGS[method],
-           "--ratio", str(args.ratio), "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
-           "--out", str(out), "--overwrite", "--no-progress", *EXTRA.get(method, [])]
+    cmd = benchlib.run_command(method, out, args)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=benchlib.REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                           text=True)
@@ -72,12 +68,7 @@ def rows_of(method: str, plan: dict[str, dict], mem: dict) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=benchlib.DEFAULT_MODEL)
-    p.add_argument("--methods", default="svd-llm,sigmascale-block")
-    p.add_argument("--ratio", type=float, default=0.2)
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--out", default="results/memory_plan_smollm2")
+    benchlib.add_run_args(p, "results/memory_plan_smollm2")
     args = p.parse_args()
     rows, runs = [], []
     with tempfile.TemporaryDirectory(prefix="ssj-memory-plan-") as tmp:

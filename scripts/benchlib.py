@@ -169,3 +169,25 @@ def header(title: str, args) -> str:
 def write(out: str, payload: dict, md: str) -> None:
     write_json_atomic(REPO / f"{out}.json", payload)
     write_text_atomic(REPO / f"{out}.md", md)
+
+
+# Whole runs timed or measured as they are (compile cache, memory plan): SigmaScale at 10 steps
+QUICK_FLAGS = {"sigmascale-block": ["--steps", "10", "--step-windows", "4", "--eval-every", "5"]}
+
+
+def add_run_args(p: argparse.ArgumentParser, out: str) -> None:
+    """The flags of the scripts that run whole compressions as they are: --model, --methods, --ratio, --nsamples,
+    --seq-len, --out."""
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--methods", default="svd-llm,sigmascale-block")
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--out", default=out)
+
+
+def run_command(method: str, out: Path, args) -> list[str]:
+    """The compressor's command line for one of those runs, into `out` (replaced)."""
+    return [sys.executable, "-m", "sigmascale_jax.compress", "--model", args.model, *METHOD_FLAGS[method],
+            "--ratio", str(args.ratio), "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
+            "--out", str(out), "--overwrite", "--no-progress", *QUICK_FLAGS.get(method, [])]
