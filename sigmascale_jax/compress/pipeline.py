@@ -511,7 +511,8 @@ def compress_params(params: dict, cfg, windows: Any, plan: Plan, ratio: float, *
         block i; batch_size: windows per device call; precision: "float64" or "float32", what the factorizations
         run in (default: float32 on TPU, float64 elsewhere).
     Returns:
-      the compressed params and the report (`compression.json`'s content; its "model" is None until saved).
+      the compressed params, on the host (numpy leaves; the device held one block at a time), and the report
+      (`compression.json`'s content; its "model" is None until saved).
     Nothing is written to disk; costly allocations are not cached (the weights have no file to key them by).
     """
     import jax
