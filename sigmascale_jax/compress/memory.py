@@ -121,7 +121,7 @@ class _Shape:
 
 def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     """The stages `spec` and `plan` run, each with its device peak and host bytes (see the module's docstring)."""
-    from sigmascale_jax.compress.ranks import block_ranks
+    from sigmascale_jax.compress.ranks import block_ranks, factored_params
     from sigmascale_jax.compress.stats import block_stats_chunk
     from sigmascale_jax.linalg.precision import resolve_precision
 
@@ -137,7 +137,7 @@ def memory_plan(cfg: ModelConfig, spec: RunSpec, plan: Plan) -> list[StagePlan]:
     streams = 2 if plan.factorize.needs_dense_stream and spec.sequential else 1
     ranks = block_ranks(cfg, spec.ratio) if spec.ratio else {n: None for n in cfg.projection_shapes()}
     # the blocks already done wait on the host, factored, until the model is written
-    done = sum((m * n if ranks[p] is None else ranks[p] * (m + n)) - m * n
+    done = sum((m * n if ranks[p] is None else factored_params(m, n, ranks[p])) - m * n
                for p, (m, n) in cfg.projection_shapes().items()) * f32 + block_bytes
     host_base = outer_bytes + block_bytes + acts * streams + (cfg.num_layers - 1) * done
     x = jax.ShapeDtypeStruct((b, t, d), jnp.float32)

@@ -148,18 +148,22 @@ def _allocation(plan: Plan, ctx: ModelContext, budget: Budget, staging: Path | N
 
 
 class _Clock:
-    """Seconds per stage (compression.json's `timings_s`) and, where the OS says (Linux), each stage's resident
-    peak (`memory.stage_rss_peak_mib`): on a CPU backend the device's arrays live there too, so this is what
-    `--plan-only`'s figures are checked against without a device (`scripts/bench_memory_plan.py`)."""
+    """Seconds per stage (compression.json's `timings_s`) and, with `stage_memory` where the OS says (Linux), each
+    stage's resident peak (`memory.stage_rss_peak_mib`): on a CPU backend the device's arrays live there too, so
+    this is what `--plan-only`'s figures are checked against without a device (`scripts/bench_memory_plan.py`).
+    Measuring resets the process's peak-RSS mark at every stage, so only a run that writes a folder does it, not
+    `compress_params` inside a user's process."""
 
-    def __init__(self) -> None:
+    def __init__(self, stage_memory: bool = False) -> None:
         from sigmascale_jax.compress.report import resident_bytes, resident_high_water
 
         self.start = self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
-        self.start_rss = resident_bytes()
+        self.stage_memory = stage_memory
+        self.start_rss = resident_bytes() if stage_memory else None
         self.peaks: dict[str, int] = {}
-        resident_high_water(reset=True)
+        if stage_memory:
+            resident_high_water(reset=True)
 
     def lap(self, stage: str) -> None:
         from sigmascale_jax.compress.report import resident_high_water
@@ -167,7 +171,7 @@ class _Clock:
         now = time.perf_counter()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
         self.last = now
-        peak = resident_high_water(reset=True)
+        peak = resident_high_water(reset=True) if self.stage_memory else None
         if peak is not None:
             self.peaks[stage] = max(self.peaks.get(stage, 0), peak)
 
@@ -223,7 +227,7 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
     out = Path(out)
     inputs = run_inputs(spec, data_dir)
     check_out(out, overwrite, inputs)
-    clock = _Clock()
+    clock = _Clock(stage_memory=True)
     source = open_checked(spec, plan)
     windows = run_windows(source, spec, data_dir)
     if not is_main_process():

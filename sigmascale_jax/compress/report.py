@@ -38,6 +38,8 @@ def peak_memory(stage_peaks: dict[str, int] | None = None, start_rss: int | None
         mem["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
     if stage_peaks:
         mem["stage_rss_peak_mib"] = {k: round(v / 2**20, 1) for k, v in stage_peaks.items()}
+        # measuring them reset the kernel's mark that ru_maxrss reads: the run's peak is the largest of them
+        mem["host_peak_mib"] = max(mem["host_peak_mib"], max(stage_peaks.values()) / 2**20)
     if start_rss is not None:
         mem["start_rss_mib"] = round(start_rss / 2**20, 1)
     return mem

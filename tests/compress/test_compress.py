@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -56,6 +57,10 @@ def test_output_folder_and_report(svd_llm_run):
     assert p["compressible_compressed"] < p["compressible_dense"] and p["model_compressed"] < p["model_dense"]
     assert report["calibration"] == {**report["calibration"], "source": "c4", "nsamples": 12, "seq_len": 64, "tokens": 768}
     assert report["memory"]["host_peak_mib"] > 0
+    if Path("/proc/self/clear_refs").exists():  # Linux: each stage's resident peak; the run's peak is the largest
+        mem = report["memory"]
+        assert set(mem["stage_rss_peak_mib"]) == set(report["timings_s"]) and mem["start_rss_mib"] > 0
+        assert mem["host_peak_mib"] >= max(mem["stage_rss_peak_mib"].values()) - 0.1
     assert set(report["timings_s"]) >= {"calibration", "load", "stats", "factorize", "propagate", "checkpoint"}
     assert report["versions"]["jax"] == jax.__version__
 
