@@ -26,13 +26,10 @@ from sigmascale_jax.model.modeling import PROJECTIONS, Params, block_forward, lm
 
 
 def densify(block: Params) -> Params:
-    """The block with every factored projection `{"b", "c"}` replaced by `{"w": B C}` (bias kept)."""
-    out = dict(block)
-    for n in PROJECTIONS:
-        p = block[n]
-        if "w" not in p:
-            out[n] = {"w": jnp.asarray(p["b"]) @ jnp.asarray(p["c"]), **({"bias": p["bias"]} if "bias" in p else {})}
-    return out
+    """The block with every factored projection `{"b", "c"}` replaced by `{"w": B C}` (bias kept): `densified`."""
+    from sigmascale_jax.model.modeling import densified
+
+    return densified(block)
 
 
 def _head_nll_sum(outer: Params, h: jax.Array, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -58,10 +55,18 @@ def _block_vjp(block: Params, x: jax.Array, dy: jax.Array, cfg: ModelConfig):
     return vjp(dy)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
+@functools.partial(jax.jit, static_argnames="cfg", donate_argnums=3)
+def _block_vjp_sum(block: Params, x: jax.Array, dy: jax.Array, acc: dict, cfg: ModelConfig):
+    """`(acc + ∂⟨dy, f(x)⟩/∂W per projection, ∂/∂x)`: one chunk's VJP, its weight gradients summed on the device."""
+    dblock, dx = _block_vjp(block, x, dy, cfg)
+    return {n: acc[n] + dblock[n]["w"] for n in acc}, dx
+
+
 def _block_fwd(block: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    cos, sin = rope_cos_sin(cfg, jnp.arange(x.shape[1]))
-    return block_forward(block, x, cfg, cos, sin)
+    """The block on `x: [B, T, D]`: the propagation's compiled program (`modeling.block_apply`), shared with it."""
+    from sigmascale_jax.model.modeling import block_apply
+
+    return block_apply(block, x, cfg)
 
 
 def reverse_pass(
@@ -88,30 +93,30 @@ def reverse_pass(
     tokens = np.asarray(tokens, np.int32)
     n = len(tokens)
     chunks = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    scale = jnp.asarray(1.0 / (n * (tokens.shape[1] - 1)), jnp.float32)
+    put = jax.device_put  # not jnp.asarray, which compiles a transfer program per shape
+    scale = put(np.float32(1.0 / (n * (tokens.shape[1] - 1))))
     bar = tqdm(total=2 * num_blocks, desc=desc, unit="block", disable=not progress, leave=False)
     inputs = []
     x = np.asarray(outer["embed"])[tokens]  # [N, T, D]
     for i in range(num_blocks):
         inputs.append(x)
-        block = densify(get_block(i))
-        x = np.concatenate([np.asarray(_block_fwd(block, jnp.asarray(x[c]), cfg)) for c in chunks])
+        block = put(densify(get_block(i)))
+        x = np.concatenate([np.asarray(_block_fwd(block, put(x[c]), cfg)) for c in chunks])
         bar.update()
     loss, dy = 0.0, []
+    outer = put(outer)
     for c in chunks:
-        part, g = _head_vjp(outer, jnp.asarray(x[c]), jnp.asarray(tokens[c]), scale, cfg)
+        part, g = _head_vjp(outer, put(x[c]), put(tokens[c]), scale, cfg)
         loss += float(part)
         dy.append(np.asarray(g))
     dy = np.concatenate(dy)
     for i in reversed(range(num_blocks)):
-        block = densify(get_block(i))
+        block = put(densify(get_block(i)))
         xs = inputs[i]
-        grads = {name: 0.0 for name in PROJECTIONS}
+        grads = put({name: np.zeros(block[name]["w"].shape, np.float32) for name in PROJECTIONS})
         dx = []
         for c in chunks:
-            dblock, dxc = _block_vjp(block, jnp.asarray(xs[c]), jnp.asarray(dy[c]), cfg)
-            for name in PROJECTIONS:
-                grads[name] = grads[name] + dblock[name]["w"]
+            grads, dxc = _block_vjp_sum(block, put(xs[c]), put(dy[c]), grads, cfg)
             dx.append(np.asarray(dxc))
         dy = np.concatenate(dx)
         on_block(i, {name: np.asarray(g, np.float32) for name, g in grads.items()}, xs)
@@ -160,12 +165,14 @@ def model_loss(
     tokens = np.asarray(tokens, np.int32)
     n = len(tokens)
     chunks = [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    scale = jnp.asarray(1.0 / (n * (tokens.shape[1] - 1)), jnp.float32)
+    put = jax.device_put
+    scale = put(np.float32(1.0 / (n * (tokens.shape[1] - 1))))
     x = np.asarray(outer["embed"])[tokens]
     for i in range(cfg.num_layers):
-        block = get_block(i)
-        x = np.concatenate([np.asarray(_block_fwd(block, jnp.asarray(x[c]), cfg)) for c in chunks])
-    return float(sum(float(_head_loss(outer, jnp.asarray(x[c]), jnp.asarray(tokens[c]), scale, cfg)) for c in chunks))
+        block = put(densify(get_block(i)))
+        x = np.concatenate([np.asarray(_block_fwd(block, put(x[c]), cfg)) for c in chunks])
+    outer = put(outer)
+    return float(sum(float(_head_loss(outer, put(x[c]), put(tokens[c]), scale, cfg)) for c in chunks))
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

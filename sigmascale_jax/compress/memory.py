@@ -97,18 +97,19 @@ def compiled_peak(fn: Callable, *args, **kwargs) -> int:
 
 def group_memory(cfg: ModelConfig, spec: RunSpec, ranks: dict, group_fn: Callable, extra: int, **static) -> int:
     """Device bytes of the largest same-shape group of a per-matrix factorizer: `group_fn(w [G, m, n], gram
-    [G, n, n], *([G, n, n] or [G, n]) * extra, **static)` compiled in the run's precision."""
+    [G, n, n], *([G, n, n] or [G, n]) * extra, ranks [G] int32, **static)` compiled in the run's precision (ranks
+    are data: the figure holds for any ranks)."""
     from sigmascale_jax.compress.factorize._blocks import low_rank_groups
     from sigmascale_jax.linalg.precision import factor_precision
 
     shapes = cfg.projection_shapes()
     peaks = [0]
     with factor_precision(spec.precision) as dtype:
-        for ((m, n), rank), names in low_rank_groups({p: {"w": _Shape(shapes[p])} for p in PROJECTIONS},
-                                                     ranks).items():
+        for (m, n), names in low_rank_groups({p: {"w": _Shape(shapes[p])} for p in PROJECTIONS}, ranks).items():
             g = len(names)
-            args = [jax.ShapeDtypeStruct((g, m, n), dtype), *[jax.ShapeDtypeStruct((g, n, n), dtype)] * (1 + extra)]
-            peaks.append(compiled_peak(group_fn, *args, rank=rank, **static))
+            args = [jax.ShapeDtypeStruct((g, m, n), dtype), *[jax.ShapeDtypeStruct((g, n, n), dtype)] * (1 + extra),
+                    jax.ShapeDtypeStruct((g,), jnp.int32)]
+            peaks.append(compiled_peak(group_fn, *args, **static))
     return max(peaks)
 
 

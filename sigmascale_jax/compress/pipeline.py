@@ -90,13 +90,14 @@ def run_windows(source, spec: RunSpec, data_dir: str | None) -> np.ndarray:
 
 def apply_in_chunks(block, xs: np.ndarray, cfg, batch_size: int, mesh=None) -> np.ndarray:
     """The block applied to `xs: [N, T, D]`, `batch_size` windows a call (split over the mesh's data axis); the
-    loop moves nothing between host and device (`stats.block_stats` says how)."""
+    loop moves nothing between host and device (`stats.block_stats` says how). Factored projections run as their
+    dense product (`modeling.densified`), so every block of a shape runs one compiled program whatever its ranks."""
     import jax
 
-    from sigmascale_jax.model.modeling import block_apply
+    from sigmascale_jax.model.modeling import block_apply, densified
     from sigmascale_jax.parallel import device_chunks, fetch, on_device
 
-    block, chunks = on_device(block, mesh), device_chunks(xs, batch_size, mesh)
+    block, chunks = on_device(densified(block), mesh), device_chunks(xs, batch_size, mesh)
     with jax.transfer_guard("disallow"):
         outs = [block_apply(block, chunk, cfg) for chunk in chunks]
     return np.concatenate(fetch(outs))

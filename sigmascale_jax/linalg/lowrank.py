@@ -6,6 +6,8 @@ Shapes: `w: [m, n]` (out × in, HF layout), `gram: [n, n]` = X Xᵀ of the layer
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -14,6 +16,18 @@ def split_sigma(u: jax.Array, s: jax.Array, vt: jax.Array, rank: int) -> tuple[j
     """`B = U_k Σ_k^½`, `C = Σ_k^½ V_kᵀ` from an SVD."""
     root = jnp.sqrt(s[:rank])
     return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+def split_sigma_masked(u: jax.Array, s: jax.Array, vt: jax.Array, rank: Any) -> tuple[jax.Array, jax.Array]:
+    """`split_sigma` at a rank that may be traced: full-width `B: [m, r]`, `C: [r, n]` (r = len(s)) whose columns /
+    rows past `rank` are zero, so `B C` is the rank-`rank` product and `B[:, :rank]`, `C[:rank]` are the factors.
+
+    One compiled function serves every rank of a shape; cut the factors to `rank` on the host.
+    """
+    from sigmascale_jax.linalg.truncation import keep_mask
+
+    root = jnp.sqrt(jnp.maximum(s, 0.0)) * keep_mask(rank, s.shape[0], s.dtype)
+    return u[:, : s.shape[0]] * root, root[:, None] * vt[: s.shape[0]]
 
 
 def top_singular_gram(a: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:

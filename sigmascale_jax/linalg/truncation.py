@@ -11,48 +11,64 @@ set a rotation does not change `A_k`. With `M = Uᵀ dA V` the first-order chang
 
 (`P_U = U_k U_kᵀ`, `P_V = V_k V_kᵀ`); its adjoint is the VJP below. A zero gap at
 the cut (σ_k = σ_{k+1}: A_k not unique) is guarded by a floor on the denominator.
+
+The rank is data, not a shape: the kept triplets are selected by a mask (`arange(r) < k`) and the
+pairs across the cut by its outer product, so a traced `k` works and one compiled function serves
+every rank of a matrix shape (a static `k` compiled one program per rank).
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def truncated_reconstruction(a: jax.Array, rank: int) -> jax.Array:
-    """`A_k = U_k Σ_k V_kᵀ` of `a: [m, n]` (best rank-`rank` approximation in Frobenius norm)."""
+def keep_mask(rank: Any, size: int, dtype: Any) -> jax.Array:
+    """`[size]`: 1 for the first `rank` positions, 0 after. `rank` may be traced: the cut is data, not a shape."""
+    return (jnp.arange(size) < rank).astype(dtype)
+
+
+@jax.custom_vjp
+def truncated_reconstruction(a: jax.Array, rank: Any) -> jax.Array:
+    """`A_k = U_k Σ_k V_kᵀ` of `a: [m, n]` (best rank-`rank` approximation in Frobenius norm).
+
+    `rank` is an int or a traced integer scalar: the truncation keeps the first `rank` triplets by a mask, so one
+    compiled function serves every rank of a shape.
+    """
     u, s, vt = jnp.linalg.svd(a, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+    return (u * (s * keep_mask(rank, s.shape[0], s.dtype))) @ vt
 
 
 def _fwd(a, rank):
     u, s, vt = jnp.linalg.svd(a, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vt[:rank], (u, s, vt)
+    return (u * (s * keep_mask(rank, s.shape[0], s.dtype))) @ vt, (u, s, vt, rank)
 
 
-def _bwd(rank, res, g):
-    u, s, vt = res
-    v = vt.T
-    uk, vk, ur, vr = u[:, :rank], v[:, :rank], u[:, rank:], v[:, rank:]
-    sk, sr = s[:rank], s[rank:]
-    # the three self-adjoint projection terms (exact if all discarded σ were 0)
-    gu = uk.T @ g  # [k, n]
-    gv = g @ vk  # [m, k]
-    grad = uk @ gu + gv @ vk.T - uk @ (gu @ vk) @ vk.T
-    # corrections for the discarded singular values that are not 0
-    g1 = uk.T @ g @ vr  # [k, r]  g_ij
-    g2t = (ur.T @ g @ vk).T  # [k, r]  g_ji
-    si, sj = sk[:, None], sr[None, :]
-    gap = si**2 - sj**2
+def _cut_pairs(s: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`(σ_i [r, 1], σ_j [1, r], σ_i² − σ_j² floored [r, r], M [r, r])` with `M_ij = 1` for i kept, j discarded."""
+    si, sj = s[:, None], s[None, :]
     floor = 1e-12 * jnp.maximum(s[0] ** 2, jnp.finfo(s.dtype).tiny)
-    gap = jnp.maximum(gap, floor)
-    f = sj * (si * g2t + sj * g1) / gap  # coefficient of u_i v_jᵀ
-    h = sj * (sj * g2t + si * g1) / gap  # coefficient of u_j v_iᵀ (transposed)
-    grad = grad + uk @ f @ vr.T + ur @ h.T @ vk.T
-    return (grad,)
+    gap = jnp.maximum(si**2 - sj**2, floor)  # a zero gap at the cut (A_k not unique) is floored, never divided by
+    return si, sj, gap, keep[:, None] * (1 - keep)[None, :]
+
+
+def _bwd(res, g):
+    u, s, vt, rank = res
+    v = vt.T
+    keep = keep_mask(rank, s.shape[0], s.dtype)
+    # the three self-adjoint projection terms (exact if all discarded σ were 0)
+    ug = u.T @ g  # [r, n]
+    gvk = (g @ v) * keep  # [m, r]: g V_k, zero beyond the cut
+    mix = ug @ v  # [r, r]: u_iᵀ g v_j
+    grad = u @ (keep[:, None] * ug) + gvk @ vt - u @ (keep[:, None] * mix * keep[None, :]) @ vt
+    # corrections for the discarded singular values that are not 0: pairs i ≤ k < j only
+    si, sj, gap, cut = _cut_pairs(s, keep)
+    g1, g2t = mix, mix.T  # g_ij = u_iᵀ g v_j, and g_ji
+    f = cut * sj * (si * g2t + sj * g1) / gap  # coefficient of u_i v_jᵀ
+    h = cut * sj * (sj * g2t + si * g1) / gap  # coefficient of u_j v_iᵀ (transposed)
+    return grad + u @ (f + h.T) @ vt, None
 
 
 truncated_reconstruction.defvjp(_fwd, _bwd)
@@ -82,43 +98,39 @@ def _gram_parts(a: jax.Array):
     return u, s, a.T @ u  # P = Aᵀ U = V Σ
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _gram_truncation(a: jax.Array, rank: int) -> jax.Array:
-    u, _, _ = _gram_parts(a)
-    uk = u[:, :rank]
-    return uk @ (uk.T @ a)
+@jax.custom_vjp
+def _gram_truncation(a: jax.Array, rank: Any) -> jax.Array:
+    u, s, _ = _gram_parts(a)
+    uk = u * keep_mask(rank, s.shape[0], u.dtype)
+    return uk @ (u.T @ a)
 
 
 def _gram_fwd(a, rank):
     u, s, p = _gram_parts(a)
-    uk = u[:, :rank]
-    return uk @ (uk.T @ a), (u, s, p)
+    uk = u * keep_mask(rank, s.shape[0], u.dtype)
+    return uk @ (u.T @ a), (u, s, p, rank)
 
 
-def _gram_bwd(rank, res, g):
-    u, s, p = res
+def _gram_bwd(res, g):
+    u, s, p, rank = res
     tiny = jnp.finfo(s.dtype).tiny
-    uk, ur = u[:, :rank], u[:, rank:]
-    sk, sr = s[:rank], s[rank:]
-    vk = p[:, :rank] / jnp.maximum(sk, tiny)[None, :]
-    pr = p[:, rank:]  # V_r Σ_r
-    gu = uk.T @ g
-    gv = g @ vk
-    grad = uk @ gu + gv @ vk.T - uk @ (gu @ vk) @ vk.T
-    q1 = uk.T @ g @ pr  # σ_j g_ij of the SVD form
-    g2t = (ur.T @ g @ vk).T
-    si, sj = sk[:, None], sr[None, :]
-    floor = 1e-12 * jnp.maximum(s[0] ** 2, tiny)
-    gap = jnp.maximum(si**2 - sj**2, floor)
-    f = (si * g2t + q1) / gap  # times (V_r Σ_r)ᵀ: the SVD form's f / σ_j
-    h = (sj**2 * g2t + si * q1) / gap
-    return (grad + uk @ f @ pr.T + ur @ h.T @ vk.T,)
+    keep = keep_mask(rank, s.shape[0], s.dtype)
+    vk = p * (keep / jnp.maximum(s, tiny))[None, :]  # V_k, zero beyond the cut (no discarded σ divided by)
+    ug = u.T @ g
+    gvk = g @ vk
+    grad = u @ (keep[:, None] * ug) + gvk @ vk.T - u @ (keep[:, None] * (ug @ vk)) @ vk.T
+    q1 = ug @ p  # [r, r]: σ_j g_ij of the SVD form (p = V Σ)
+    g2t = (ug @ vk).T  # g_ji for kept i
+    si, sj, gap, cut = _cut_pairs(s, keep)
+    f = cut * (si * g2t + q1) / gap  # times (V_r Σ_r)ᵀ: the SVD form's f / σ_j
+    h = cut * (sj**2 * g2t + si * q1) / gap
+    return grad + u @ f @ p.T + u @ h.T @ vk.T, None
 
 
 _gram_truncation.defvjp(_gram_fwd, _gram_bwd)
 
 
-def truncated_reconstruction_gram(a: jax.Array, rank: int) -> jax.Array:
+def truncated_reconstruction_gram(a: jax.Array, rank: Any) -> jax.Array:
     """`truncated_reconstruction(a, rank)` computed from `eigh` of the smaller side's Gram matrix (same cut-only VJP)."""
     if a.shape[0] > a.shape[1]:
         return _gram_truncation(a.T, rank).T

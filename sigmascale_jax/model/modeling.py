@@ -296,6 +296,46 @@ class Decoder(nnx.Module):
         return forward(self.pytree(), tokens, self.cfg)
 
 
+@jax.jit
+def _padded_product(b: jax.Array, c: jax.Array) -> jax.Array:
+    return b @ c
+
+
+_leaf_matrix = jax.jit(lambda leaf: leaf.matrix())
+
+
+def dense_projection(p: Any) -> dict:
+    """A projection as `{"w": [out, in]}` (+ `"bias"`), its factors multiplied out on the device.
+
+    `p`: a dict form (`{"w"}`, `{"b", "c"}`) or a typed leaf. Factors are padded with zeros to full width
+    (`b: [out, r]`, `c: [r, in]`, r = min(out, in)) before the product, which is exact, so one compiled product
+    serves every rank of a shape; a typed leaf's `matrix()` compiles per leaf type and shape.
+    """
+    from sigmascale_jax.model.leaves import is_leaf
+
+    if is_leaf(p):
+        bias = p.bias
+        w = _leaf_matrix(p)
+    elif "w" in p:
+        return p
+    else:
+        b, c = np.asarray(p["b"]), np.asarray(p["c"])
+        (m, k), n = b.shape, c.shape[1]
+        r = min(m, n)
+        pad_b = np.zeros((m, r), b.dtype)
+        pad_c = np.zeros((r, n), c.dtype)
+        pad_b[:, :k], pad_c[:k] = b, c
+        bias, w = p.get("bias"), _padded_product(pad_b, pad_c)
+    return {"w": w} if bias is None else {"w": w, "bias": bias}
+
+
+def densified(block: Params) -> Params:
+    """`block` with every projection dense (`dense_projection`): what propagating calibration windows, gradients
+    with respect to dense weights and other block-at-a-time passes run, one compiled program per block shape
+    whatever the ranks."""
+    return {k: dense_projection(v) if k in PROJECTIONS else v for k, v in block.items()}
+
+
 @functools.partial(jax.jit, static_argnames="cfg")
 def _block_jit(block: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     cos, sin = rope_cos_sin(cfg, jnp.arange(x.shape[1]))

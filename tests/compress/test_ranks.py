@@ -212,6 +212,7 @@ def zs_run(tmp_path_factory):
 
 def test_uniform_ranks_reproduce_the_plain_block_recipe(tmp_path):
     """`--ranks uniform` gives exactly what SVD-LLM block by block gives without the stage machinery."""
+    from sigmascale_jax.compress.factorize._blocks import low_rank_groups
     from sigmascale_jax.compress.factorize.svd_llm import svd_llm_group
     from sigmascale_jax.compress.pipeline import apply_in_chunks, run_windows
     from sigmascale_jax.compress.plan import RunSpec
@@ -233,14 +234,15 @@ def test_uniform_ranks_reproduce_the_plain_block_recipe(tmp_path):
         _, stats = block_stats(block, xs, cfg, 4)
         comp = dict(block)
         with jax.enable_x64(True):
-            for names in (("q",), ("k", "v"), ("o",), ("gate", "up"), ("down",)):
+            for names in low_rank_groups(block, ranks).values():  # same-shape matrices batch together
                 from sigmascale_jax.model.modeling import PROJECTION_INPUT
 
                 w = jnp.stack([jnp.asarray(np.asarray(block[n]["w"]), jnp.float64) for n in names])
                 g = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"]) for n in names])
                 b, c, _, _ = svd_llm_group(w, g, ranks[names[0]])
                 for j, n in enumerate(names):
-                    comp[n] = {"b": jnp.asarray(b[j], jnp.float32), "c": jnp.asarray(c[j], jnp.float32)}
+                    k = ranks[n]
+                    comp[n] = {"b": np.asarray(b[j][:, :k], np.float32), "c": np.asarray(c[j][:k], np.float32)}
         for n in PROJECTIONS:
             for part in ("b", "c"):
                 assert np.array_equal(np.asarray(got["blocks"][i][n][part]), np.asarray(comp[n][part])), (i, n, part)

@@ -187,7 +187,7 @@ def fermi_model(ctx: ModelContext) -> FermiModel:
         with factor_precision(spec.precision) as dtype:
             whiten = {}
             for tap in {PROJECTION_INPUT[n] for n in PROJECTIONS}:
-                l, _ = _whitening_jit(jnp.asarray(stats[tap]["gram"], dtype), tokens=int(stats[tap]["tokens"]))
+                l, _ = _whitening_jit(np.asarray(stats[tap]["gram"], dtype), np.asarray(stats[tap]["tokens"], dtype))
                 whiten[tap] = np.asarray(l)
             for p in PROJECTIONS:
                 w = np.asarray(block[p]["w"], dtype)

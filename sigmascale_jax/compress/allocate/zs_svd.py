@@ -151,28 +151,37 @@ def grad_windows(spec: RunSpec, grad_samples: int | None) -> int:
     return grad_samples
 
 
-_deltas_jit = jax.jit(component_deltas, static_argnames="triangular")
-_whitening_jit = jax.jit(zs_whitening, static_argnames="tokens")
 _select_jit = jax.jit(zero_sum_select)
+_whitening_jit = jax.jit(zs_whitening)  # `tokens` traced: one program per Gram shape
+
+
+@jax.jit
+def _block_deltas(ws: dict, grads: dict, grams: dict, tokens: jax.Array) -> dict:
+    """`{projection: (σ, Δ)}` of one block: every tap's whitening and every projection's Δ in one program (the same
+    for every block of a model), the Cholesky route or its eigen fallback chosen by `lax.cond`."""
+    whitening = {tap: zs_whitening(g, tokens) for tap, g in grams.items()}
+    out = {}
+    for n, w in ws.items():
+        l, chol_ok = whitening[PROJECTION_INPUT[n]]
+        out[n] = jax.lax.cond(chol_ok, lambda w, g, l: component_deltas(w, g, l, True),
+                              lambda w, g, l: component_deltas(w, g, l, False), w, grads[n], l)
+    return out
 
 
 def block_deltas(block, stats, grads, dtype=jnp.float64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`{projection: (σ, Δ)}` of one dense block from its input statistics and loss gradients, in `dtype` (float64:
     call inside `linalg.precision.factor_precision`)."""
-    whitening = {}
-    for tap in {PROJECTION_INPUT[n] for n in PROJECTIONS}:
-        gram = jnp.asarray(stats[tap]["gram"], dtype)
-        l, chol_ok = _whitening_jit(gram, tokens=int(stats[tap]["tokens"]))
-        whitening[tap] = (l, bool(chol_ok))
-    out = {}
-    for n in PROJECTIONS:
-        l, triangular = whitening[PROJECTION_INPUT[n]]
-        w = jnp.asarray(np.asarray(block[n]["w"]), dtype)
-        sigma, delta = _deltas_jit(w, jnp.asarray(grads[n], dtype), l, triangular=triangular)
-        sigma, delta = np.asarray(sigma), np.asarray(delta)
+    taps = dict.fromkeys(PROJECTION_INPUT[n] for n in PROJECTIONS)
+    grams = {tap: np.asarray(stats[tap]["gram"], dtype) for tap in taps}
+    tokens = {int(stats[tap]["tokens"]) for tap in taps}
+    if len(tokens) != 1:
+        raise ValueError(f"the block's taps were measured on different token counts: {sorted(tokens)}")
+    out = jax.device_get(_block_deltas({n: np.asarray(block[n]["w"], dtype) for n in PROJECTIONS},
+                                       {n: np.asarray(grads[n], dtype) for n in PROJECTIONS}, grams,
+                                       np.asarray(tokens.pop(), dtype)))
+    for n, (sigma, delta) in out.items():
         if not (np.isfinite(sigma).all() and np.isfinite(delta).all()):
             raise FloatingPointError(f"non-finite ZS-SVD sensitivities for projection {n}")
-        out[n] = (sigma, delta)
     return out
 
 
@@ -236,8 +245,12 @@ def memory(cfg, spec: RunSpec, n_grad: int) -> tuple[int, int, str]:
                             jax.ShapeDtypeStruct((), jnp.float32), cfg=cfg),
               compiled_peak(_block_vjp, block, x, x, cfg=cfg))
     with factor_precision(spec.precision) as dtype:
-        deltas = max(compiled_peak(component_deltas, *(jax.ShapeDtypeStruct(s, dtype) for s in ((m, n), (m, n), (n, n))),
-                                   triangular=True) for m, n in set(cfg.projection_shapes().values()))
+        shapes = cfg.projection_shapes()
+        taps = {PROJECTION_INPUT[p]: shapes[p][1] for p in PROJECTIONS}
+        deltas = compiled_peak(_block_deltas, {p: jax.ShapeDtypeStruct(shapes[p], dtype) for p in PROJECTIONS},
+                               {p: jax.ShapeDtypeStruct(shapes[p], dtype) for p in PROJECTIONS},
+                               {t: jax.ShapeDtypeStruct((k, k), dtype) for t, k in taps.items()},
+                               jax.ShapeDtypeStruct((), dtype))
     inputs = cfg.num_layers * n_grad * t * d * 4
     grads = cfg.num_layers * sum(m * n for m, n in cfg.projection_shapes().values()) * 4
     device = max(vjp + 2 * n_grad * t * d * 4, deltas)

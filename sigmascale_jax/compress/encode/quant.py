@@ -301,7 +301,7 @@ class QuantSettings(Settings):
         # the float32 values are what gets quantized, so a float32 folder re-encoded later gives the same bits
         m = np.asarray(m, np.float32)
         if not self.kind:
-            return jnp.asarray(m)
+            return m  # a host array: `jnp.asarray` would compile a transfer per shape, i.e. per rank
         if not self.needs_gram:
             return quantize(m, self.kind, self.group_size)
         if gram is None:

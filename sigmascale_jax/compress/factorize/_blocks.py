@@ -12,13 +12,19 @@ from sigmascale_jax.compress.plan import BlockResult, Params
 from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
 
 
-def low_rank_groups(block: Params, ranks: dict[str, Optional[int]]) -> dict[tuple, list[str]]:
-    """`{(shape, rank): [projection, ...]}` of the projections to factor (same shape and rank batch together)."""
+def low_rank_groups(block: Params, ranks: dict[str, Optional[int]]) -> dict[tuple[int, int], list[str]]:
+    """`{shape: [projection, ...]}` of the projections to factor: same-shape matrices batch together whatever their
+    ranks (a rank is data, `rank_array`), so a block compiles one program per shape."""
     groups: dict[tuple, list[str]] = {}
     for name in PROJECTIONS:
         if ranks[name] is not None:
-            groups.setdefault((tuple(block[name]["w"].shape), ranks[name]), []).append(name)
+            groups.setdefault(tuple(block[name]["w"].shape), []).append(name)
     return groups
+
+
+def rank_array(ranks: dict[str, Optional[int]], names: list[str]) -> np.ndarray:
+    """int32 `[G]`: the ranks of `names`, as data for a compiled group function."""
+    return np.asarray([ranks[n] for n in names], np.int32)
 
 
 def stacked(block: Params, stats: dict, names: list[str], dtype=jnp.float64) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -38,29 +44,33 @@ def dense_record(shape: tuple[int, int]) -> dict[str, Any]:
 def factor_block(
     block: Params,
     ranks: dict[str, Optional[int]],
-    group_fn: Callable[[list[str], int], tuple[Any, Any, Any, list[dict]]],
+    group_fn: Callable[[list[str], np.ndarray], tuple[Any, Any, Any, list[dict]]],
     method: str,
 ) -> BlockResult:
-    """Factor every low-rank projection of `block` with `group_fn(names, rank) -> (B, C, rel_loss, extras)`.
+    """Factor every low-rank projection of `block` with `group_fn(names, ranks) -> (B, C, rel_loss, extras)`.
 
-    `B: [G, m, k]`, `C: [G, k, n]` and `rel_loss: [G]` cover the same-shape projections
-    `names`; `extras[j]` is merged into projection j's record. Factors are stored in the
-    block's dtype; projections with rank None stay dense.
+    `names` are the same-shape projections and `ranks: int32 [G]` theirs; `B: [G, m, r]`, `C: [G, r, n]`
+    (r = min(m, n)) are full-width, zero past each matrix's rank (`lowrank.split_sigma_masked`), and are cut to
+    it here, on the host, so no compiled function sees a rank as a shape. `rel_loss: [G]`; `extras[j]` is merged
+    into projection j's record. Factors are stored in the block's dtype; projections with rank None stay dense.
     """
     new = {k: v for k, v in block.items() if k not in PROJECTIONS}
     info: dict[str, dict] = {}
-    for (shape, rank), names in low_rank_groups(block, ranks).items():
-        b, c, loss, extras = group_fn(names, rank)
+    for shape, names in low_rank_groups(block, ranks).items():
+        ks = rank_array(ranks, names)
+        b, c, loss, extras = group_fn(names, ks)
         b, c, loss = np.asarray(b), np.asarray(c), np.asarray(loss)
         for j, n in enumerate(names):
-            if not (np.isfinite(b[j]).all() and np.isfinite(c[j]).all()):
-                raise FloatingPointError(f"non-finite factors for projection {n} ({method}, rank {rank})")
-            dtype = block[n]["w"].dtype
-            p = {"b": jnp.asarray(b[j], dtype), "c": jnp.asarray(c[j], dtype)}
+            k = int(ks[j])
+            bj, cj = b[j][:, :k], c[j][:k]
+            if not (np.isfinite(bj).all() and np.isfinite(cj).all()):
+                raise FloatingPointError(f"non-finite factors for projection {n} ({method}, rank {k})")
+            dtype = np.dtype(block[n]["w"].dtype)  # cast on the host: an eager device cast compiles once per rank
+            p = {"b": np.ascontiguousarray(bj, dtype), "c": np.ascontiguousarray(cj, dtype)}
             if "bias" in block[n]:
                 p["bias"] = block[n]["bias"]
             new[n] = p
-            info[n] = {"shape": list(shape), "rank": rank, "dense": False, "rel_loss": float(loss[j]), **extras[j]}
+            info[n] = {"shape": list(shape), "rank": k, "dense": False, "rel_loss": float(loss[j]), **extras[j]}
     for n in PROJECTIONS:
         if ranks[n] is None:
             new[n] = block[n]

@@ -12,7 +12,7 @@ from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
 from sigmascale_jax.compress.factorize.svd import svd_factors
 from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, register
 from sigmascale_jax.compress.settings import Settings, setting
-from sigmascale_jax.linalg.lowrank import relative_activation_loss
+from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma_masked
 from sigmascale_jax.linalg.precision import factor_precision
 
 
@@ -28,15 +28,19 @@ class AsvdSettings(Settings):
     alpha: float = setting(0.5, "asvd: exponent of the activation scaling", min=0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "alpha"))
-def asvd_group(w, gram, absmean, *, rank: int, alpha: float):
-    """ASVD over a stack `w: [G, m, n]` with `absmean: [G, n]`; returns `(B, C, rel_loss)`."""
+@functools.partial(jax.jit, static_argnames="alpha")
+def asvd_group(w, gram, absmean, ranks, *, alpha: float):
+    """ASVD over a stack `w: [G, m, n]` with `absmean: [G, n]` at `ranks: int [G]` (data); returns full-width
+    `(B [G, m, r], C [G, r, n], rel_loss [G])`, zero past each rank."""
 
-    def one(w, gram, absmean):
-        b, c = asvd_factors(w, absmean, rank, alpha)
+    def one(w, gram, absmean, rank):
+        scale = jnp.maximum(absmean, jnp.finfo(absmean.dtype).tiny) ** alpha
+        u, s, vt = jnp.linalg.svd(w * scale[None, :], full_matrices=False)
+        b, c = split_sigma_masked(u, s, vt, rank)
+        c = c / scale[None, :]
         return b, c, relative_activation_loss(w, b @ c, gram)
 
-    return jax.vmap(one)(w, gram, absmean)
+    return jax.vmap(one)(w, gram, absmean, ranks)
 
 
 @register(FACTORIZERS, "asvd", AsvdSettings, "ASVD: activation-magnitude column scaling before SVD")
@@ -44,9 +48,9 @@ def asvd(alpha: float = 0.5) -> Factorizer:
     settings = AsvdSettings(alpha=alpha)
 
     def factor(inputs: BlockInputs, ranks, key) -> BlockResult:
-        def group(names, rank):
+        def group(names, ranks):
             w, gram, absmean = stacked(inputs.block, inputs.stats, names, dtype)
-            b, c, loss = asvd_group(w, gram, absmean, rank=rank, alpha=settings.alpha)
+            b, c, loss = asvd_group(w, gram, absmean, ranks, alpha=settings.alpha)
             return b, c, loss, [{"whitening": None}] * len(names)
 
         with factor_precision(inputs.precision) as dtype:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from sigmascale_jax.compress.factorize._blocks import factor_block, stacked
 from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma, top_singular_gram
+from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma, split_sigma_masked, top_singular_gram
 from sigmascale_jax.linalg.precision import factor_precision
 from sigmascale_jax.linalg.whitening import WHITEN_CHOLESKY, WHITEN_EIGH, WHITEN_NAMES, cholesky, unwhiten, whitening
 from sigmascale_jax.model.modeling import PROJECTION_INPUT
@@ -49,43 +50,67 @@ def svd_llm_factors(w: jax.Array, gram: jax.Array, rank: int) -> tuple[jax.Array
 
 def refit_left(w: jax.Array, gram: jax.Array, c: jax.Array) -> jax.Array:
     """SVD-LLM's parameter update: `B = argmin ‖(W − B C) X‖ = W G Cᵀ (C G Cᵀ)⁻¹`."""
-    cg = c @ gram  # [k, n]
-    lhs = cg @ c.T  # [k, k], symmetric positive semi-definite
-    k = lhs.shape[0]
+    return refit_left_masked(w, gram, c, c.shape[0])
+
+
+def refit_left_masked(w: jax.Array, gram: jax.Array, c: jax.Array, rank: Any) -> jax.Array:
+    """`refit_left` for a full-width `c: [r, n]` whose rows past `rank` (which may be traced) are zero: `B: [m, r]`,
+    zero past `rank`. The zero rows get an identity block in `C G Cᵀ`, so the solve keeps the kept block's result."""
+    from sigmascale_jax.linalg.truncation import keep_mask
+
+    cg = c @ gram  # [r, n]
+    lhs = cg @ c.T  # [r, r], symmetric positive semi-definite; zero past the rank
+    keep = keep_mask(rank, lhs.shape[0], lhs.dtype)
     # a ridge below the dtype's resolution would do nothing: float32 gets ~10 ulps of the mean diagonal
     rel = max(1e-10, 10 * float(jnp.finfo(lhs.dtype).eps))
-    ridge = rel * jnp.maximum(jnp.trace(lhs) / k, jnp.finfo(lhs.dtype).tiny)
-    rhs = cg @ w.T  # [k, m] = C G Wᵀ
-    return jnp.linalg.solve(lhs + ridge * jnp.eye(k, dtype=lhs.dtype), rhs).T
+    ridge = rel * jnp.maximum(jnp.trace(lhs) / jnp.maximum(jnp.sum(keep), 1), jnp.finfo(lhs.dtype).tiny)
+    rhs = cg @ w.T  # [r, m] = C G Wᵀ, zero past the rank
+    return jnp.linalg.solve(lhs + jnp.diag(ridge * keep + (1 - keep)), rhs).T
+
 
 _cholesky_group = jax.jit(jax.vmap(cholesky))
 _whitening_one = jax.jit(whitening)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "triangular", "update", "solver"))
-def _whitened_group(w, s, refit_gram, *, rank: int, triangular: bool, update: bool, solver: str):
-    """SVD-LLM over a stack, given each matrix's whitening `s: [G, n, n]`; returns `(B, C, rel_loss)`.
+def whitened_factors_masked(w: jax.Array, s: jax.Array, rank: Any, triangular: bool = True,
+                            solver: str = "svd") -> tuple[jax.Array, jax.Array]:
+    """`whitened_factors` at a rank that may be traced: full-width `B: [m, r]`, `C: [r, n]`, zero past `rank`."""
+    a = w @ s
+    if solver == "gram":
+        u, sig, vt = top_singular_gram(a, min(a.shape))
+    else:
+        u, sig, vt = jnp.linalg.svd(a, full_matrices=False)
+    b, c_white = split_sigma_masked(u, sig, vt, rank)
+    return b, unwhiten(c_white, s, triangular)
+
+
+@functools.partial(jax.jit, static_argnames=("triangular", "update", "solver"))
+def _whitened_group(w, s, refit_gram, ranks, *, triangular: bool, update: bool, solver: str):
+    """SVD-LLM over a stack, given each matrix's whitening `s: [G, n, n]`, at `ranks: int [G]` (data: one compile
+    per shape); returns full-width `(B [G, m, r], C [G, r, n], rel_loss [G])`, zero past each rank.
 
     With `update`, B is refit on `refit_gram`; the loss is measured on `refit_gram`.
     """
 
-    def one(w, s, refit_gram):
-        b, c = whitened_factors(w, s, rank, triangular, solver)
+    def one(w, s, refit_gram, rank):
+        b, c = whitened_factors_masked(w, s, rank, triangular, solver)
         if update:
-            b = refit_left(w, refit_gram, c)
+            b = refit_left_masked(w, refit_gram, c, rank)
         return b, c, relative_activation_loss(w, b @ c, refit_gram)
 
-    return jax.vmap(one)(w, s, refit_gram)
+    return jax.vmap(one)(w, s, refit_gram, ranks)
 
 
-def svd_llm_group(w, gram, rank: int, refit_gram=None, solver: str | None = None):
-    """SVD-LLM for a stack of same-shape matrices: `(B, C, rel_loss, routes)`.
+def svd_llm_group(w, gram, ranks, refit_gram=None, solver: str | None = None):
+    """SVD-LLM for a stack of same-shape matrices at `ranks` (an int, or int `[G]`): `(B, C, rel_loss, routes)`,
+    the factors full-width (`B: [G, m, r]`, `C: [G, r, n]`, r = min(m, n)) and zero past each rank: matrix j's
+    factors are `B[j][:, :k_j]`, `C[j][:k_j]` (`_blocks.factor_block` cuts them on the host).
 
     `gram: [G, n, n]` decides the whitening (and so C). With `refit_gram`, B is
     refit on it (SVD-LLM's parameter update); refitting on `gram` itself would
     change nothing, since the whitened truncation is already optimal there.
 
-    `solver="gram"` (the default for float64 stacks) takes the top singular triples of `W S`
+    `solver="gram"` (the default for float64 stacks) takes the singular triples of `W S`
     from eigh of its smaller Gram matrix, which needs float64; `"svd"` (the default below
     float64) runs a full SVD.
 
@@ -106,8 +131,8 @@ def svd_llm_group(w, gram, rank: int, refit_gram=None, solver: str | None = None
     triangular = WHITEN_EIGH not in routes
     update = refit_gram is not None
     b, c, loss = _whitened_group(
-        w, jnp.asarray(chol), refit_gram if update else gram, rank=rank, triangular=triangular, update=update,
-        solver=solver,
+        w, jnp.asarray(chol), refit_gram if update else gram, jnp.broadcast_to(jnp.asarray(ranks, jnp.int32), (len(w),)), triangular=triangular,
+        update=update, solver=solver,
     )
     return b, c, loss, routes
 
@@ -133,12 +158,12 @@ def svd_llm(update: bool = False) -> Factorizer:
         # --update: C from the original model's activations (ref_stats), B refit on the compressed model's.
         whiten_stats = inputs.ref_stats if settings.update else inputs.stats
 
-        def group(names, rank):
+        def group(names, ranks):
             w, gram, _ = stacked(inputs.block, whiten_stats, names, dtype)
             refit = None
             if settings.update:
                 refit = jnp.stack([jnp.asarray(inputs.stats[PROJECTION_INPUT[n]]["gram"], dtype) for n in names])
-            b, c, loss, routes = svd_llm_group(w, gram, rank, refit)
+            b, c, loss, routes = svd_llm_group(w, gram, ranks, refit)
             return b, c, loss, [{"whitening": WHITEN_NAMES[r]} for r in routes]
 
         with factor_precision(inputs.precision) as dtype:

@@ -79,7 +79,7 @@ def correct_block(dense: Params, comp: Params, grads: dict, stats: dict, ranks: 
             w_new, alpha = _pull_jit(w, w_hat, g)
             gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], dtype)
             b, c, _, _ = svd_llm_group(w_new[None], gram[None], ranks[n])
-            b, c = np.asarray(b[0]), np.asarray(c[0])
+            b, c = np.asarray(b[0])[:, : ranks[n]], np.asarray(c[0])[: ranks[n]]  # full-width: cut to the rank
             if not (np.isfinite(b).all() and np.isfinite(c).all()):
                 raise FloatingPointError(f"non-finite factors after the correction of projection {n}")
             dtype = comp[n]["b"].dtype

@@ -6,34 +6,18 @@ whitening, random initialisation, AdamW, 1000 steps, the last one kept.
 
 from __future__ import annotations
 
-import dataclasses
-
-from sigmascale_jax.compress.factorize.sigmascale.block import LOSS_KINDS, holdout_windows, sigmascale_block
+from sigmascale_jax.compress.factorize.sigmascale.block import (
+    DEFAULTS,
+    LOSS_KINDS,
+    SigmaScaleSettings,
+    holdout_windows,
+    sigmascale_block,
+)
 from sigmascale_jax.compress.factorize.sigmascale.paper import sigmascale_paper_block
 from sigmascale_jax.compress.plan import FACTORIZERS, BlockInputs, BlockResult, Factorizer, RunSpec, mean_loss, register
-from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
 
-# loss -> (steps, lr) when not given: this project's block/layer losses, and the released recipe's.
-DEFAULTS = {"block": (200, 3e-2), "layer": (200, 3e-2), "paper": (1000, 5e-3)}
-
-
-@dataclasses.dataclass(frozen=True)
-class SigmaScaleSettings(Settings):
-    loss: str = setting("block", "sigmascale: loss the scales learn on (paper: the released recipe, per matrix, "
-                        "no whitening)", choices=(*LOSS_KINDS, "paper"))
-    steps: int | None = setting(None, "sigmascale: Adam steps per block (per matrix for paper; default 200, paper 1000)",
-                                min=0)
-    lr: float | None = setting(None, "sigmascale: peak learning rate (default 0.03 with cosine decay; paper 0.005, "
-                               "constant, AdamW)", above=0.0)
-    holdout: float = setting(0.125, "sigmascale: fraction of windows held out to pick the step", above=0.0, below=1.0)
-    step_windows: int = setting(8, "sigmascale (block loss): calibration windows per Adam step", min=1)
-    eval_every: int = setting(10, "sigmascale: measure the held-out loss every N steps", min=1)
-    truncation: str = setting("svd", "sigmascale: the learning loop's rank-k truncation, from an SVD or from eigh of the "
-                              "smaller side's Gram matrix (same VJP, cheaper)", choices=("svd", "eigh"))
-    min_gain: float = setting(0.0, "sigmascale: stop a block's learning when the last --eval-every steps lowered the "
-                              "held-out loss by less than this fraction of its drop so far (0: run all --steps)",
-                              min=0.0, below=1.0)
+__all__ = ["DEFAULTS", "LOSS_KINDS", "SigmaScaleSettings", "sigmascale", "progress"]
 
 
 @register(FACTORIZERS, "sigmascale", SigmaScaleSettings,
@@ -41,10 +25,7 @@ class SigmaScaleSettings(Settings):
 def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None = None, holdout: float = 0.125,
                step_windows: int = 8, eval_every: int = 10, truncation: str = "svd", min_gain: float = 0.0) -> Factorizer:
     settings = SigmaScaleSettings(loss=loss, steps=steps, lr=lr, holdout=holdout, step_windows=step_windows,
-                                  eval_every=eval_every, truncation=truncation, min_gain=min_gain)
-    default_steps, default_lr = DEFAULTS[settings.loss]
-    settings = dataclasses.replace(settings, steps=default_steps if steps is None else settings.steps,
-                                   lr=default_lr if lr is None else settings.lr)
+                                  eval_every=eval_every, truncation=truncation, min_gain=min_gain).resolved()
 
     def check(spec: RunSpec, cfg) -> None:
         if settings.loss == "paper":
@@ -59,12 +40,9 @@ def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None =
             new, info = sigmascale_paper_block(inputs.block, inputs.stats, ranks, key, steps=settings.steps,
                                                lr=settings.lr, precision=inputs.precision)
             return BlockResult(new, info)
-        new, info = sigmascale_block(
-            inputs.block, inputs.stats, inputs.xs, inputs.ys, inputs.cfg, ranks, kind=settings.loss,
-            steps=settings.steps, lr=settings.lr, holdout=settings.holdout, batch_windows=settings.step_windows,
-            eval_every=settings.eval_every, batch_size=inputs.batch_size, key=key, mesh=inputs.mesh,
-            truncation=settings.truncation, min_gain=settings.min_gain, precision=inputs.precision,
-        )
+        new, info = sigmascale_block(inputs.block, inputs.stats, inputs.xs, inputs.ys, inputs.cfg, ranks,
+                                     settings=settings, batch_size=inputs.batch_size, key=key, mesh=inputs.mesh,
+                                     precision=inputs.precision)
         block, spectra = info.pop("_block", None), info.pop("_spectra", None)
         return BlockResult(new, info, block, spectra)
 
@@ -75,7 +53,7 @@ def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None =
         import jax
         import jax.numpy as jnp
 
-        from sigmascale_jax.compress.factorize.sigmascale.block import learn_block_scales
+        from sigmascale_jax.compress.factorize.sigmascale.block import _learn
         from sigmascale_jax.compress.memory import abstract_block, compiled_peak
 
         n, t, d = spec.nsamples, spec.seq_len, cfg.hidden_size
@@ -83,11 +61,9 @@ def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None =
         shapes = cfg.projection_shapes()
         whitening = {p: jax.ShapeDtypeStruct((shapes[p][1],) * 2, jnp.float32) for p in shapes}
         window = lambda k: jax.ShapeDtypeStruct((k, t, d), jnp.float32)  # noqa: E731
-        peak = compiled_peak(learn_block_scales, abstract_block(cfg), whitening, (window(n - hold),) * 2,
-                             (window(hold),) * 2, jax.eval_shape(lambda: jax.random.key(0)), cfg=cfg,
-                             ranks=tuple(sorted(ranks.items())), kind="block", steps=settings.steps, lr=settings.lr,
-                             batch_windows=settings.step_windows, eval_every=settings.eval_every,
-                             truncation=settings.truncation, min_gain=settings.min_gain)
+        rank_arrays = {p: jax.ShapeDtypeStruct((), jnp.int32) for p in shapes}  # data: any ranks, one program
+        peak = compiled_peak(_learn, abstract_block(cfg), whitening, (window(n - hold),) * 2, (window(hold),) * 2,
+                             jax.eval_shape(lambda: jax.random.key(0)), rank_arrays, cfg=cfg, settings=settings)
         return peak, f"the learning scan, {settings.step_windows} windows a step"
 
     return Factorizer("sigmascale", settings, factor, check=check, needs_outputs=True, progress=progress, memory=memory,

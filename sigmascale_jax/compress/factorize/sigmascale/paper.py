@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma
+from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma, split_sigma_masked
 from sigmascale_jax.linalg.precision import factor_precision
 from sigmascale_jax.linalg.truncation import truncated_reconstruction
 from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS, Params
@@ -52,12 +52,14 @@ def paper_loss(params: dict, w: jax.Array, gram: jax.Array, rank: int, noise: ja
     return jnp.sum((d @ gram) * d) / (m * n) + l2 * (jnp.sum(params["d_r"] ** 2) + jnp.sum(params["d_c"] ** 2))
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "steps"))
+@functools.partial(jax.jit, static_argnames=("steps",))
 def learn_matrix_scales_paper(
-    w: jax.Array, gram: jax.Array, key: jax.Array, *, rank: int, steps: int = 1000, lr: float = 5e-3,
+    w: jax.Array, gram: jax.Array, key: jax.Array, *, rank: Any, steps: int = 1000, lr: float = 5e-3,
     weight_decay: float = PAPER_WEIGHT_DECAY, noise: float = PAPER_NOISE, l2: float = PAPER_L2,
 ) -> tuple[dict, jax.Array]:
-    """The released recipe for one matrix: `({"d_r": [m], "d_c": [n]}` after the last step, loss per step `[steps]`)."""
+    """The released recipe for one matrix: `({"d_r": [m], "d_c": [n]}` after the last step, loss per step `[steps]`).
+
+    `rank` is data (the truncation cuts by a mask): matrices of one shape share one compiled program."""
     k_init_r, k_init_c, k_noise = jax.random.split(key, 3)
     scale = jnp.std(w) * PAPER_INIT_SCALE
     params = {"d_r": jax.random.normal(k_init_r, (w.shape[0],), w.dtype) * scale,
@@ -83,6 +85,16 @@ def paper_factors(w: jax.Array, d_r: jax.Array, d_c: jax.Array, rank: int) -> tu
     return b / r[:, None], c_scaled / c[None, :], sig
 
 
+@jax.jit
+def _paper_final(w: jax.Array, d_r: jax.Array, d_c: jax.Array, gram: jax.Array, rank: Any) -> tuple:
+    """`paper_factors` full-width and zero past `rank` (data: one compile per shape), and their relative loss."""
+    r, c = jnp.exp(d_r), jnp.exp(d_c)
+    u, sig, vt = jnp.linalg.svd(r[:, None] * w * c[None, :], full_matrices=False)
+    b, c_scaled = split_sigma_masked(u, sig, vt, rank)
+    b, c_out = b / r[:, None], c_scaled / c[None, :]
+    return b, c_out, relative_activation_loss(w, b @ c_out, gram)
+
+
 def sigmascale_paper_block(
     block: Params, stats: dict, ranks: dict[str, int | None], key: jax.Array, *, steps: int = 1000, lr: float = 5e-3,
     precision: str = "float64",
@@ -103,23 +115,23 @@ def sigmascale_paper_block(
             info[n] = {"shape": list(w32.shape), "rank": min(w32.shape), "dense": True, "rel_loss": 0.0, "whitening": None}
             continue
         gram32 = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], jnp.float32)
-        params, trace = learn_matrix_scales_paper(w32, gram32, jax.random.fold_in(key, j), rank=ranks[n], steps=steps, lr=lr)
+        params, trace = learn_matrix_scales_paper(w32, gram32, jax.random.fold_in(key, j), rank=np.int32(ranks[n]),
+                                                  steps=steps, lr=lr)
         trace = np.asarray(trace)
         with factor_precision(precision) as dtype:
-            w = jnp.asarray(np.asarray(block[n]["w"]), dtype)
-            d_r = jnp.asarray(np.asarray(params["d_r"]), dtype)
-            d_c = jnp.asarray(np.asarray(params["d_c"]), dtype)
-            b, c, _ = paper_factors(w, d_r, d_c, ranks[n])
-            gram = jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], dtype)
-            rel = float(relative_activation_loss(w, b @ c, gram))
-        b, c = np.asarray(b), np.asarray(c)
+            as_dtype = lambda x: np.asarray(x, dtype)  # noqa: E731  (host casts: no eager device op per shape)
+            b, c, rel = _paper_final(as_dtype(block[n]["w"]), as_dtype(params["d_r"]), as_dtype(params["d_c"]),
+                                     as_dtype(stats[PROJECTION_INPUT[n]]["gram"]), np.int32(ranks[n]))
+            rel = float(rel)
+        b, c = np.asarray(b)[:, : ranks[n]], np.asarray(c)[: ranks[n]]
         if not (np.isfinite(b).all() and np.isfinite(c).all()):
             raise FloatingPointError(f"non-finite factors of the paper recipe for projection {n} (rank {ranks[n]})")
-        p = {"b": jnp.asarray(b, block[n]["w"].dtype), "c": jnp.asarray(c, block[n]["w"].dtype)}
+        p = {"b": np.ascontiguousarray(b, np.dtype(block[n]["w"].dtype)),
+             "c": np.ascontiguousarray(c, np.dtype(block[n]["w"].dtype))}
         if "bias" in block[n]:
             p["bias"] = block[n]["bias"]
         new[n] = p
-        info[n] = {"shape": list(w.shape), "rank": ranks[n], "dense": False, "rel_loss": rel, "whitening": None,
+        info[n] = {"shape": list(w32.shape), "rank": ranks[n], "dense": False, "rel_loss": rel, "whitening": None,
                    "paper_loss_first": float(trace[0]) if steps else None,
                    "paper_loss_last": float(trace[-1]) if steps else None}
     return new, info

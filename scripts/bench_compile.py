@@ -1,0 +1,148 @@
+"""Compile benchmark: XLA compiles and their seconds per stage, for the same runs on two versions of the code.
+
+    python scripts/bench_compile.py --label after --out results/compile_smollm2            # this checkout
+    python scripts/bench_compile.py --label before --code ../before --out results/compile_smollm2   # another one
+
+Every run goes through `scripts/compile_probe.py` (JAX's own compile events, split by the pipeline's stage clock)
+with `--no-compile-cache`, in a process of its own, using the package at `--code` (PYTHONPATH). Runs:
+
+- stories260k, 16 x 128 windows, ratio 0.3: svd-llm and SigmaScale (10 steps) with uniform and zs-svd ranks
+  (issue 40's table);
+- SmolLM2: `configs/smollm2-best-0.2.yaml` with healing off, the README's quick start (`configs/smollm2-quick.yaml`),
+  and `sigmascale_jax.eval` of the quick start's model on 16 windows of WikiText-2 and C4.
+
+Results accumulate in OUT.json by (label, run), so `before` and `after` may run at different times; OUT.md is
+rendered from all of them (`--render`: render only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import benchlib
+
+STORIES = "../shared/models/stories260k"
+SMOLLM2 = "../shared/models/smollm2-135m-instruct-q4_1"
+STORIES_FLAGS = ["--model", STORIES, "--ratio", "0.3", "--nsamples", "16", "--seq-len", "128"]
+SIGMA10 = ["--method", "sigmascale", "--steps", "10", "--eval-every", "5", "--step-windows", "4"]
+
+# name -> (command, args without --out)
+RUNS = {
+    "stories svd-llm uniform": ("compress", [*STORIES_FLAGS, "--method", "svd-llm"]),
+    "stories svd-llm zs-svd": ("compress", [*STORIES_FLAGS, "--method", "svd-llm", "--ranks", "zs-svd"]),
+    "stories sigmascale uniform": ("compress", [*STORIES_FLAGS, *SIGMA10]),
+    "stories sigmascale zs-svd": ("compress", [*STORIES_FLAGS, *SIGMA10, "--ranks", "zs-svd"]),
+    "smollm2 best-0.2, no healing": ("compress", ["--config", "configs/smollm2-best-0.2.yaml", "--heal-steps", "0"]),
+    "smollm2 quick start": ("compress", ["--config", "configs/smollm2-quick.yaml"]),
+    "smollm2 eval of the quick start": ("eval", ["--tasks", "wikitext2,c4", "--seq-len", "2048", "--max-windows", "16"]),
+}
+GROUPS = {"stories": [r for r in RUNS if r.startswith("stories")], "smollm2": [r for r in RUNS if r.startswith("smollm2")]}
+
+
+def folder(runs_dir: Path, label: str, name: str) -> Path:
+    return runs_dir / f"{label}-{name.replace(' ', '-').replace(',', '')}"
+
+
+def one(name: str, label: str, code: str, runs_dir: Path) -> dict:
+    command, args = RUNS[name]
+    out_json = folder(runs_dir, label, name).with_suffix(".probe.json")
+    if command == "eval":
+        args = ["--model", str(folder(runs_dir, label, "smollm2 quick start")), *args, "--json",
+                str(out_json.with_suffix(".eval.json"))]
+    else:
+        args = [*args, "--out", str(folder(runs_dir, label, name)), "--overwrite"]
+    cmd = [sys.executable, "scripts/compile_probe.py", "--json", str(out_json), command, *args, "--no-compile-cache",
+           "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": code, "HF_HUB_OFFLINE": "1"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=benchlib.REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    probe = json.loads((benchlib.REPO / out_json).read_text())
+    row = {"run": name, "label": label, "command": " ".join(cmd[2:]), "process_s": round(time.perf_counter() - t0, 1),
+           "package": probe["package"], **{k: probe[k] for k in ("wall_s", "compiles", "compile_s", "traces", "stages", "largest")}}
+    if command == "compress":
+        report = json.loads((benchlib.REPO / folder(runs_dir, label, name) / "compression.json").read_text())
+        row["timings_s"] = report.get("timings_s")
+        row["compile_record"] = report.get("compile")
+        for r in report.get("refine", []):
+            if r.get("name") == "heal":
+                row["heal"] = {k: r.get(k) for k in ("steps_run", "seconds", "time_s", "held_out_loss_before",
+                                                      "held_out_loss_after")}
+    return row
+
+
+def table(payload: dict) -> str:
+    rows = payload["rows"]
+    labels = sorted({r["label"] for r in rows}, key=lambda x: (x != "before", x))
+    lines = [f"# XLA compiles per run (CPU: {payload['cpu']})", "",
+             "Counted from JAX's `/jax/core/compile/backend_compile_duration` events, `--no-compile-cache`; "
+             "`scripts/bench_compile.py` (command below). Seconds are wall-clock on this CPU.", "",
+             "| run | " + " | ".join(f"{lb}: compiles / compile s / wall s" for lb in labels) + " |",
+             "| --- |" + " ---: |" * len(labels)]
+    for name in RUNS:
+        cells = []
+        for lb in labels:
+            r = next((r for r in rows if r["run"] == name and r["label"] == lb), None)
+            cells.append("—" if r is None else f"{r['compiles']} / {r['compile_s']:.1f} / {r['wall_s']:.1f}")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per stage (compiles / compile s)", ""]
+    for name in RUNS:
+        got = [r for r in rows if r["run"] == name and r.get("stages")]
+        if not got:
+            continue
+        stages = [s for s in dict.fromkeys(s for r in got for s in r["stages"]) if
+                  any(r["stages"].get(s, {}).get("compiles") for r in got)]
+        lines += [f"**{name}**", "", "| stage | " + " | ".join(r["label"] for r in got) + " |",
+                  "| --- |" + " ---: |" * len(got)]
+        for s in stages:
+            cells = []
+            for r in got:
+                st = r["stages"].get(s)
+                cells.append("0" if not st else f"{st['compiles']} / {st['compile_s']:.1f}")
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Commands", ""] + [f"- {r['label']}, {r['run']}: `{r['command']}` (PYTHONPATH: {r['code']})"
+                                   for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--label", default="after")
+    p.add_argument("--code", default=".", help="the package's checkout, repo-relative or absolute (PYTHONPATH)")
+    p.add_argument("--runs", default="stories,smollm2", help="groups (stories, smollm2) or run names, comma-separated")
+    p.add_argument("--runs-dir", default="runs/compile")
+    p.add_argument("--out", default="results/compile_smollm2")
+    p.add_argument("--render", action="store_true")
+    args = p.parse_args()
+    path = benchlib.REPO / f"{args.out}.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {"cpu": benchlib.cpu_name(), "rows": []}
+    if not args.render:
+        names = [n for g in args.runs.split(",") for n in GROUPS.get(g, [g])]
+        runs_dir = Path(args.runs_dir)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        code = args.code if os.path.isabs(args.code) else str((benchlib.REPO / args.code).resolve())
+        shown = os.path.relpath(code, benchlib.REPO)
+        for name in names:
+            if name not in RUNS:
+                raise SystemExit(f"unknown run {name!r}; known: {', '.join(RUNS)}")
+            row = {**one(name, args.label, code, runs_dir), "code": shown}
+            payload["rows"] = [r for r in payload["rows"] if (r["run"], r["label"]) != (name, args.label)] + [row]
+            payload["cpu"] = benchlib.cpu_name()
+            benchlib.write(args.out, payload, table(payload))
+            print(f"{args.label} {name}: {row['compiles']} compiles, {row['compile_s']:.1f} s compiling, "
+                  f"{row['wall_s']:.1f} s", flush=True)
+    benchlib.write(args.out, payload, table(payload))
+
+
+if __name__ == "__main__":
+    main()
