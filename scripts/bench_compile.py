@@ -38,7 +38,8 @@ RUNS = {
     "stories svd-llm zs-svd": ("compress", [*STORIES_FLAGS, "--method", "svd-llm", "--ranks", "zs-svd"]),
     "stories sigmascale uniform": ("compress", [*STORIES_FLAGS, *SIGMA10]),
     "stories sigmascale zs-svd": ("compress", [*STORIES_FLAGS, *SIGMA10, "--ranks", "zs-svd"]),
-    "smollm2 best-0.2, no healing": ("compress", ["--config", "configs/smollm2-best-0.2.yaml", "--heal-steps", "0"]),
+    # the recipe's config without its heal-* keys (written beside the runs: older code refuses --heal-steps 0 there)
+    "smollm2 best-0.2, no healing": ("compress", ["--config", "{runs}/best-0.2-no-heal.yaml"]),
     "smollm2 quick start": ("compress", ["--config", "configs/smollm2-quick.yaml"]),
     "smollm2 eval of the quick start": ("eval", ["--tasks", "wikitext2,c4", "--seq-len", "2048", "--max-windows", "16"]),
 }
@@ -51,15 +52,21 @@ def folder(runs_dir: Path, label: str, name: str) -> Path:
 
 def one(name: str, label: str, code: str, runs_dir: Path) -> dict:
     command, args = RUNS[name]
-    out_json = folder(runs_dir, label, name).with_suffix(".probe.json")
+    no_heal = runs_dir / "best-0.2-no-heal.yaml"
+    lines = (benchlib.REPO / "configs/smollm2-best-0.2.yaml").read_text().splitlines()
+    no_heal.write_text("\n".join(line for line in lines if not line.startswith("heal-")) + "\n")
+    args = [a.replace("{runs}", str(runs_dir)) for a in args]
+    base = folder(runs_dir, label, name)
+    out_json = base.with_name(base.name + ".probe.json")
     if command == "eval":
         args = ["--model", str(folder(runs_dir, label, "smollm2 quick start")), *args, "--json",
-                str(out_json.with_suffix(".eval.json"))]
+                str(base.with_name(base.name + ".eval.json"))]
     else:
         args = [*args, "--out", str(folder(runs_dir, label, name)), "--overwrite"]
     cmd = [sys.executable, "scripts/compile_probe.py", "--json", str(out_json), command, *args, "--no-compile-cache",
            "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": code, "HF_HUB_OFFLINE": "1"}
+    # no disk cache of allocations either: every run computes what it needs
+    env = {**os.environ, "PYTHONPATH": code, "HF_HUB_OFFLINE": "1", "SIGMASCALE_CACHE": "off"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=benchlib.REPO, env=env, capture_output=True, text=True)

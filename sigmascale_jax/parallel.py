@@ -183,10 +183,15 @@ def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
     proj = next((n for n in reversed(names) if n in PROJECTION_AXES), None)
     if proj is not None:
         field = next((n for n in names[names.index(proj) + 1 :] if n in FIELD_AXES), None)
-        if field is not None and len(FIELD_AXES[field]) == ndim:
-            out, inp = PROJECTION_AXES[proj]
-            return tuple({"out": out, "in": inp}.get(a, a) for a in FIELD_AXES[field])
-        return ()
+        if field is None:
+            return ()
+        out, inp = PROJECTION_AXES[proj]
+        axes = tuple({"out": out, "in": inp}.get(a, a) for a in FIELD_AXES[field])
+        if len(axes) == ndim:
+            return axes
+        # stacked blocks (`modeling.stack_blocks`): a leading layer axis, never split
+        stacked = "blocks" in names and not isinstance(names[names.index("blocks") + 1], int)
+        return (None, *axes) if stacked and len(axes) + 1 == ndim else ()
     top = names[-1] if names else None
     if top in TOP_AXES and len(TOP_AXES[top]) == ndim:
         return TOP_AXES[top]

@@ -81,6 +81,21 @@ def abstract_params(cfg: ModelConfig) -> dict:
     return {**_abstract(outer_tensors(cfg)), "blocks": [block] * cfg.num_layers}
 
 
+def abstract_factored_params(cfg: ModelConfig, ratio: float | None) -> dict:
+    """The compressed model's params as abstract arrays: every projection factored `{"b": [m, k], "c": [k, n]}` at
+    the uniform ranks of `ratio` (dense `{"w"}` where a matrix is kept so), embeddings, norms and head as they are."""
+    from sigmascale_jax.compress.ranks import block_ranks
+
+    dense = abstract_params(cfg)
+    ranks = block_ranks(cfg, ratio) if ratio else {}
+    block = dict(dense["blocks"][0])
+    for p, (m, n) in cfg.projection_shapes().items():
+        k = ranks.get(p)
+        if k is not None:
+            block[p] = {"b": jax.ShapeDtypeStruct((m, k), jnp.float32), "c": jax.ShapeDtypeStruct((k, n), jnp.float32)}
+    return {**dense, "blocks": [block] * cfg.num_layers}
+
+
 def nbytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -88,7 +103,8 @@ def nbytes(tree: Any) -> int:
 def compiled_peak(fn: Callable, *args, **kwargs) -> int:
     """Bytes XLA's memory analysis gives `fn(*args, **kwargs)` compiled for these abstract args (float64 ones
     inside `linalg.precision.factor_precision`)."""
-    stats = jax.jit(fn, static_argnames=tuple(kwargs)).lower(*args, **kwargs).compile().memory_analysis()
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn, static_argnames=tuple(kwargs))  # keeps its donations
+    stats = jitted.lower(*args, **kwargs).compile().memory_analysis()
     if stats is None:  # a backend without the analysis: count what goes in and out at least
         return nbytes(args) + nbytes(jax.eval_shape(lambda *a: fn(*a, **kwargs), *args))
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes

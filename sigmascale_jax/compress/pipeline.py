@@ -156,15 +156,25 @@ class _Clock:
     `compress_params` inside a user's process."""
 
     def __init__(self, stage_memory: bool = False) -> None:
-        from sigmascale_jax.compress.report import resident_bytes, resident_high_water
+        from sigmascale_jax.compress.report import CompileCounter, resident_bytes, resident_high_water
 
         self.start = self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
+        self.compiler = CompileCounter()
+        self.mark = self.compiler.snapshot()
+        self.compiles: dict[str, dict] = {}
         self.stage_memory = stage_memory
         self.start_rss = resident_bytes() if stage_memory else None
         self.peaks: dict[str, int] = {}
         if stage_memory:
             resident_high_water(reset=True)
+
+    def compile_record(self) -> dict:
+        """compression.json's `compile`: XLA compiles and their seconds per stage, and in all; stops counting."""
+        self.compiler.close()
+        stages = {k: v for k, v in self.compiles.items() if v["compiles"]}
+        return {"stages": stages, "compiles": sum(v["compiles"] for v in stages.values()),
+                "compile_s": round(sum(v["compile_s"] for v in stages.values()), 3)}
 
     def lap(self, stage: str) -> None:
         from sigmascale_jax.compress.report import resident_high_water
@@ -172,6 +182,11 @@ class _Clock:
         now = time.perf_counter()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
         self.last = now
+        count, secs = self.compiler.since(self.mark)
+        self.mark = self.compiler.snapshot()
+        done = self.compiles.setdefault(stage, {"compiles": 0, "compile_s": 0.0})
+        done["compiles"] += count
+        done["compile_s"] = round(done["compile_s"] + secs, 3)
         peak = resident_high_water(reset=True) if self.stage_memory else None
         if peak is not None:
             self.peaks[stage] = max(self.peaks.get(stage, 0), peak)
@@ -383,7 +398,7 @@ def stages_report(spec: RunSpec, plan: Plan, cfg, done: Stages, windows: np.ndar
         calibration={"source": spec.calib, "nsamples": spec.nsamples, "seq_len": spec.seq_len, "seed": spec.seed,
                      "tokens": int(windows.size), "sha1": hashlib.sha1(windows.tobytes()).hexdigest()},
         resumed=False, timings=clock.timings, seconds=time.perf_counter() - clock.start, stage_peaks=clock.peaks,
-        start_rss=clock.start_rss,
+        start_rss=clock.start_rss, compiles=clock.compile_record(),
     )
 
 

@@ -318,6 +318,11 @@ def make_plan(method: Any, ranks: Any = "uniform", refine: tuple = (), encoding:
         else:
             built[flag, id(value)] = value
     taken: set[str] = set()
+    # a refiner switched off by its switch setting (`heal_steps=0`, e.g. over a config that heals) takes its own
+    # settings with it, so a recipe's healing turns off with one flag
+    for e in REFINERS.values():
+        if e.settings.switch and settings.get(e.settings.switch) == 0 and e.name not in named:
+            taken |= {f.name for f in dataclasses.fields(e.settings)}
     stages: dict[str, Any] = {}
     for flag, entry in entries:
         names = {f.name for f in dataclasses.fields(entry.settings)}

@@ -17,6 +17,42 @@ from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import PROJECTIONS
 
 
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # one per XLA compile, with its seconds
+
+
+class CompileCounter:
+    """XLA compiles in this process from its creation on, counted from JAX's own monitoring events: `total()`,
+    `snapshot()`, `since(snapshot) -> (compiles, seconds)`; `close()` stops listening. A cached program (the
+    persistent compilation cache) is no compile: it sends no such event."""
+
+    def __init__(self) -> None:
+        import jax
+
+        self.count, self.seconds = 0, 0.0
+
+        def listen(event: str, duration: float, **kwargs: Any) -> None:
+            if event == COMPILE_EVENT:
+                self.count += 1
+                self.seconds += duration
+
+        self._listener = listen
+        jax.monitoring.register_event_duration_secs_listener(listen)
+
+    def snapshot(self) -> tuple[int, float]:
+        return self.count, self.seconds
+
+    def since(self, snapshot: tuple[int, float]) -> tuple[int, float]:
+        return self.count - snapshot[0], self.seconds - snapshot[1]
+
+    def close(self) -> None:
+        import jax
+
+        try:
+            jax.monitoring.unregister_event_duration_listener(self._listener)
+        except (AssertionError, ValueError):  # already removed
+            pass
+
+
 def versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "sigmascale_jax"):
@@ -95,7 +131,7 @@ def matrix_bytes(leaf: Any) -> int:
 def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation, results: list[BlockResult],
                  refined: list[dict], budget: Budget, leaves: list[dict], *, counts: dict, calibration: dict,
                  resumed: bool, timings: dict, seconds: float, stage_peaks: dict | None = None,
-                 start_rss: int | None = None) -> dict[str, Any]:
+                 start_rss: int | None = None, compiles: dict | None = None) -> dict[str, Any]:
     """compression.json. `counts`: `model_dense` (all parameters) and `other` (those outside the projections'
     matrices: embeddings, norms, head, biases), which stay float32."""
     from sigmascale_jax.io.checkpoint import FORMAT_VERSION
@@ -152,6 +188,8 @@ def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation,
         "calibration": calibration,
         "resumed": resumed,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        # XLA compiles per stage beside its wall seconds: a stage's fixed cost (a cached program is no compile)
+        "compile": compiles or {},
         "seconds": round(seconds, 3),
         "memory": peak_memory(stage_peaks, start_rss),
         "versions": versions(),

@@ -49,6 +49,7 @@ def generate(
     import jax
 
     from sigmascale_jax.model.kvcache import init_cache, step
+    from sigmascale_jax.model.modeling import stack_params
     from sigmascale_jax.model.sampling import next_tokens
     from sigmascale_jax.parallel import fetch, on_device, place_cache, shard
 
@@ -59,7 +60,7 @@ def generate(
     if key is None and not 0 <= seed <= MAX_SEED:
         raise UserError(f"seed must lie in 0..{MAX_SEED}, got {seed}")
     key = jax.random.key(seed) if key is None else key
-    params, cache = on_device(params, mesh), place_cache(init_cache(cfg, b, total), mesh)
+    params, cache = on_device(stack_params(params), mesh), place_cache(init_cache(cfg, b, total), mesh)
     tokens, key, i = shard(prompt, mesh), on_device(key, mesh), on_device(np.int32(0), mesh)
     out = [prompt]
     done = np.zeros(b, bool)

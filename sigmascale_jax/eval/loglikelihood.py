@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sigmascale_jax.model.config import ModelConfig
-from sigmascale_jax.model.modeling import Packing, Params, hidden_states, lm_head
+from sigmascale_jax.model.modeling import Packing, Params, hidden_states, lm_head, stack_params
 
 
 def prefix_token_id(tok: Any) -> int:
@@ -186,6 +186,7 @@ def score_requests(
     `max(1, tokens_per_batch // L)` rows per call (short last calls are padded, so
     each bucket compiles once).
     """
+    params = jax.device_put(stack_params(params))  # once: the blocks run as one loop, no call re-stacks them
     pending = sorted(group_requests(requests, cfg.max_position_embeddings), key=lambda g: -max(g.tokens, g.reads))
     out = np.zeros(len(requests), np.float64)
     bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False)

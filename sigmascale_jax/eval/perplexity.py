@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.model.config import ModelConfig
-from sigmascale_jax.model.modeling import Params, token_nll
+from sigmascale_jax.model.modeling import Params, stack_params, token_nll
 from sigmascale_jax.parallel import data_size, device_chunks, fetch, on_device
 
 
@@ -51,7 +51,8 @@ def perplexity(
     padded = -(-n // batch_size) * batch_size
     if padded > n:
         windows = np.concatenate([windows, np.repeat(windows[-1:], padded - n, axis=0)])
-    params, chunks = on_device(params, mesh), device_chunks(windows, batch_size, mesh)
+    # stacked once here (on the host): the blocks run as one loop, and no call re-stacks them
+    params, chunks = on_device(stack_params(params), mesh), device_chunks(windows, batch_size, mesh)
     total = 0.0
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
 

@@ -18,12 +18,14 @@ import jax.numpy as jnp
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import (
     Params,
+    is_stacked,
     lm_head,
     mlp_hidden,
     project,
     queries_keys_values,
     rms_norm,
     rope_cos_sin,
+    stack_blocks,
 )
 
 
@@ -66,15 +68,32 @@ def _attention(block: Params, x: jax.Array, cfg: ModelConfig, k_all: jax.Array, 
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
 def step(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Logits `[B, T, V]` (float32) of `tokens: [B, T]` following what `cache` holds, and the updated cache."""
+    """Logits `[B, T, V]` (float32) of `tokens: [B, T]` following what `cache` holds, and the updated cache.
+
+    The blocks run as one `lax.scan` where they stack (`modeling.stack_blocks`), the cache in the loop's carry
+    (each layer's slice updated in place), else as a loop unrolled into the program.
+    """
     start = cache.length
     x = params["embed"][tokens]
-    k_all, v_all = cache.k, cache.v
-    for i, block in enumerate(params["blocks"]):
+
+    def layer(carry, inputs):
+        x, k_all, v_all = carry
+        block, i = inputs
         h = rms_norm(x, block["attn_norm"], cfg.rms_norm_eps)
         a, k_all, v_all = _attention(block, h, cfg, k_all, v_all, i, start)
         x = x + project(block["o"], a)
         x = x + project(block["down"], mlp_hidden(block, rms_norm(x, block["mlp_norm"], cfg.rms_norm_eps)))
+        return (x, k_all, v_all), None
+
+    blocks = params["blocks"]
+    stacked = blocks if is_stacked(blocks) else stack_blocks(blocks)
+    carry = (x, cache.k, cache.v)
+    if stacked is None:
+        for i, block in enumerate(blocks):
+            carry, _ = layer(carry, (block, i))
+    else:
+        carry, _ = jax.lax.scan(layer, carry, (stacked, jnp.arange(cfg.num_layers)))
+    x, k_all, v_all = carry
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     logits = (h @ lm_head(params).T.astype(h.dtype)).astype(jnp.float32)
     return logits, KVCache(k_all, v_all, start + tokens.shape[1])

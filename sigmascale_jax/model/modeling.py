@@ -83,26 +83,31 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # which halves the work and keeps the scores cache-sized. Measured on 2 CPU cores
 # (SmolLM2, T=2048): 0.45 s per block unchunked, 0.067 s with 128.
 ATTENTION_CHUNK = 128
+# The chunks run as loops (`lax.scan`), not unrolled into the program: chunks of one segment share a key length
+# (the segment's end), so at most this many loop bodies are compiled whatever T is, at most 1/SEGMENTS more
+# score work than scoring each chunk against exactly its own prefix.
+ATTENTION_SEGMENTS = 4
 
 
-def chunk_mask(cfg: ModelConfig, start: int, stop: int, packing: Packing | None = None) -> jax.Array:
-    """Which keys `[:stop]` the queries `[start:stop]` may see: `[q, k]`, or `[B, q, k]` with a packing.
+def chunk_mask(cfg: ModelConfig, start: Any, size: int, keys: int, packing: Packing | None = None) -> jax.Array:
+    """Which keys `[:keys]` the queries `start … start + size − 1` may see: `[q, k]`, or `[B, q, k]` with a packing.
 
-    Causal, inside Mistral's sliding window (measured in positions), and with a
-    packing only within a document's shared context or the query's own part.
+    `start` may be traced (a loop's index). Causal, inside Mistral's sliding window (measured in positions), and
+    with a packing only within a document's shared context or the query's own part.
     """
-    i = jnp.arange(start, stop)[:, None]
-    j = jnp.arange(stop)[None, :]
+    i = start + jnp.arange(size)[:, None]
+    j = jnp.arange(keys)[None, :]
     mask = j <= i
     if packing is None:
         if cfg.sliding_window is not None:
             mask = mask & (i - j < cfg.sliding_window)
         return mask
-    doc_q, doc_k = packing.doc[:, start:stop, None], packing.doc[:, None, :stop]
-    part_q, part_k = packing.part[:, start:stop, None], packing.part[:, None, :stop]
+    rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)  # noqa: E731
+    doc_q, doc_k = rows(packing.doc)[:, :, None], packing.doc[:, None, :keys]
+    part_q, part_k = rows(packing.part)[:, :, None], packing.part[:, None, :keys]
     mask = mask[None] & (doc_q == doc_k) & ((part_k == 0) | (part_k == part_q))
     if cfg.sliding_window is not None:
-        mask = mask & (packing.positions[:, start:stop, None] - packing.positions[:, None, :stop] < cfg.sliding_window)
+        mask = mask & (rows(packing.positions)[:, :, None] - packing.positions[:, None, :keys] < cfg.sliding_window)
     return mask
 
 
@@ -134,19 +139,53 @@ def attention_mix(
     return attention_core(*queries_keys_values(block, x, cfg, cos, sin), cfg, packing)
 
 
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, hd: int, packed: bool) -> jax.Array:
+    """Softmax attention of queries `q: [B, Hkv, G, q, hd]` over `k, v: [B, Hkv, K, hd]` under `mask`."""
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k).astype(jnp.float32)
+    mask = mask[:, None, None] if packed else mask  # [B, 1, 1, q, k] against [B, Hkv, G, q, k]
+    scores = jnp.where(mask, scores * (hd**-0.5), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgqk,bhkd->bhgqd", probs, v)
+
+
+def segments(t: int, chunk: int = ATTENTION_CHUNK, most: int = ATTENTION_SEGMENTS) -> list[tuple[int, int, int]]:
+    """`[(first chunk, chunks, keys), ...]`: the query chunks of a length-`t` sequence in at most `most` runs of
+    consecutive chunks, each run scoring against the keys up to its last chunk's end."""
+    n = -(-t // chunk)
+    edges = sorted({round(n * j / min(most, n)) for j in range(min(most, n) + 1)})
+    return [(a, b - a, min(b * chunk, t)) for a, b in zip(edges, edges[1:])]
+
+
 def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, cfg: ModelConfig, packing: Packing | None = None) -> jax.Array:
-    """Causal softmax attention of `queries_keys_values`' output, in query chunks: `[B, T, H * hd]`."""
+    """Causal softmax attention of `queries_keys_values`' output, in query chunks: `[B, T, H * hd]`.
+
+    Chunks of `ATTENTION_CHUNK` queries run in `lax.scan` loops, one per segment of consecutive chunks that share
+    a key length (`segments`): the program holds a few loop bodies whatever T, not one copy per chunk.
+    """
     b, _, _, t, hd = q.shape
+    c = min(ATTENTION_CHUNK, t)
+    n = -(-t // c)
+    if n * c > t:  # pad the queries to whole chunks; their rows are dropped below
+        q = jnp.pad(q, ((0, 0),) * 3 + ((0, n * c - t), (0, 0)))
+        if packing is not None:
+            fill = lambda a, value: jnp.pad(a, ((0, 0), (0, n * c - t)), constant_values=value)  # noqa: E731
+            packing = Packing(fill(packing.positions, 0), fill(packing.doc, -1), fill(packing.part, 0))
     outs = []
-    for start in range(0, t, ATTENTION_CHUNK):
-        stop = min(start + ATTENTION_CHUNK, t)
-        scores = jnp.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:stop], k[:, :, :stop]).astype(jnp.float32)
-        mask = chunk_mask(cfg, start, stop, packing)
-        mask = mask if packing is None else mask[:, None, None]  # [B, 1, 1, q, k] against [B, Hkv, G, q, k]
-        scores = jnp.where(mask, scores * (hd**-0.5), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bhgqk,bhkd->bhgqd", probs, v[:, :, :stop]))
-    out = jnp.concatenate(outs, axis=3)  # [B, Hkv, G, T, hd]
+    for first, count, keys in segments(t, c):
+        kk, vv = k[:, :, :keys], v[:, :, :keys]
+
+        def one(_, i, kk=kk, vv=vv, keys=keys):
+            start = i * c
+            qc = jax.lax.dynamic_slice_in_dim(q, start, c, axis=3)
+            mask = chunk_mask(cfg, start, c, keys, packing)
+            return None, _attend(qc, kk, vv, mask, hd, packing is not None)
+
+        if count == 1:
+            outs.append(one(None, first)[1])
+            continue
+        _, chunks = jax.lax.scan(one, None, jnp.arange(first, first + count))  # [count, B, Hkv, G, c, hd]
+        outs.append(jnp.moveaxis(chunks, 0, 3).reshape(*chunks.shape[1:4], count * c, hd))
+    out = jnp.concatenate(outs, axis=3)[:, :, :, :t]  # [B, Hkv, G, T, hd]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * hd)
 
 
@@ -183,20 +222,149 @@ def block_forward(
     return block_forward_taps(block, x, cfg, cos, sin, packing)[0]
 
 
+# ------------------------------------------------------------------ the blocks as one loop
+
+# Whether blocks whose factors differ in rank are padded to one width per projection so they stack and run as one
+# `lax.scan` (zero columns of B and rows of C are exact and keep zero gradients), instead of one program copy per
+# block. Measured in results/compile_smollm2.md (scripts/bench_scan.py): see there for the choice.
+PAD_MIXED_RANKS = True
+
+
+def is_stacked(blocks: Any) -> bool:
+    """Whether `params["blocks"]` is the stacked form (one pytree, every array with a leading layer axis) rather
+    than a list of blocks."""
+    return isinstance(blocks, dict)
+
+
+def _factor_pair(p: Any) -> tuple[Any, Any] | None:
+    """`(b, c)` of a float low-rank projection (a `{"b", "c"}` dict or a `LowRank` leaf of float arrays), else None."""
+    from sigmascale_jax.model.leaves import LowRank, is_quantized
+
+    if isinstance(p, LowRank):
+        return None if is_quantized(p.b) or is_quantized(p.c) else (p.b, p.c)
+    if isinstance(p, dict) and set(p) - {"bias"} == {"b", "c"}:
+        return p["b"], p["c"]
+    return None
+
+
+def _pad_pair(p: Any, width: int, xp: Any) -> Any:
+    """A low-rank projection with B's columns and C's rows padded with zeros to `width` (the same matrix)."""
+    from sigmascale_jax.model.leaves import LowRank
+
+    b, c = _factor_pair(p)
+    k = b.shape[-1]
+    if k < width:
+        b = xp.pad(b, ((0, 0), (0, width - k)))
+        c = xp.pad(c, ((0, width - k), (0, 0)))
+    return LowRank(b, c, p.bias) if isinstance(p, LowRank) else {**p, "b": b, "c": c}
+
+
+class _Abstract:
+    """Stacking and padding of `jax.ShapeDtypeStruct`s (memory plans stack abstract params)."""
+
+    @staticmethod
+    def stack(xs):
+        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+
+    @staticmethod
+    def pad(x, widths):
+        return jax.ShapeDtypeStruct(tuple(d + a + b for d, (a, b) in zip(x.shape, widths)), x.dtype)
+
+
+def _array_module(tree: Any) -> Any:
+    """numpy when every array of `tree` is a host array (stacking stays on the host), `_Abstract` for abstract
+    arrays, else jax.numpy."""
+    leaves = jax.tree.leaves(tree)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        return _Abstract
+    return np if all(isinstance(x, np.ndarray) for x in leaves) else jnp
+
+
+def stack_blocks(blocks: list[Params], pad: bool = PAD_MIXED_RANKS) -> Params | None:
+    """The blocks as one pytree whose arrays have a leading layer axis (`lax.scan`'s input), or None when they do
+    not stack: their trees differ (a projection dense in one block and factored in another, other encodings), or
+    their shapes do and `pad` is off or cannot help (only float low-rank factors are padded, to the widest rank of
+    each projection). Host arrays stack on the host; inside `jit` the stack is part of the program."""
+    if not blocks:
+        return None
+    xp = _array_module(blocks)
+    structure = jax.tree.structure(blocks[0])
+    if any(jax.tree.structure(b) != structure for b in blocks[1:]):
+        return None
+    shapes = [[np.shape(x) for x in jax.tree.leaves(b)] for b in blocks]
+    if any(s != shapes[0] for s in shapes[1:]):
+        if not pad:
+            return None
+        widths = {}
+        for name in PROJECTIONS:
+            pairs = [_factor_pair(b[name]) for b in blocks]
+            if all(pair is not None for pair in pairs):
+                widths[name] = max(pair[0].shape[-1] for pair in pairs)
+        blocks = [{k: _pad_pair(v, widths[k], xp) if k in widths else v for k, v in b.items()} for b in blocks]
+        shapes = [[np.shape(x) for x in jax.tree.leaves(b)] for b in blocks]
+        if any(s != shapes[0] for s in shapes[1:]):
+            return None
+    return jax.tree.map(lambda *xs: xp.stack(xs), *blocks)
+
+
+def unstack_blocks(stacked: Params, like: list[Params] | None = None) -> list[Params]:
+    """The list of blocks of a stacked form; with `like` (the blocks it was stacked from), padded factors are cut back
+    to each block's own rank (their padding is zero: nothing is lost)."""
+    num = jax.tree.leaves(stacked)[0].shape[0]
+    blocks = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num)]
+    if like is None:
+        return blocks
+    out = []
+    for block, ref in zip(blocks, like):
+        cut = dict(block)
+        for name in PROJECTIONS:
+            pair, ref_pair = _factor_pair(block.get(name)), _factor_pair(ref.get(name))
+            if pair is not None and ref_pair is not None and pair[0].shape[-1] != ref_pair[0].shape[-1]:
+                k = ref_pair[0].shape[-1]
+                b, c = pair[0][:, :k], pair[1][:k]
+                p = block[name]
+                cut[name] = type(p)(b, c, p.bias) if not isinstance(p, dict) else {**p, "b": b, "c": c}
+        out.append(cut)
+    return out
+
+
+def stack_params(params: Params, pad: bool = PAD_MIXED_RANKS) -> Params:
+    """`params` with its blocks stacked (`stack_blocks`) when they stack, else unchanged: what the decoder runs as a
+    `lax.scan`. Do it once, outside `jit`, for a model you run many times (inside, each call stacks anew)."""
+    if is_stacked(params["blocks"]):
+        return params
+    stacked = stack_blocks(params["blocks"], pad)
+    return params if stacked is None else {**params, "blocks": stacked}
+
+
+def run_blocks(blocks: Any, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array,
+               packing: Packing | None = None, remat: bool = False, pad: bool = PAD_MIXED_RANKS) -> jax.Array:
+    """Every block on `x: [B, T, D]` in order: one `lax.scan` over the stacked blocks where they stack
+    (`stack_blocks`), else a loop unrolled into the program. `remat`: `jax.checkpoint` per block."""
+    apply = jax.checkpoint(block_forward, static_argnums=(2,)) if remat else block_forward
+    stacked = blocks if is_stacked(blocks) else stack_blocks(blocks, pad)
+    if stacked is None:
+        for block in blocks:
+            x = apply(block, x, cfg, cos, sin, packing)
+        return x
+    x, _ = jax.lax.scan(lambda x, block: (apply(block, x, cfg, cos, sin, packing), None), x, stacked)
+    return x
+
+
 def hidden_states(
-    params: Params, tokens: jax.Array, cfg: ModelConfig, packing: Packing | None = None, remat: bool = False
+    params: Params, tokens: jax.Array, cfg: ModelConfig, packing: Packing | None = None, remat: bool = False,
+    pad: bool = PAD_MIXED_RANKS,
 ) -> jax.Array:
     """Final normed hidden states `[B, T, D]` of `tokens: [B, T]` (int): one sequence per row, or a `Packing`.
 
     `remat`: recompute each block's activations in the backward pass instead of keeping them (`jax.checkpoint`
-    per block), so a gradient holds one `[B, T, D]` per block rather than all its intermediates.
+    per block), so a gradient holds one `[B, T, D]` per block rather than all its intermediates. The blocks run as
+    one `lax.scan` where they stack (`run_blocks`; `pad`: mixed ranks padded to stack).
     """
     x = params["embed"][tokens]
     positions = jnp.arange(tokens.shape[1]) if packing is None else packing.positions
     cos, sin = rope_cos_sin(cfg, positions)
-    apply = jax.checkpoint(block_forward, static_argnums=(2,)) if remat else block_forward
-    for block in params["blocks"]:
-        x = apply(block, x, cfg, cos, sin, packing)
+    x = run_blocks(params["blocks"], x, cfg, cos, sin, packing, remat, pad)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
@@ -205,9 +373,10 @@ def lm_head(params: Params) -> jax.Array:
     return params["lm_head"] if "lm_head" in params else params["embed"]
 
 
-def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, remat: bool = False) -> jax.Array:
-    """Logits `[B, T, V]` (float32) of `tokens: [B, T]` (`remat`: see `hidden_states`)."""
-    h = hidden_states(params, tokens, cfg, remat=remat)
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, remat: bool = False,
+            pad: bool = PAD_MIXED_RANKS) -> jax.Array:
+    """Logits `[B, T, V]` (float32) of `tokens: [B, T]` (`remat`, `pad`: see `hidden_states`)."""
+    h = hidden_states(params, tokens, cfg, remat=remat, pad=pad)
     return (h @ lm_head(params).T.astype(h.dtype)).astype(jnp.float32)
 
 
@@ -235,7 +404,9 @@ def typed_params(params: Params) -> Params:
     (an Orbax restore without a target, the compressor's dict forms)."""
     from sigmascale_jax.model.leaves import as_leaf
 
-    return {**params, "blocks": [{**b, **{n: as_leaf(b[n]) for n in PROJECTIONS}} for b in params["blocks"]]}
+    typed = lambda b: {**b, **{n: as_leaf(b[n]) for n in PROJECTIONS}}  # noqa: E731
+    blocks = params["blocks"]
+    return {**params, "blocks": typed(blocks) if is_stacked(blocks) else [typed(b) for b in blocks]}
 
 
 def trainable(params: Params) -> Params:
@@ -249,8 +420,10 @@ def trainable(params: Params) -> Params:
     from sigmascale_jax.model.leaves import frozen_labels, leaf_labels
 
     labels = {k: frozen_labels(v) for k, v in params.items() if k != "blocks"}
-    labels["blocks"] = [{k: leaf_labels(v) if k in PROJECTIONS else frozen_labels(v) for k, v in b.items()}
-                        for b in params["blocks"]]
+    block_labels = lambda b: {k: leaf_labels(v) if k in PROJECTIONS else frozen_labels(v)  # noqa: E731
+                              for k, v in b.items()}
+    blocks = params["blocks"]
+    labels["blocks"] = block_labels(blocks) if is_stacked(blocks) else [block_labels(b) for b in blocks]
     return labels
 
 

@@ -35,7 +35,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,25 +45,69 @@ import optax
 from sigmascale_jax.compress.plan import REFINERS, ModelContext, Params, Ranks, Refiner, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.model.modeling import forward, trainable
+from sigmascale_jax.model.modeling import hidden_states, lm_head, trainable
 
 NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm")  # per block; and the outer `final_norm`
+# Positions per chunk of the streamed KL: at most one `[B, KL_CHUNK, V]` float32 block of logits (and its
+# log-softmax, teacher's and student's) lives at once, forward and backward, never the whole `[B, T, V]`.
+KL_CHUNK = 128
 
 # ------------------------------------------------------------------ the library transform
 
 
-def distill_loss(params: Params, teacher: Params, tokens: jax.Array, cfg, ce_weight: float = 0.0,
+def _logprobs(h: jax.Array, head: jax.Array) -> jax.Array:
+    return jax.nn.log_softmax((h @ head.T.astype(h.dtype)).astype(jnp.float32), axis=-1)
+
+
+def streamed_kl_ce(h_student: jax.Array, h_teacher: jax.Array, head_student: jax.Array, head_teacher: jax.Array,
+                   tokens: jax.Array, chunk: int = KL_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """`(mean KL(teacher ‖ student), mean next-token cross-entropy of the student)` from final hidden states
+    `h_*: [B, T, D]` and heads `[V, D]`, over chunks of `chunk` positions (torchtune's chunked KL, ModelOpt's
+    streamed distillation): each chunk's logits are made, reduced and dropped inside a `lax.scan` whose body is
+    rematerialized, so the backward pass rebuilds one chunk at a time too. Equal to the whole-sequence
+    formulas (tested to 1e-5, value and gradient)."""
+    b, t, _ = h_student.shape
+    c = min(chunk, t)
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:
+        h_student, h_teacher = (jnp.pad(h, ((0, 0), (0, pad), (0, 0))) for h in (h_student, h_teacher))
+    nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad + 1)))  # the next token at each position (0 past the end)
+
+    @jax.checkpoint
+    def body(sums, i):
+        start = i * c
+        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start, c, axis=1)  # noqa: E731
+        student, teacher = _logprobs(rows(h_student), head_student), _logprobs(rows(h_teacher), head_teacher)
+        pos = start + jnp.arange(c)
+        kl = jnp.sum(jnp.where((pos < t)[None, :], jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1), 0.0))
+        picked = jnp.take_along_axis(student, rows(nxt)[..., None], axis=-1)[..., 0]
+        ce = -jnp.sum(jnp.where((pos < t - 1)[None, :], picked, 0.0))
+        return (sums[0] + kl, sums[1] + ce), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (kl, ce), _ = jax.lax.scan(body, (zero, zero), jnp.arange(n))
+    return kl / (b * t), ce / (b * max(t - 1, 1))
+
+
+def distill_loss(params: Params, teacher: Any, tokens: jax.Array, cfg, ce_weight: float = 0.0,
                  remat: bool = False):
     """`(loss, {"kl", "ce"})`: mean KL(teacher ‖ student) of the next-token distributions at every position of
     `tokens: [B, T]`, plus `ce_weight` × the student's next-token cross-entropy on `tokens`.
 
-    `params`: the student (any leaf forms); `teacher`: the dense params, run under `stop_gradient`.
-    `remat`: recompute the student's block activations in the backward pass (less memory, one more forward).
+    `params`: the student (any leaf forms, blocks listed or stacked); `teacher`: the dense params, run under
+    `stop_gradient`, or the teacher's final normed hidden states `[B, T, D]` on these tokens (computed once,
+    `teacher_states`), which leave the teacher's blocks out of the step; the teacher's head is then the student's
+    (frozen) head. `remat`: recompute the student's block activations in the backward pass (less memory, one more
+    forward). The KL is streamed over position chunks (`streamed_kl_ce`): no `[B, T, V]` logits are held.
     """
-    student = jax.nn.log_softmax(forward(params, tokens, cfg, remat=remat), axis=-1)
-    dense = jax.nn.log_softmax(jax.lax.stop_gradient(forward(teacher, tokens, cfg)), axis=-1)
-    kl = jnp.mean(jnp.sum(jnp.exp(dense) * (dense - student), axis=-1))
-    ce = -jnp.mean(jnp.take_along_axis(student[:, :-1], tokens[:, 1:, None], axis=-1))
+    h_student = hidden_states(params, tokens, cfg, remat=remat)
+    if isinstance(teacher, dict):
+        h_teacher, head_teacher = hidden_states(teacher, tokens, cfg), lm_head(teacher)
+    else:
+        h_teacher, head_teacher = teacher, lm_head(params)
+    kl, ce = streamed_kl_ce(h_student, jax.lax.stop_gradient(h_teacher), lm_head(params),
+                            jax.lax.stop_gradient(head_teacher), tokens)
     return kl + ce_weight * ce, {"kl": kl, "ce": ce}
 
 
@@ -74,7 +118,9 @@ def heal_labels(params: Params, norms: bool = False) -> Params:
     if not norms:
         return labels
     labels = {**labels, "final_norm": "factor"}
-    labels["blocks"] = [{k: "factor" if k in NORMS else v for k, v in b.items()} for b in labels["blocks"]]
+    relabel = lambda b: {k: "factor" if k in NORMS else v for k, v in b.items()}  # noqa: E731
+    blocks = labels["blocks"]
+    labels["blocks"] = relabel(blocks) if isinstance(blocks, dict) else [relabel(b) for b in blocks]
     return labels
 
 
@@ -83,11 +129,13 @@ def heal_optimizer(tx: optax.GradientTransformation, params: Params, *, norms: b
     return optax.multi_transform({"factor": tx, "frozen": optax.set_to_zero()}, heal_labels(params, norms))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "ce_weight", "remat"))
-def distill_step(params: Params, opt_state: Any, teacher: Params, tokens: jax.Array, *, cfg,
+@functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "ce_weight", "remat"), donate_argnums=(0, 1))
+def distill_step(params: Params, opt_state: Any, teacher: Any, tokens: jax.Array, *, cfg,
                  optimizer: optax.GradientTransformation, ce_weight: float = 0.0, remat: bool = False):
     """One optimizer step of `distill_loss`: `(params, opt_state, loss)`. Pure and jit-compiled.
 
+    `params` and `opt_state` are donated (their device buffers become the new ones: pass the returned values on,
+    not the ones given). `teacher`: the dense params or the teacher's hidden states on `tokens` (`distill_loss`).
     `optimizer`: an optax transformation that leaves frozen leaves alone (`heal_optimizer(...)`: without
     the mask, weight decay or a plain optimizer would move embeddings and integer carriers too). Works on
     plain, PivGa and quantized trees, and under a data mesh (shard `tokens` over it; params replicated).
@@ -98,18 +146,83 @@ def distill_step(params: Params, opt_state: Any, teacher: Params, tokens: jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _held_loss(params: Params, teacher: Params, tokens: jax.Array, cfg) -> jax.Array:
-    return distill_loss(params, teacher, tokens, cfg)[0]
+def _teacher_hidden(teacher: Params, tokens: jax.Array, cfg) -> jax.Array:
+    return hidden_states(teacher, tokens, cfg)
 
 
-def held_out_loss(params: Params, teacher: Params, windows: np.ndarray, cfg, batch: int, mesh=None) -> float:
-    """Mean distillation loss (KL only) over `windows: [N, T]`, `batch` windows a call; the windows go to the device
-    before the loop and the losses come back after it (`jax.transfer_guard("disallow")` in between)."""
+def teacher_states(teacher: Params, windows: np.ndarray, cfg, batch: int, mesh=None) -> np.ndarray:
+    """The dense teacher's final normed hidden states `[N, T, D]` (float32, host) on `windows: [N, T]`, `batch`
+    windows a call: what `distill_loss` takes instead of the teacher, so training steps and held-out measurements
+    run the student alone."""
+    from sigmascale_jax.model.modeling import stack_params
+    from sigmascale_jax.parallel import device_chunks, fetch, on_device
+
+    teacher, chunks = on_device(stack_params(teacher), mesh), device_chunks(windows, batch, mesh)
+    with jax.transfer_guard("disallow"):
+        states = [_teacher_hidden(teacher, chunk, cfg) for chunk in chunks]
+    return np.concatenate(fetch(states))
+
+
+class Split(NamedTuple):
+    """Which leaves of a params tree train: the tree's structure and each leaf's label, static (hashable), so the
+    trainable leaves (a list) and the frozen ones travel apart and are put back together inside `jit`."""
+
+    treedef: Any
+    train: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, params: Params, labels: Params) -> "Split":
+        leaves, treedef = jax.tree.flatten(params)
+        marks = jax.tree.leaves(labels)
+        if len(marks) != len(leaves):
+            raise ValueError("labels do not match the params tree")
+        return cls(treedef, tuple(m == "factor" for m in marks))
+
+    def partition(self, params: Params) -> tuple[list, list]:
+        leaves = jax.tree.leaves(params)
+        return ([x for x, t in zip(leaves, self.train) if t], [x for x, t in zip(leaves, self.train) if not t])
+
+    def combine(self, train: list, frozen: list) -> Params:
+        train, frozen = iter(train), iter(frozen)
+        return jax.tree.unflatten(self.treedef, [next(train) if t else next(frozen) for t in self.train])
+
+
+@functools.partial(jax.jit, static_argnames=("split", "cfg", "optimizer", "ce_weight", "remat"), donate_argnums=(0, 1))
+def heal_step(train: list, opt_state: Any, frozen: list, teacher: Any, tokens: jax.Array, *, split: Split, cfg,
+              optimizer: optax.GradientTransformation, ce_weight: float = 0.0, remat: bool = False):
+    """The heal stage's step: `distill_step` on the trainable leaves alone (`split`), frozen leaves passed apart
+    and never differentiated; `train` and `opt_state` donated. `(train, opt_state, loss)`."""
+
+    def loss(train):
+        return distill_loss(split.combine(train, frozen), teacher, tokens, cfg, ce_weight, remat)[0]
+
+    value, grads = jax.value_and_grad(loss)(train)
+    updates, opt_state = optimizer.update(grads, opt_state, train)
+    return optax.apply_updates(train, updates), opt_state, value
+
+
+@functools.partial(jax.jit, static_argnames=("split", "cfg"))
+def _held_loss(train: list, frozen: list, teacher: Any, tokens: jax.Array, *, split: Split, cfg) -> jax.Array:
+    return distill_loss(split.combine(train, frozen), teacher, tokens, cfg)[0]
+
+
+def held_out_loss(params: Params, teacher: Any, windows: np.ndarray, cfg, batch: int, mesh=None) -> float:
+    """Mean distillation loss (KL only) over `windows: [N, T]`, `batch` windows a call: `teacher` the dense params or
+    their hidden states on `windows` (`[N, T, D]`, `teacher_states`). The windows go to the device before the loop
+    and the losses come back after it (`jax.transfer_guard("disallow")` in between)."""
+    split = Split.of(params, jax.tree.map(lambda _: "factor", params))
+    train, frozen = split.partition(params)
+    return _held_out(train, frozen, teacher, windows, cfg, batch, split, mesh)
+
+
+def _held_out(train: list, frozen: list, teacher: Any, windows: np.ndarray, cfg, batch: int, split: Split,
+              mesh=None) -> float:
     from sigmascale_jax.parallel import device_chunks
 
     chunks = device_chunks(windows, batch, mesh)
+    states = [teacher] * len(chunks) if isinstance(teacher, dict) else device_chunks(teacher, batch, mesh)
     with jax.transfer_guard("disallow"):
-        losses = [_held_loss(params, teacher, chunk, cfg) for chunk in chunks]
+        losses = [_held_loss(train, frozen, t, chunk, split=split, cfg=cfg) for t, chunk in zip(states, chunks)]
     return sum(float(loss) * len(chunk) for loss, chunk in zip(jax.device_get(losses), chunks)) / len(windows)
 
 
@@ -136,6 +249,9 @@ class HealSettings(Settings):
     heal_norms: bool = setting(False, "heal: also train the RMSNorm weights (embeddings and head stay frozen)")
     heal_remat: bool = setting(False, "heal: recompute each block's activations in the backward pass instead of "
                                "keeping them (less memory; one more forward pass of the student a step)")
+    heal_teacher_cache: bool = setting(True, "heal: run the dense teacher once over the healing windows and keep its "
+                                       "final hidden states on the host, so steps and held-out measurements run "
+                                       "only the student (off: the teacher runs inside every step)")
     heal_calib: str | None = setting(None, "heal: text to draw windows from: c4 (docs 0-999), wikitext2-valid or a "
                                      "file (default: --calib); never evaluation text")
 
@@ -153,8 +269,9 @@ def batch_rows(seed: int, step: int, n: int, batch: int) -> np.ndarray:
 
 
 class _Checkpoint:
-    """The loop's state in `staging/heal`: an Orbax checkpoint of (params, optimizer state, best params) per
-    measurement, and `heal.json` (step, trace, best) written after it, last."""
+    """The loop's state in `staging/heal`: an Orbax checkpoint of (trainable leaves, optimizer state, best trainable
+    leaves) per measurement — never the frozen ones, which the run has anyway — and `heal.json` (step, trace,
+    best) written after it, last."""
 
     def __init__(self, staging, key: dict):
         self.folder = None if staging is None else staging / "heal"
@@ -171,7 +288,7 @@ class _Checkpoint:
             return None
         leaves = load_pytree(self.folder / f"step-{info['step']:06d}")["leaves"]
         treedef = jax.tree.structure(like)
-        return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves]), info
+        return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves]), info
 
     def save(self, state: tuple, info: dict) -> None:
         from sigmascale_jax.io.checkpoint import save_pytree
@@ -187,14 +304,52 @@ class _Checkpoint:
                 shutil.rmtree(old)
 
 
+class _Timer:
+    """Seconds and XLA compiles of the heal loop's parts (`compile`, `steps`, `held_out`, `checkpoint`, `teacher`)."""
+
+    def __init__(self) -> None:
+        from sigmascale_jax.compress.report import CompileCounter
+
+        self.compiles = CompileCounter()
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def part(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            t0, c0 = time.perf_counter(), self.compiles.snapshot()
+            yield
+            dt, (n, secs) = time.perf_counter() - t0, self.compiles.since(c0)
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt - secs
+            self.seconds["compile"] = self.seconds.get("compile", 0.0) + secs
+            self.counts[name] = self.counts.get(name, 0) + n
+
+        return timed()
+
+    def record(self) -> dict:
+        self.compiles.close()
+        return {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "compiles": {**self.counts, "total": sum(self.counts.values())}}
+
+
 def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) -> tuple[list[Params], dict]:
-    """The stage: `blocks` (the compressor's dict forms) distilled toward the dense model; and the record."""
+    """The stage: `blocks` (the compressor's dict forms, or typed leaves) distilled toward the dense model; and the
+    record.
+
+    The blocks are stacked (mixed ranks padded, `modeling.stack_blocks`) so the model runs as one loop; only the
+    trainable leaves (`heal_labels`) and their optimizer state are differentiated, donated, checkpointed; the
+    teacher runs once over the windows (`heal_teacher_cache`) and leaves the device before the first step.
+    """
     from tqdm.auto import tqdm
 
+    from sigmascale_jax.model.modeling import stack_params, unstack_blocks
     from sigmascale_jax.parallel import on_device, shard
 
     cfg, spec = ctx.cfg, ctx.spec
     t0 = time.perf_counter()
+    timer = _Timer()
     seq_len = settings.heal_seq_len or spec.seq_len
     n_train, n_held = settings.heal_samples, settings.heal_holdout
     if ctx.fresh_windows is not None:
@@ -207,50 +362,78 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
         windows = ctx.windows[: n_train + n_held, :seq_len]
         text = {"calib": "the calibration windows given", "windows": n_train + n_held, "seq_len": seq_len,
                 "disjoint_from_calibration": False}
-    held, train = windows[:n_held], windows[n_held:]
-    teacher = on_device({**ctx.outer, "blocks": [ctx.load_block(i) for i in range(cfg.num_layers)]}, ctx.mesh)
-    params = on_device({**ctx.outer, "blocks": blocks}, ctx.mesh)  # weights split over the mesh's model axis
-    tx = heal_optimizer(optax.adamw(schedule(settings), weight_decay=0.0), params, norms=settings.heal_norms)
-    state = (params, tx.init(params), params)  # current, optimizer state, best so far
-    ckpt = _Checkpoint(ctx.staging, {**settings.asdict(), "text": text})
+    held, train_windows = windows[:n_held], windows[n_held:]
     batch = min(settings.heal_batch, n_train)
-    before = held_out_loss(params, teacher, held, cfg, batch, ctx.mesh)
+    dense = {**ctx.outer, "blocks": [ctx.load_block(i) for i in range(cfg.num_layers)]}
+    if settings.heal_teacher_cache:
+        with timer.part("teacher"):
+            states = teacher_states(dense, windows, cfg, batch, ctx.mesh)
+        held_teacher, train_teacher, teacher = states[:n_held], states[n_held:], None
+        del dense
+    else:
+        teacher = on_device(stack_params(dense), ctx.mesh)
+        held_teacher = teacher
+    params = stack_params({**ctx.outer, "blocks": blocks})
+    split = Split.of(params, heal_labels(params, settings.heal_norms))
+    train, frozen = split.partition(params)
+    tx = optax.adamw(schedule(settings), weight_decay=0.0)
+    state = (train, tx.init(train), train)  # current, optimizer state, best so far (the best is kept on the host)
+    ckpt = _Checkpoint(ctx.staging, {**settings.asdict(), "text": text})
+    frozen = on_device(frozen, ctx.mesh)
+    cur, opt_state = on_device(state[:2], ctx.mesh)  # weights split over the mesh's model axis, the rest replicated
+
+    def measure(cur) -> float:
+        with timer.part("held_out"):
+            return _held_out(cur, frozen, held_teacher, held, cfg, batch, split, ctx.mesh)
+
+    before = measure(cur)
     info = {"step": 0, "best": before, "best_step": 0, "bad": 0, "trace": [[0, None, before]], "resumed_from": None,
             "seconds": 0.0}
-    restored = ckpt.load(state)
+    best = jax.device_get(state[2])
+    restored = ckpt.load((state[0], state[1], state[2]))
     if restored is not None:
-        state, info = restored
-        state = on_device(state, ctx.mesh)  # placed as the fresh state is, before the guarded steps read it
+        (cur, opt_state, best), info = restored
+        cur, opt_state = on_device((cur, opt_state), ctx.mesh)  # placed as the fresh state is, before guarded steps
         info["resumed_from"] = info["step"]
     earlier = info.get("seconds", 0.0)  # the interrupted runs' time up to their last checkpoint
     bar = tqdm(total=settings.heal_steps, initial=info["step"], desc="heal", unit="step", disable=not ctx.progress,
                leave=False)
     step, stopped = info["step"], info["bad"] >= settings.heal_patience
+    pending = None  # the last step's loss, still being computed: the bar counts a step once its loss is ready
     while step < settings.heal_steps and not stopped:
-        params, opt_state, best = state
-        tokens = shard(train[batch_rows(spec.seed, step, n_train, batch)], ctx.mesh)  # the step's ids: explicit
-        with jax.transfer_guard("disallow"):  # everything else the step reads is on the device already
-            params, opt_state, loss = distill_step(params, opt_state, teacher, tokens, cfg=cfg, optimizer=tx,
-                                                   remat=settings.heal_remat)
-        state, step = (params, opt_state, best), step + 1
-        bar.update(1)
+        rows = batch_rows(spec.seed, step, n_train, batch)
+        tokens = shard(train_windows[rows], ctx.mesh)  # the step's ids: explicit
+        step_teacher = teacher if teacher is not None else shard(train_teacher[rows], ctx.mesh)
+        with timer.part("steps"), jax.transfer_guard("disallow"):  # everything else the step reads is there already
+            cur, opt_state, loss = heal_step(cur, opt_state, frozen, step_teacher, tokens, split=split, cfg=cfg,
+                                             optimizer=tx, ce_weight=settings.heal_ce, remat=settings.heal_remat)
+            if pending is not None:
+                float(jax.device_get(pending))
+                bar.update(1)
+        pending, step = loss, step + 1
         if step % settings.heal_eval_every == 0 or step == settings.heal_steps:
-            held_loss = held_out_loss(params, teacher, held, cfg, batch, ctx.mesh)
+            held_loss = measure(cur)  # waits for the step: its loss is ready too
+            bar.update(1)
+            pending = None
             if not np.isfinite(held_loss):
                 raise FloatingPointError(f"healing diverged: held-out distillation loss {held_loss} at step {step}; "
                                          "lower --heal-lr")
             info["trace"].append([step, float(loss), held_loss])
             if held_loss < info["best"] * (1 - settings.heal_min_gain):
                 info.update(best=held_loss, best_step=step, bad=0)
-                state = (params, opt_state, params)
+                best = jax.device_get(cur)
             else:
                 info["bad"] += 1
                 stopped = info["bad"] >= settings.heal_patience
             info.update(step=step, seconds=earlier + time.perf_counter() - t0)
-            ckpt.save(state, info)
+            with timer.part("checkpoint"):
+                ckpt.save((jax.device_get(cur), jax.device_get(opt_state), best), info)
             bar.set_postfix(held=f"{held_loss:.4f}", best=f"{info['best']:.4f}")
     bar.close()
-    best = jax.device_get(state[2])
+    healed = split.combine(best, jax.device_get(frozen))
+    out = healed["blocks"]
+    out = unstack_blocks(out, like=blocks) if isinstance(out, dict) else out
+    timing = timer.record()
     record = {
         "steps": settings.heal_steps, "steps_run": step, "stopped_early": step < settings.heal_steps,
         "best_step": info["best_step"], "tokens": int(step * batch * seq_len), "text": text,
@@ -258,8 +441,10 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
         "trace": info["trace"], "resumed_from_step": info["resumed_from"],
         "seconds": round(earlier + time.perf_counter() - t0, 3),
         "seconds_this_run": round(time.perf_counter() - t0, 3),
+        "time_s": timing["seconds"], "compiles": timing["compiles"],
+        "stacked": not isinstance(blocks, dict) and isinstance(params["blocks"], dict),
     }
-    return best["blocks"], record
+    return out, record
 
 
 @register(REFINERS, "heal", HealSettings,
@@ -283,21 +468,38 @@ def heal(**kwargs: Any) -> Refiner:
         return heal_model(ctx, blocks, settings)
 
     def memory(cfg, spec: RunSpec) -> tuple[int, str]:
-        from sigmascale_jax.compress.memory import abstract_params, compiled_peak
-
-        params = abstract_params(cfg)
-        length = settings.heal_seq_len or spec.seq_len
-        tokens = jax.ShapeDtypeStruct((settings.heal_batch, length), jnp.int32)
-        peak = compiled_peak(_loss_grad, params, params, tokens, cfg=cfg, remat=settings.heal_remat)
-        moments = 2 * cfg.num_layers * sum(m * n for m, n in cfg.projection_shapes().values()) * 4  # AdamW's, at most
-        return peak + moments, (f"teacher + student forward and backward, {settings.heal_batch} x {length} tokens a "
-                                "step (a dense-shaped student: an upper bound)")
+        return heal_memory(cfg, spec, settings)
 
     return Refiner("heal", settings, refine, check, memory)
 
 
-def _loss_grad(params: Params, teacher: Params, tokens: jax.Array, *, cfg, remat: bool) -> Params:
-    return jax.grad(lambda p: distill_loss(p, teacher, tokens, cfg, 0.0, remat)[0])(params)
+def heal_memory(cfg, spec: RunSpec, settings: HealSettings) -> tuple[int, str]:
+    """Device bytes of the heal stage's step, from the config alone: XLA's memory analysis of `heal_step` (donation
+    counted) on the student at the run's uniform ranks, stacked, with its AdamW state; the teacher's hidden states
+    (one batch) or, without the cache, the dense teacher; beside it the held-out measurement's."""
+    from sigmascale_jax.compress.memory import abstract_factored_params, compiled_peak
+    from sigmascale_jax.model.modeling import stack_params
+
+    length = settings.heal_seq_len or spec.seq_len
+    b = settings.heal_batch
+    sds = jax.ShapeDtypeStruct
+    params = stack_params(abstract_factored_params(cfg, spec.ratio))
+    split = Split.of(params, heal_labels(params, settings.heal_norms))
+    train, frozen = split.partition(params)
+    tx = optax.adamw(1e-5, weight_decay=0.0)
+    opt_state = jax.eval_shape(tx.init, train)
+    tokens = sds((b, length), jnp.int32)
+    if settings.heal_teacher_cache:
+        teacher = sds((b, length, cfg.hidden_size), jnp.float32)
+    else:
+        from sigmascale_jax.compress.memory import abstract_params
+
+        teacher = stack_params(abstract_params(cfg))
+    peak = compiled_peak(heal_step, train, opt_state, frozen, teacher, tokens, split=split, cfg=cfg, optimizer=tx,
+                         ce_weight=settings.heal_ce, remat=settings.heal_remat)
+    what = "the teacher's hidden states" if settings.heal_teacher_cache else "the dense teacher"
+    return peak, (f"one step on {b} x {length} tokens: the student at uniform ranks with AdamW, {what}"
+                  f"{', rematerialized' if settings.heal_remat else ''}")
 
 
 # ------------------------------------------------------------------ after the fact: a finished folder

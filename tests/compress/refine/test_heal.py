@@ -38,20 +38,25 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("heal")
     seen: list[np.ndarray] = []
-    real_step, real_held = heal.distill_step, heal.held_out_loss
+    real_teacher, real_step, real_held = heal.teacher_states, heal.heal_step, heal._held_out
 
-    def step(params, opt_state, teacher, tokens, **kw):
-        seen.extend(np.asarray(tokens))
-        return real_step(params, opt_state, teacher, tokens, **kw)
-
-    def held(params, teacher, windows, *a, **kw):
+    def teacher(params, windows, *a, **kw):  # every window the dense teacher runs on
         seen.extend(np.asarray(windows))
-        return real_held(params, teacher, windows, *a, **kw)
+        return real_teacher(params, windows, *a, **kw)
+
+    def step(train, opt_state, frozen, teacher, tokens, **kw):  # and every window a step or a measurement reads
+        seen.extend(np.asarray(tokens))
+        return real_step(train, opt_state, frozen, teacher, tokens, **kw)
+
+    def held(train, frozen, teacher, windows, *a, **kw):
+        seen.extend(np.asarray(windows))
+        return real_held(train, frozen, teacher, windows, *a, **kw)
 
     for name, extra in (("plain", []), ("healed", HEAL)):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(heal, "distill_step", step)
-            mp.setattr(heal, "held_out_loss", held)
+            mp.setattr(heal, "teacher_states", teacher)
+            mp.setattr(heal, "heal_step", step)
+            mp.setattr(heal, "_held_out", held)
             assert run_cli(main, ["--model", str(require(STORIES)), *RUN, *extra, "--out", str(root / name),
                                   "--no-progress"]) == 0
     np.save(root / "seen.npy", np.stack(seen))
