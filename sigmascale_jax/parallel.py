@@ -189,7 +189,7 @@ def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
         axes = tuple({"out": out, "in": inp}.get(a, a) for a in FIELD_AXES[field])
         if len(axes) == ndim:
             return axes
-        # stacked blocks (`modeling.stack_blocks`): a leading layer axis, never split
+        # stacked blocks (`stacking.stack_blocks`): a leading layer axis, never split
         stacked = "blocks" in names and not isinstance(names[names.index("blocks") + 1], int)
         return (None, *axes) if stacked and len(axes) + 1 == ndim else ()
     top = names[-1] if names else None

@@ -25,8 +25,8 @@ from sigmascale_jax.model.modeling import (
     queries_keys_values,
     rms_norm,
     rope_cos_sin,
-    stack_blocks,
 )
+from sigmascale_jax.model.stacking import scan_inputs, stack_blocks, with_constants
 
 
 class KVCache(NamedTuple):
@@ -70,15 +70,16 @@ def _attention(block: Params, x: jax.Array, cfg: ModelConfig, k_all: jax.Array, 
 def step(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Logits `[B, T, V]` (float32) of `tokens: [B, T]` following what `cache` holds, and the updated cache.
 
-    The blocks run as one `lax.scan` where they stack (`modeling.stack_blocks`), the cache in the loop's carry
+    The blocks run as one `lax.scan` where they stack (`stacking.stack_blocks`), the cache in the loop's carry
     (each layer's slice updated in place), else as a loop unrolled into the program.
     """
     start = cache.length
     x = params["embed"][tokens]
 
-    def layer(carry, inputs):
+    def layer(carry, inputs, constants=None):
         x, k_all, v_all = carry
         block, i = inputs
+        block = with_constants(block, constants or {})
         h = rms_norm(x, block["attn_norm"], cfg.rms_norm_eps)
         a, k_all, v_all = _attention(block, h, cfg, k_all, v_all, i, start)
         x = x + project(block["o"], a)
@@ -92,7 +93,8 @@ def step(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: KVCache) ->
         for i, block in enumerate(blocks):
             carry, _ = layer(carry, (block, i))
     else:
-        carry, _ = jax.lax.scan(layer, carry, (stacked, jnp.arange(cfg.num_layers)))
+        xs, constants = scan_inputs(stacked)
+        carry, _ = jax.lax.scan(lambda c, inp: layer(c, inp, constants), carry, (xs, jnp.arange(cfg.num_layers)))
     x, k_all, v_all = carry
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     logits = (h @ lm_head(params).T.astype(h.dtype)).astype(jnp.float32)

@@ -224,113 +224,18 @@ def block_forward(
 
 # ------------------------------------------------------------------ the blocks as one loop
 
-# Whether blocks whose factors differ in rank are padded to one width per projection so they stack and run as one
-# `lax.scan` (zero columns of B and rows of C are exact and keep zero gradients), instead of one program copy per
-# block. Measured in results/compile_smollm2.md (scripts/bench_scan.py): see there for the choice.
-PAD_MIXED_RANKS = True
-
 
 def is_stacked(blocks: Any) -> bool:
-    """Whether `params["blocks"]` is the stacked form (one pytree, every array with a leading layer axis) rather
-    than a list of blocks."""
+    """Whether `params["blocks"]` is the stacked form (`model/stacking.py`) rather than a list of blocks."""
     return isinstance(blocks, dict)
 
 
-def _factor_pair(p: Any) -> tuple[Any, Any] | None:
-    """`(b, c)` of a float low-rank projection (a `{"b", "c"}` dict or a `LowRank` leaf of float arrays), else None."""
-    from sigmascale_jax.model.leaves import LowRank, is_quantized
+def stack_params(params: Params, pad: bool = True) -> Params:
+    """`params` with its blocks stacked where they stack (`stacking.stack_blocks`), else unchanged: what the decoder
+    runs as one `lax.scan`. Do it once, outside `jit`, for a model you run many times (inside, each call stacks
+    anew)."""
+    from sigmascale_jax.model.stacking import stack_blocks
 
-    if isinstance(p, LowRank):
-        return None if is_quantized(p.b) or is_quantized(p.c) else (p.b, p.c)
-    if isinstance(p, dict) and set(p) - {"bias"} == {"b", "c"}:
-        return p["b"], p["c"]
-    return None
-
-
-def _pad_pair(p: Any, width: int, xp: Any) -> Any:
-    """A low-rank projection with B's columns and C's rows padded with zeros to `width` (the same matrix)."""
-    from sigmascale_jax.model.leaves import LowRank
-
-    b, c = _factor_pair(p)
-    k = b.shape[-1]
-    if k < width:
-        b = xp.pad(b, ((0, 0), (0, width - k)))
-        c = xp.pad(c, ((0, width - k), (0, 0)))
-    return LowRank(b, c, p.bias) if isinstance(p, LowRank) else {**p, "b": b, "c": c}
-
-
-class _Abstract:
-    """Stacking and padding of `jax.ShapeDtypeStruct`s (memory plans stack abstract params)."""
-
-    @staticmethod
-    def stack(xs):
-        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
-
-    @staticmethod
-    def pad(x, widths):
-        return jax.ShapeDtypeStruct(tuple(d + a + b for d, (a, b) in zip(x.shape, widths)), x.dtype)
-
-
-def _array_module(tree: Any) -> Any:
-    """numpy when every array of `tree` is a host array (stacking stays on the host), `_Abstract` for abstract
-    arrays, else jax.numpy."""
-    leaves = jax.tree.leaves(tree)
-    if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
-        return _Abstract
-    return np if all(isinstance(x, np.ndarray) for x in leaves) else jnp
-
-
-def stack_blocks(blocks: list[Params], pad: bool = PAD_MIXED_RANKS) -> Params | None:
-    """The blocks as one pytree whose arrays have a leading layer axis (`lax.scan`'s input), or None when they do
-    not stack: their trees differ (a projection dense in one block and factored in another, other encodings), or
-    their shapes do and `pad` is off or cannot help (only float low-rank factors are padded, to the widest rank of
-    each projection). Host arrays stack on the host; inside `jit` the stack is part of the program."""
-    if not blocks:
-        return None
-    xp = _array_module(blocks)
-    structure = jax.tree.structure(blocks[0])
-    if any(jax.tree.structure(b) != structure for b in blocks[1:]):
-        return None
-    shapes = [[np.shape(x) for x in jax.tree.leaves(b)] for b in blocks]
-    if any(s != shapes[0] for s in shapes[1:]):
-        if not pad:
-            return None
-        widths = {}
-        for name in PROJECTIONS:
-            pairs = [_factor_pair(b[name]) for b in blocks]
-            if all(pair is not None for pair in pairs):
-                widths[name] = max(pair[0].shape[-1] for pair in pairs)
-        blocks = [{k: _pad_pair(v, widths[k], xp) if k in widths else v for k, v in b.items()} for b in blocks]
-        shapes = [[np.shape(x) for x in jax.tree.leaves(b)] for b in blocks]
-        if any(s != shapes[0] for s in shapes[1:]):
-            return None
-    return jax.tree.map(lambda *xs: xp.stack(xs), *blocks)
-
-
-def unstack_blocks(stacked: Params, like: list[Params] | None = None) -> list[Params]:
-    """The list of blocks of a stacked form; with `like` (the blocks it was stacked from), padded factors are cut back
-    to each block's own rank (their padding is zero: nothing is lost)."""
-    num = jax.tree.leaves(stacked)[0].shape[0]
-    blocks = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num)]
-    if like is None:
-        return blocks
-    out = []
-    for block, ref in zip(blocks, like):
-        cut = dict(block)
-        for name in PROJECTIONS:
-            pair, ref_pair = _factor_pair(block.get(name)), _factor_pair(ref.get(name))
-            if pair is not None and ref_pair is not None and pair[0].shape[-1] != ref_pair[0].shape[-1]:
-                k = ref_pair[0].shape[-1]
-                b, c = pair[0][:, :k], pair[1][:k]
-                p = block[name]
-                cut[name] = type(p)(b, c, p.bias) if not isinstance(p, dict) else {**p, "b": b, "c": c}
-        out.append(cut)
-    return out
-
-
-def stack_params(params: Params, pad: bool = PAD_MIXED_RANKS) -> Params:
-    """`params` with its blocks stacked (`stack_blocks`) when they stack, else unchanged: what the decoder runs as a
-    `lax.scan`. Do it once, outside `jit`, for a model you run many times (inside, each call stacks anew)."""
     if is_stacked(params["blocks"]):
         return params
     stacked = stack_blocks(params["blocks"], pad)
@@ -338,33 +243,42 @@ def stack_params(params: Params, pad: bool = PAD_MIXED_RANKS) -> Params:
 
 
 def run_blocks(blocks: Any, x: jax.Array, cfg: ModelConfig, cos: jax.Array, sin: jax.Array,
-               packing: Packing | None = None, remat: bool = False, pad: bool = PAD_MIXED_RANKS) -> jax.Array:
+               packing: Packing | None = None, remat: bool = False, pad: bool = True,
+               scan: bool = True) -> jax.Array:
     """Every block on `x: [B, T, D]` in order: one `lax.scan` over the stacked blocks where they stack
-    (`stack_blocks`), else a loop unrolled into the program. `remat`: `jax.checkpoint` per block."""
+    (`stacking.stack_blocks`), else (or with `scan=False` and listed blocks) a loop unrolled into the program.
+    `remat`: `jax.checkpoint` per block."""
+    from sigmascale_jax.model.stacking import scan_inputs, stack_blocks, with_constants
+
     apply = jax.checkpoint(block_forward, static_argnums=(2,)) if remat else block_forward
-    stacked = blocks if is_stacked(blocks) else stack_blocks(blocks, pad)
+    stacked = blocks if is_stacked(blocks) else stack_blocks(blocks, pad) if scan else None
     if stacked is None:
         for block in blocks:
             x = apply(block, x, cfg, cos, sin, packing)
         return x
-    x, _ = jax.lax.scan(lambda x, block: (apply(block, x, cfg, cos, sin, packing), None), x, stacked)
+    xs, constants = scan_inputs(stacked)
+
+    def body(x, block):
+        return apply(with_constants(block, constants), x, cfg, cos, sin, packing), None
+
+    x, _ = jax.lax.scan(body, x, xs)
     return x
 
 
 def hidden_states(
     params: Params, tokens: jax.Array, cfg: ModelConfig, packing: Packing | None = None, remat: bool = False,
-    pad: bool = PAD_MIXED_RANKS,
+    pad: bool = True, scan: bool = True,
 ) -> jax.Array:
     """Final normed hidden states `[B, T, D]` of `tokens: [B, T]` (int): one sequence per row, or a `Packing`.
 
     `remat`: recompute each block's activations in the backward pass instead of keeping them (`jax.checkpoint`
     per block), so a gradient holds one `[B, T, D]` per block rather than all its intermediates. The blocks run as
-    one `lax.scan` where they stack (`run_blocks`; `pad`: mixed ranks padded to stack).
+    one `lax.scan` where they stack (`run_blocks`; `pad`: mixed ranks padded to stack; `scan=False`: unrolled).
     """
     x = params["embed"][tokens]
     positions = jnp.arange(tokens.shape[1]) if packing is None else packing.positions
     cos, sin = rope_cos_sin(cfg, positions)
-    x = run_blocks(params["blocks"], x, cfg, cos, sin, packing, remat, pad)
+    x = run_blocks(params["blocks"], x, cfg, cos, sin, packing, remat, pad, scan)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
@@ -374,9 +288,9 @@ def lm_head(params: Params) -> jax.Array:
 
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, remat: bool = False,
-            pad: bool = PAD_MIXED_RANKS) -> jax.Array:
-    """Logits `[B, T, V]` (float32) of `tokens: [B, T]` (`remat`, `pad`: see `hidden_states`)."""
-    h = hidden_states(params, tokens, cfg, remat=remat, pad=pad)
+            pad: bool = True, scan: bool = True) -> jax.Array:
+    """Logits `[B, T, V]` (float32) of `tokens: [B, T]` (`remat`, `pad`, `scan`: see `hidden_states`)."""
+    h = hidden_states(params, tokens, cfg, remat=remat, pad=pad, scan=scan)
     return (h @ lm_head(params).T.astype(h.dtype)).astype(jnp.float32)
 
 

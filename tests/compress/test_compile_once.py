@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 import jax
 import numpy as np
 from conftest import DATA, STORIES, require
@@ -62,3 +64,83 @@ def test_compiles_and_device_memory_do_not_grow_with_the_number_of_blocks():
     assert live[4] - live[1] < block_bytes / 2, (live, block_bytes)  # before the fix: ~0.7 block more per block
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(out["blocks"]))  # the model comes back on the host
     assert after - before < block_bytes / 2, (before, after)
+
+
+def mixed_ranks(cfg):
+    """Every matrix its own rank, one kept dense: what ZS-SVD or FermiGrad give, without their passes."""
+    from sigmascale_jax.compress.plan import Allocation, RankAllocator
+    from sigmascale_jax.compress.ranks import break_even_rank
+
+    rng = np.random.default_rng(0)
+    shapes = cfg.projection_shapes()
+
+    def allocate(ctx, budget):
+        ranks = [{p: int(rng.integers(1, break_even_rank(*shapes[p]))) for p in shapes} for _ in range(cfg.num_layers)]
+        ranks[2]["up"] = None
+        return Allocation(ranks, {})
+
+    return RankAllocator("mixed", ssj.make_plan("svd").allocate.settings, allocate, costly=False)
+
+
+HEAL_PROGRAMS = {"heal_step", "_held_loss", "init_fn"}  # shaped by the padded ranks: once per run
+
+
+@pytest.mark.parametrize("method,settings", [
+    ("svd", {}), ("asvd", {}), ("svd-llm", {}), ("svd-llm", {"update": True}),
+    ("sigmascale", {"steps": 2, "eval_every": 1, "step_windows": 4}),
+    ("sigmascale", {"loss": "layer", "steps": 2, "eval_every": 1}),
+    ("sigmascale", {"loss": "paper", "steps": 2}),
+    ("svd-llm", {"heal_steps": 2, "heal_samples": 8, "heal_holdout": 4, "heal_eval_every": 2}),
+])
+def test_mixed_ranks_compile_no_program_that_uniform_ranks_did_not(stories_small, method, settings):
+    """Ranks are data: after a uniform-rank run, a run where every matrix has its own rank (one kept dense) traces
+    no new program — healing aside, whose step is shaped by the padded widths, once per run, not per block."""
+    cfg, params, windows = stories_small
+    heal = "heal_steps" in settings
+    ssj.compress_params(params, cfg, windows, ssj.make_plan(method, **settings), 0.3)  # compiles what it needs
+    traces: list[str] = []
+
+    def listen(event, duration, **kw):
+        if event == TRACE_EVENT:
+            traces.append(kw.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        _, report = ssj.compress_params(params, cfg, windows, ssj.make_plan(method, ranks=mixed_ranks(cfg),
+                                                                             **settings), 0.3)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len({m["rank"] for m in report["matrices"] if m["name"] == "q"}) > 2  # the ranks did differ
+    new = [t for t in traces if not (heal and t in HEAL_PROGRAMS)]
+    assert new == [], new
+    if heal:
+        assert len(traces) <= len(HEAL_PROGRAMS) and report["refine"][0]["stacked"]  # stacked: once per run
+
+
+def test_zs_svd_adds_only_its_own_passes_to_sigmascale(stories_small):
+    """The allocator's gradient and sensitivity passes are a few programs of their own (one per block shape, not
+    per block or per rank); the factorization compiles nothing new."""
+    cfg, params, windows = stories_small
+    settings = {"steps": 2, "eval_every": 1, "step_windows": 4}
+    ssj.compress_params(params, cfg, windows, ssj.make_plan("sigmascale", **settings), 0.3)
+    traces: list[str] = []
+
+    def listen(event, duration, **kw):
+        if event == TRACE_EVENT:
+            traces.append(kw.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        ssj.compress_params(params, cfg, windows, ssj.make_plan("sigmascale", ranks="zs-svd", **settings), 0.3)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    allocation = {"_head_vjp", "_block_vjp_sum", "_block_deltas", "zero_sum_select"}
+    # each once per shape of window chunk (here 8 and 4 of the 12 windows), never per block or rank
+    assert set(traces) <= allocation and len(traces) <= 2 * len(allocation), traces
+
+
+@pytest.fixture(scope="module")
+def stories_small():
+    cfg, params, source = ssj.load_model(str(require(STORIES)))
+    windows = ssj.calibration_windows(source, "c4", data_dir=str(DATA), nsamples=12, seq_len=32, seed=0)
+    return cfg, jax.tree.map(np.array, params), windows

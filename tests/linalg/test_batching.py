@@ -57,8 +57,8 @@ def test_sigmascale_steps_on_smollm2_sizes_finish():
         "xs = np.asarray(load_outer(src.reader, cfg)['embed'][ids])\n"
         "block = load_block(src.reader, cfg, 3)\n"
         "ys, stats = block_stats(block, xs, cfg, 8)\n"
-        "_, info = sigmascale_block(block, stats, xs, ys, cfg, block_ranks(cfg, 0.3), steps=3, batch_windows=4, eval_every=1)\n"
-        "assert info['_block']['holdout_best'] <= info['_block']['holdout_init']\n"
+        "res = sigmascale_block(block, stats, xs, ys, cfg, block_ranks(cfg, 0.3), steps=3, batch_windows=4, eval_every=1)\n"
+        "assert res.block['holdout_best'] <= res.block['holdout_init']\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,26 +13,29 @@ from sigmascale_jax.model.modeling import PROJECTION_INPUT, PROJECTIONS
 
 
 def low_rank_groups(block: Params, ranks: dict[str, Optional[int]]) -> dict[tuple[int, int], list[str]]:
-    """`{shape: [projection, ...]}` of the projections to factor: same-shape matrices batch together whatever their
-    ranks (a rank is data, `rank_array`), so a block compiles one program per shape."""
+    """`{shape: [projection, ...]}` of the block's projections by matrix shape, whatever their ranks (a rank is
+    data, `rank_array`) and whether they are factored at all: a projection kept dense is computed with its group
+    and dropped (`factor_block`), so every block of a model runs the same programs."""
     groups: dict[tuple, list[str]] = {}
     for name in PROJECTIONS:
-        if ranks[name] is not None:
-            groups.setdefault(tuple(block[name]["w"].shape), []).append(name)
-    return groups
+        groups.setdefault(tuple(block[name]["w"].shape), []).append(name)
+    return {shape: names for shape, names in groups.items() if any(ranks[n] is not None for n in names)}
 
 
 def rank_array(ranks: dict[str, Optional[int]], names: list[str]) -> np.ndarray:
-    """int32 `[G]`: the ranks of `names`, as data for a compiled group function."""
-    return np.asarray([ranks[n] for n in names], np.int32)
+    """int32 `[G]`: the ranks of `names`, as data for a compiled group function (1 for a projection kept dense,
+    whose factors are dropped)."""
+    return np.asarray([ranks[n] or 1 for n in names], np.int32)
 
 
-def stacked(block: Params, stats: dict, names: list[str], dtype=jnp.float64) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Stacks `w: [G, m, n]`, `gram: [G, n, n]`, `absmean: [G, n]` of `names` in `dtype` (float64: call inside
-    `linalg.precision.factor_precision`, which yields the dtype)."""
-    w = jnp.stack([jnp.asarray(np.asarray(block[n]["w"]), dtype) for n in names])
-    gram = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["gram"], dtype) for n in names])
-    absmean = jnp.stack([jnp.asarray(stats[PROJECTION_INPUT[n]]["absmean"], dtype) for n in names])
+def stacked(block: Params, stats: dict, names: list[str], dtype=jnp.float64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stacks `w: [G, m, n]`, `gram: [G, n, n]`, `absmean: [G, n]` of `names` in `dtype`, on the host (a device
+    stack would compile per group size). float64: call inside `linalg.precision.factor_precision`, which yields
+    the dtype."""
+    dtype = np.dtype(dtype)
+    w = np.stack([np.asarray(block[n]["w"], dtype) for n in names])
+    gram = np.stack([np.asarray(stats[PROJECTION_INPUT[n]]["gram"], dtype) for n in names])
+    absmean = np.stack([np.asarray(stats[PROJECTION_INPUT[n]]["absmean"], dtype) for n in names])
     return w, gram, absmean
 
 
@@ -61,6 +64,8 @@ def factor_block(
         b, c, loss, extras = group_fn(names, ks)
         b, c, loss = np.asarray(b), np.asarray(c), np.asarray(loss)
         for j, n in enumerate(names):
+            if ranks[n] is None:  # computed with its group, kept dense
+                continue
             k = int(ks[j])
             bj, cj = b[j][:, :k], c[j][:k]
             if not (np.isfinite(bj).all() and np.isfinite(cj).all()):

@@ -162,7 +162,7 @@ def svd_llm(update: bool = False) -> Factorizer:
             w, gram, _ = stacked(inputs.block, whiten_stats, names, dtype)
             refit = None
             if settings.update:
-                refit = jnp.stack([jnp.asarray(inputs.stats[PROJECTION_INPUT[n]]["gram"], dtype) for n in names])
+                refit = np.stack([np.asarray(inputs.stats[PROJECTION_INPUT[n]]["gram"], dtype) for n in names])
             b, c, loss, routes = svd_llm_group(w, gram, ranks, refit)
             return b, c, loss, [{"whitening": WHITEN_NAMES[r]} for r in routes]
 

@@ -338,13 +338,14 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
     """The stage: `blocks` (the compressor's dict forms, or typed leaves) distilled toward the dense model; and the
     record.
 
-    The blocks are stacked (mixed ranks padded, `modeling.stack_blocks`) so the model runs as one loop; only the
+    The blocks are stacked (mixed ranks padded, `stacking.stack_blocks`) so the model runs as one loop; only the
     trainable leaves (`heal_labels`) and their optimizer state are differentiated, donated, checkpointed; the
     teacher runs once over the windows (`heal_teacher_cache`) and leaves the device before the first step.
     """
     from tqdm.auto import tqdm
 
-    from sigmascale_jax.model.modeling import stack_params, unstack_blocks
+    from sigmascale_jax.model.modeling import stack_params
+    from sigmascale_jax.model.stacking import unstack_blocks
     from sigmascale_jax.parallel import on_device, shard
 
     cfg, spec = ctx.cfg, ctx.spec
@@ -377,7 +378,9 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
     split = Split.of(params, heal_labels(params, settings.heal_norms))
     train, frozen = split.partition(params)
     tx = optax.adamw(schedule(settings), weight_decay=0.0)
-    state = (train, tx.init(train), train)  # current, optimizer state, best so far (the best is kept on the host)
+    # current, optimizer state, best so far (kept on the host); the state made by one compiled program, not an eager
+    # zeros per array shape
+    state = (train, jax.jit(tx.init)(train), train)
     ckpt = _Checkpoint(ctx.staging, {**settings.asdict(), "text": text})
     frozen = on_device(frozen, ctx.mesh)
     cur, opt_state = on_device(state[:2], ctx.mesh)  # weights split over the mesh's model axis, the rest replicated

@@ -109,8 +109,7 @@ def test_learning_lowers_the_held_out_loss_and_never_ends_worse(stories_block, k
 
     cfg, block, xs, ys, stats = stories_block
     ranks = block_ranks(cfg, 0.4)
-    _, info = sigmascale_block(block, stats, xs, ys, cfg, ranks, kind=kind, steps=25, lr=1e-2, eval_every=5)
-    b = info["_block"]
+    b = sigmascale_block(block, stats, xs, ys, cfg, ranks, kind=kind, steps=25, lr=1e-2, eval_every=5).block
     assert [i for i, _ in b["holdout_trace"]] == [0, 5, 10, 15, 20, 25]
     assert b["holdout_best"] <= b["holdout_init"]
     if kind == "layer":
@@ -120,10 +119,10 @@ def test_learning_lowers_the_held_out_loss_and_never_ends_worse(stories_block, k
         return
     assert b["holdout_best"] < 0.97 * b["holdout_init"] and b["best_step"] > 0
     # a learning rate that only makes things worse: the guard keeps step 0 (SVD-LLM)
-    _, info = sigmascale_block(block, stats, xs, ys, cfg, ranks, kind="block", steps=5, lr=50.0)
-    assert info["_block"]["best_step"] == 0 and info["_block"]["holdout_best"] == info["_block"]["holdout_init"]
+    res = sigmascale_block(block, stats, xs, ys, cfg, ranks, kind="block", steps=5, lr=50.0)
+    assert res.block["best_step"] == 0 and res.block["holdout_best"] == res.block["holdout_init"]
     for n in ("q", "down"):
-        assert info[n]["entropy_whitened"] > 0 and info[n]["entropy_scaled"] > 0
+        assert res.matrices[n]["entropy_whitened"] > 0 and res.matrices[n]["entropy_scaled"] > 0
 
 
 def test_early_stopping_skips_steps_and_learns_what_a_full_run_learns_by_then(stories_block):
@@ -133,12 +132,12 @@ def test_early_stopping_skips_steps_and_learns_what_a_full_run_learns_by_then(st
     cfg, block, xs, ys, stats = stories_block
     ranks = block_ranks(cfg, 0.4)
     kw = dict(kind="block", steps=40, lr=1e-2, eval_every=5)
-    full_scales, full = sigmascale_block(block, stats, xs, ys, cfg, ranks, **kw)
-    off_scales, off = sigmascale_block(block, stats, xs, ys, cfg, ranks, **kw, min_gain=0.0)
-    assert full["_block"]["steps_run"] == off["_block"]["steps_run"] == 40
-    np.testing.assert_array_equal(np.asarray(full_scales["q"]["b"]), np.asarray(off_scales["q"]["b"]))
-    _, early = sigmascale_block(block, stats, xs, ys, cfg, ranks, **kw, min_gain=0.5)
-    e, f = early["_block"], full["_block"]
+    full = sigmascale_block(block, stats, xs, ys, cfg, ranks, **kw)
+    off = sigmascale_block(block, stats, xs, ys, cfg, ranks, **kw, min_gain=0.0)
+    assert full.block["steps_run"] == off.block["steps_run"] == 40
+    np.testing.assert_array_equal(np.asarray(full.params["q"]["b"]), np.asarray(off.params["q"]["b"]))
+    early = sigmascale_block(block, stats, xs, ys, cfg, ranks, **kw, min_gain=0.5)
+    e, f = early.block, full.block
     trace = dict((i, h) for i, h in f["holdout_trace"])
     # the rule, replayed on the full run's trace, names the same stopping step
     expect, best = 40, trace[0]
@@ -283,8 +282,8 @@ def test_gram_eigh_learns_what_the_svd_path_learns_on_a_smollm2_block():
     block = load_block(src.reader, cfg, 3)
     ys, stats = block_stats(block, xs, cfg, 3)
     runs = {tr: sigmascale_block(block, stats, xs, ys, cfg, block_ranks(cfg, 0.2), steps=6, lr=0.03, holdout=0.34,
-                                 batch_windows=4, eval_every=3, truncation=tr)[1] for tr in ("svd", "eigh")}
-    a, b = (np.array([v for _, v in r["_block"]["holdout_trace"]]) for r in (runs["svd"], runs["eigh"]))
+                                 batch_windows=4, eval_every=3, truncation=tr) for tr in ("svd", "eigh")}
+    a, b = (np.array([v for _, v in r.block["holdout_trace"]]) for r in (runs["svd"], runs["eigh"]))
     assert a[-1] < a[0] and np.abs(a - b).max() <= 1e-3 * a.max()
     for n in ("q", "gate", "down"):
-        assert runs["eigh"][n]["rel_loss"] == pytest.approx(runs["svd"][n]["rel_loss"], rel=1e-3)
+        assert runs["eigh"].matrices[n]["rel_loss"] == pytest.approx(runs["svd"].matrices[n]["rel_loss"], rel=1e-3)

@@ -40,11 +40,9 @@ def sigmascale(loss: str = "block", steps: int | None = None, lr: float | None =
             new, info = sigmascale_paper_block(inputs.block, inputs.stats, ranks, key, steps=settings.steps,
                                                lr=settings.lr, precision=inputs.precision)
             return BlockResult(new, info)
-        new, info = sigmascale_block(inputs.block, inputs.stats, inputs.xs, inputs.ys, inputs.cfg, ranks,
-                                     settings=settings, batch_size=inputs.batch_size, key=key, mesh=inputs.mesh,
-                                     precision=inputs.precision)
-        block, spectra = info.pop("_block", None), info.pop("_spectra", None)
-        return BlockResult(new, info, block, spectra)
+        return sigmascale_block(inputs.block, inputs.stats, inputs.xs, inputs.ys, inputs.cfg, ranks,
+                                settings=settings, batch_size=inputs.batch_size, key=key, mesh=inputs.mesh,
+                                precision=inputs.precision)
 
     def memory(cfg, spec: RunSpec, ranks) -> tuple[int, str]:
         """The learning scan's compiled peak (the block loss); the paper's per-matrix recipe is not estimated."""

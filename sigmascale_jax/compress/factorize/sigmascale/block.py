@@ -26,6 +26,7 @@ import optax
 from jax.scipy.linalg import solve_triangular
 
 from sigmascale_jax.linalg.batching import stacked_map
+from sigmascale_jax.compress.plan import BlockResult
 from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.linalg.lowrank import relative_activation_loss, split_sigma, split_sigma_masked
 from sigmascale_jax.linalg.precision import factor_precision
@@ -325,7 +326,7 @@ def sigmascale_block(
     mesh: Any = None,
     precision: str = "float64",
     **knobs: Any,
-) -> tuple[Params, dict[str, Any]]:
+) -> BlockResult:
     """Factor a dense block with SigmaScale (the block loss's windows split over `mesh`'s data axis, if given).
 
     `xs, ys: [N, T, D]` are the block's calibration inputs and original outputs, `stats`
@@ -334,8 +335,9 @@ def sigmascale_block(
     or its fields as `knobs` (`steps=50, lr=0.03, ...`). Whitening comes from all N windows (so step 0 is exactly
     SVD-LLM's factors), in `precision` (float64 or float32); learning runs in float32 (`step_windows` windows per
     step for the `block` loss, the training windows' Gram matrices for `layer`); the final factors
-    are computed in `precision` from the learned scales. `info["_spectra"]` holds the singular
-    values of W, of W S and of the learned scaled matrix, `{"<projection>.<w|whitened|scaled>": [r]}`.
+    are computed in `precision` from the learned scales. Returns a `BlockResult`: the factored block, each
+    projection's record, the block's record (the held-out trace) and `spectra`, the singular values of W, of W S
+    and of the learned scaled matrix, `{"<projection>.<w|whitened|scaled>": [r]}`.
     """
     from sigmascale_jax.compress.stats import block_stats
 
@@ -353,7 +355,7 @@ def sigmascale_block(
         for n in PROJECTIONS if n not in names
     }
     if not names:  # every projection kept dense: nothing to learn
-        return dict(block), dict(dense_info)
+        return BlockResult(dict(block), dict(dense_info))
     # every tap's whitening, the dense projections' too: the learning scan keeps them by data (rank 0), so its
     # program is the same whichever projections an allocator keeps dense
     whitenings, routes = {}, {}
@@ -418,7 +420,7 @@ def sigmascale_block(
     train_trace = np.asarray(trace["train"])
     steps_run = int(trace["steps_run"])
     measured = np.flatnonzero(np.isfinite(hold))
-    info["_block"] = {
+    record = {
         "loss": kind,
         "steps": steps,
         "steps_run": steps_run,
@@ -431,8 +433,7 @@ def sigmascale_block(
         "learn_s": round(learn_s, 3),
         "step_s": round(learn_s / steps_run, 4) if steps_run else None,
     }
-    info["_spectra"] = all_spectra  # not JSON: the pipeline stores it in spectra.npz
-    return new, info
+    return BlockResult(new, info, record, all_spectra)  # spectra: not JSON, the pipeline stores them in spectra.npz
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "steps", "truncation", "loss_fn"))
