@@ -1,5 +1,6 @@
 #!/bin/bash
-# The accelerator run, as one prepared call (about 10 minutes). First (issue 30) where an 8B block's time goes:
+# The accelerator run, as one prepared call (about 13 minutes). First (issue 40) what one 8B block's programs cost to
+# compile and to run at uniform and mixed ranks (compile_block.py). Then (issue 30) where an 8B block's time goes:
 # profile_block.py times statistics, whitening, svd-llm's factorization in float32 and float64 and one SigmaScale
 # step, writing its table after every part, then traces each with jax.profiler ($OUT/profile_gpu-trace); and the
 # memory plan of the same run (--plan-only) beside the device's measured peak. Then, as issue 16 had it:
@@ -16,6 +17,9 @@ B=${SHAPE_B:-qwen3-8b}
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+# issue 40 first: one 8B block's statistics and SigmaScale learning, compiled once and run at uniform, then mixed
+# ranks (0 compiles expected), and the whole-model estimate against 20 minutes (results/compile_block_gpu.md)
+timeout ${TC:-200} $PY scripts/compile_block.py --shape "$A" --out "$OUT/compile_block_gpu" || echo "compile part failed: $?"
 timeout ${T0:-240} $PY scripts/profile_block.py --shape "$A" --work /tmp/scale --out "$OUT/profile_gpu" \
     || echo "part 0 failed: $?"
 timeout ${TP:-120} $PY -m sigmascale_jax.compress --model /tmp/scale/$A --method sigmascale --ratio 0.2 \

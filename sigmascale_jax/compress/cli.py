@@ -197,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.getLogger("absl").setLevel(logging.ERROR)
     use_compilation_cache(not args.no_compile_cache)
+    from sigmascale_jax.io.outputs import Input
+
+    config = [Input(args.config, "the config file", whole=False)] if args.config else []
     report = run(spec, plan, args.out, data_dir=args.data_dir, overwrite=args.overwrite,
-                 progress=not args.no_progress and is_main_process())
+                 progress=not args.no_progress and is_main_process(), inputs=config)
     if not is_main_process():
         return 0
     extra = (" +update" if report["update"] else "") + (f", ranks {report['ranks_method']}")

@@ -38,16 +38,20 @@ PARTIAL_SUFFIX = ".partial"
 RANKS_FILE = "ranks.json"
 
 
-def run_inputs(spec: RunSpec, data_dir: str | None) -> list[Input]:
-    """What a compression reads, which its `--out` must not replace: the model, the calibration file or data folder."""
+def run_inputs(spec: RunSpec, data_dir: str | None, plan: Plan | None = None) -> list[Input]:
+    """What a compression reads, which its `--out` must not replace: the model, the calibration file or data folder,
+    and every path a stage's settings name (`Plan.inputs`: the healing text, the run whose ranks are reused)."""
     from sigmascale_jax.compress.calibration import CALIB_SOURCES
     from sigmascale_jax.io.data import find_data_dir
 
     inputs = model_input(spec.model, "the model being compressed")
-    if spec.calib in CALIB_SOURCES:
+    if spec.calib in CALIB_SOURCES or any(s in CALIB_SOURCES for s, _ in (plan.inputs() if plan else [])):
         inputs.append(Input(find_data_dir(data_dir), "the data folder"))
-    else:
+    if spec.calib not in CALIB_SOURCES:
         inputs.append(Input(spec.calib, "the calibration file", whole=False))
+    for path, role in plan.inputs() if plan else []:
+        if path not in CALIB_SOURCES:
+            inputs.append(Input(path, role, whole=Path(path).is_dir()))
     return inputs
 
 
@@ -231,7 +235,7 @@ def check_host_memory(spec: RunSpec, cfg) -> None:
 
 
 def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = None, overwrite: bool = False,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, inputs: list[Input] = ()) -> dict[str, Any]:
     """Compress `spec.model` with `plan` into the folder `out`; returns the report (compression.json).
 
     Everything that can be checked without the work (settings, model files and shapes,
@@ -241,7 +245,7 @@ def run(spec: RunSpec, plan: Plan, out: str | Path, *, data_dir: str | None = No
     from sigmascale_jax.parallel import barrier, is_main_process
 
     out = Path(out)
-    inputs = run_inputs(spec, data_dir)
+    inputs = [*run_inputs(spec, data_dir, plan), *inputs]  # `inputs`: what the caller read too (the --config file)
     check_out(out, overwrite, inputs)
     clock = _Clock(stage_memory=True)
     source = open_checked(spec, plan)

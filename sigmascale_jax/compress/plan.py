@@ -239,6 +239,12 @@ class Plan:
                             "with it, or drop it")
         check_reachable(spec.ratio, cfg, self.encoder().count)
 
+    def inputs(self) -> list[tuple[str, str]]:
+        """`(path, role)` of the files and folders the stages' settings make the run read (`--heal-calib`,
+        `--ranks-from`), which no output may replace."""
+        return [x for stage in (self.allocate, self.factorize, *self.refine, self.encoder())
+                for x in stage.settings.inputs()]
+
     def encoder(self) -> Encoder:
         if self.encode is not None:
             return self.encode

@@ -21,12 +21,15 @@ from sigmascale_jax.errors import ArgError
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-            max: float | None = None, above: float | None = None, below: float | None = None) -> Any:
+            max: float | None = None, above: float | None = None, below: float | None = None,
+            reads: str | None = None) -> Any:
     """A settings field: its default, its `--help` text and the bounds `Settings` enforces.
 
-    `min`/`max` are inclusive bounds, `above`/`below` strict ones.
+    `min`/`max` are inclusive bounds, `above`/`below` strict ones. `reads`: the field names a path the run reads
+    ("the healing text"), which no output of the run may replace (`Settings.inputs`).
     """
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "above": above, "below": below}
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "above": above, "below": below,
+            "reads": reads}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -94,6 +97,11 @@ class Settings:
 
     def asdict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """`(path, role)` of every path these settings make the run read (fields declared with `reads=`)."""
+        return [(getattr(self, f.name), f.metadata["reads"]) for f in dataclasses.fields(self)
+                if f.metadata.get("reads") and getattr(self, f.name)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,12 @@ def test_output_folder_and_report(svd_llm_run):
         assert mem["host_peak_mib"] >= max(mem["stage_rss_peak_mib"].values()) - 0.1
     assert set(report["timings_s"]) >= {"calibration", "load", "stats", "factorize", "propagate", "checkpoint"}
     assert report["versions"]["jax"] == jax.__version__
+    # each stage's XLA compiles beside its seconds (what the process had not compiled before: 0 for a stage whose
+    # programs another test already built, but the run as a whole compiles its own statistics and factorization)
+    compiles = report["compile"]
+    assert set(compiles["stages"]) <= set(report["timings_s"])
+    assert compiles["compiles"] == sum(s["compiles"] for s in compiles["stages"].values())
+    assert all(s["compiles"] > 0 and s["compile_s"] >= 0 for s in compiles["stages"].values())
 
 
 def test_gqa_projections_get_their_own_ranks(svd_llm_run):

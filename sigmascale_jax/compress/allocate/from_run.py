@@ -25,7 +25,8 @@ from sigmascale_jax.model.modeling import PROJECTIONS
 
 @dataclasses.dataclass(frozen=True)
 class FromRunSettings(Settings):
-    ranks_from: str = setting(None, "from-run: a compressed folder (or its compression.json) whose ranks to reuse")
+    ranks_from: str = setting(None, "from-run: a compressed folder (or its compression.json) whose ranks to reuse",
+                              reads="the run that supplies the ranks")
 
 
 def _report_path(ranks_from: str | None) -> Path:

@@ -253,7 +253,29 @@ class HealSettings(Settings):
                                        "final hidden states on the host, so steps and held-out measurements run "
                                        "only the student (off: the teacher runs inside every step)")
     heal_calib: str | None = setting(None, "heal: text to draw windows from: c4 (docs 0-999), wikitext2-valid or a "
-                                     "file (default: --calib); never evaluation text")
+                                     "file (default: --calib); never evaluation text", reads="the healing text")
+
+
+def check_heal_text(settings: HealSettings, cfg, seq_len: int) -> None:
+    """Before any work: the healing text exists, and its windows (with the teacher's hidden states when cached) fit
+    in this machine's memory."""
+    import os
+
+    from sigmascale_jax.compress.calibration import CALIB_SOURCES
+
+    if settings.heal_calib and settings.heal_calib not in CALIB_SOURCES and not os.path.isfile(settings.heal_calib):
+        raise UserError(f"--heal-calib {settings.heal_calib}: no such file; give c4, wikitext2-valid or a .txt/.jsonl "
+                        "file")
+    windows = settings.heal_samples + settings.heal_holdout
+    need = windows * seq_len * (4 + (4 * cfg.hidden_size if settings.heal_teacher_cache else 0))
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform says
+        return
+    if need > have:
+        raise UserError(f"--heal-samples {settings.heal_samples} + --heal-holdout {settings.heal_holdout} windows of "
+                        f"{seq_len} tokens need {need / 2**30:.1f} GiB of host memory (with the teacher's hidden "
+                        f"states), more than this machine's {have / 2**30:.1f} GiB; lower --heal-samples")
 
 
 def schedule(settings: HealSettings) -> optax.Schedule:
@@ -466,6 +488,7 @@ def heal(**kwargs: Any) -> Refiner:
         if jax.process_count() > 1:
             raise UserError("healing (--heal-steps) runs in one process: compress with several processes and no "
                             "healing, then heal the folder in one (`compress.refine.heal.heal_compressed`)")
+        check_heal_text(settings, cfg, seq_len)
 
     def refine(ctx: ModelContext, blocks: list[Params], ranks: Ranks) -> tuple[list[Params], dict]:
         return heal_model(ctx, blocks, settings)
