@@ -72,3 +72,94 @@ def test_healing_windows_beyond_the_machines_memory_are_refused_before_any_work(
     proc = compress_cli(capsys, *FAST, "--heal-steps", "2", "--heal-samples", str(10**12), "--out", str(tmp_path / "o"))
     assert_one_line_error(proc, "--heal-samples", "host memory")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+# ------------------------------------------------------------------ Python callers: errors that name the argument
+
+
+@pytest.fixture(scope="module")
+def stories():
+    import jax
+
+    import sigmascale_jax as ssj
+
+    cfg, params, source = ssj.load_model(str(require(STORIES)))
+    return cfg, jax.device_get(params)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"temperature": -1.0}, "temperature must be a finite number"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"top_p": 0.0}, "top_p must lie in (0, 1]"),
+    ({"top_p": 1.5}, "top_p must lie in (0, 1]"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be a whole number"),
+    ({"max_new_tokens": 10**6}, "max_new_tokens 1000000 after a prompt of 3 tokens exceeds"),
+    ({"prompt": [1, 2, 3]}, "prompt must be an integer array [batch, tokens]"),
+    ({"prompt": [[0.5, 1.0]]}, "prompt must be an integer array"),
+    ({"prompt": [[1, 10**6]]}, "prompt holds token ids outside"),
+    ({"seed": -3}, "seed must lie in"),
+])
+def test_generate_refuses_bad_arguments_by_name(stories, kwargs, fragment):
+    import sigmascale_jax as ssj
+
+    cfg, params = stories
+    args = {"prompt": [[1, 2, 3]], "max_new_tokens": 2, **kwargs}
+    prompt, n = args.pop("prompt"), args.pop("max_new_tokens")
+    with pytest.raises(ssj.UserError) as err:
+        ssj.generate(params, cfg, prompt, n, **args)
+    assert fragment in str(err.value) and "--" not in str(err.value)  # Python callers see argument names
+
+
+@pytest.mark.parametrize("windows,fragment", [
+    (np.zeros((2, 16), np.float32), "windows must be an integer array"),
+    (np.full((2, 16), 10**6), "windows hold token ids outside"),
+    (np.zeros(16, np.int32), "windows must be an integer array"),
+    (np.zeros((2, 1), np.int32), "at least one window of 2 tokens"),
+])
+def test_perplexity_refuses_bad_windows_by_name(stories, windows, fragment):
+    import sigmascale_jax as ssj
+
+    cfg, params = stories
+    with pytest.raises(ssj.UserError, match=fragment.replace("(", r"\(")):
+        ssj.perplexity(params, cfg, windows, progress=False)
+
+
+def test_quantize_and_factorizers_refuse_bad_arguments_by_name():
+    import jax.numpy as jnp
+
+    import sigmascale_jax as ssj
+
+    w = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    with pytest.raises(ssj.UserError, match="group must be a whole number of columns ≥ 1, got 0"):
+        ssj.quantize(w, "int8", 0)
+    with pytest.raises(ssj.UserError, match="group must be even for int4"):
+        ssj.quantize(w, "int4", 3)
+    with pytest.raises(ssj.UserError, match="kind must be one of"):
+        ssj.quantize(w, "int5", 2)
+    with pytest.raises(ssj.UserError, match="x must be a float matrix"):
+        ssj.quantize(w[0], "int8", 2)
+    gram = jnp.asarray(w.T @ w + np.eye(6, dtype=np.float32))
+    for fn in (lambda k: ssj.svd_llm_factors(jnp.asarray(w), gram, k), lambda k: ssj.svd_factors(jnp.asarray(w), k)):
+        with pytest.raises(ssj.UserError, match=r"rank must be a whole number in 1\.\.6 for a 8x6 matrix, got 7"):
+            fn(7)
+        with pytest.raises(ssj.UserError, match="rank must be a whole number"):
+            fn(0)
+    b, c = ssj.svd_llm_factors(jnp.asarray(w), gram, 6)  # full rank is allowed
+    assert b.shape == (8, 6) and c.shape == (6, 6)
+
+
+def test_compress_params_refuses_params_that_disagree_with_cfg(stories):
+    import dataclasses
+
+    import sigmascale_jax as ssj
+
+    cfg, params = stories
+    windows = np.zeros((4, 16), np.int32)
+    wrong = dataclasses.replace(cfg, intermediate_size=cfg.intermediate_size - 44)  # 172-wide weights, cfg says 128
+    with pytest.raises(ssj.UserError, match=r"params blocks/0/gate/w is \[172, 64\] but cfg implies \[128, 64\]"):
+        ssj.compress_params(params, wrong, windows, ssj.make_plan("svd"), 0.3)
+    short = {**params, "blocks": params["blocks"][:3]}
+    with pytest.raises(ssj.UserError, match="params must hold a list of 5 blocks"):
+        ssj.compress_params(short, cfg, windows, ssj.make_plan("svd"), 0.3)
+    with pytest.raises(ssj.UserError, match="windows hold token ids outside"):
+        ssj.compress_params(params, cfg, windows + 10**6, ssj.make_plan("svd"), 0.3)

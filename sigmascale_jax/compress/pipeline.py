@@ -543,13 +543,16 @@ def compress_params(params: dict, cfg, windows: Any, plan: Plan, ratio: float, *
 
     from sigmascale_jax.model.leaves import Dense, is_leaf
 
-    windows = np.asarray(windows)
-    if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
-        raise UserError(f"windows must be an integer array [N, T], got {windows.dtype} {windows.shape}")
-    if windows.size and (windows.min() < 0 or windows.max() >= cfg.vocab_size):
-        raise UserError(f"windows hold token ids outside 0..{cfg.vocab_size - 1}")
-    if len(params.get("blocks", ())) != cfg.num_layers:
-        raise UserError(f"params hold {len(params.get('blocks', ()))} blocks, cfg says {cfg.num_layers}")
+    from sigmascale_jax.eval.perplexity import check_windows
+    from sigmascale_jax.io.hf_map import check_dense_params
+
+    windows = check_windows(windows, cfg)
+    for i, block in enumerate(params.get("blocks", ()) if isinstance(params, dict) else ()):
+        for n in PROJECTIONS:
+            if is_leaf(block.get(n)) and not isinstance(block[n], Dense):
+                raise UserError(f"block {i} {n} is already compressed ({type(block[n]).__name__}); compress dense "
+                                "params")
+    check_dense_params(params, cfg)  # ranks and the report's ratios are computed from cfg's shapes: they must agree
     spec = RunSpec(model=None, ratio=ratio, calib="in-memory", nsamples=len(windows), seq_len=windows.shape[1],
                    seed=seed, sequential=sequential, batch_size=batch_size, precision=precision)
     plan.check(spec, cfg)
@@ -558,8 +561,6 @@ def compress_params(params: dict, cfg, windows: Any, plan: Plan, ratio: float, *
         block = dict(params["blocks"][i])
         for n in PROJECTIONS:
             p = block[n]
-            if is_leaf(p) and not isinstance(p, Dense):
-                raise UserError(f"block {i} {n} is already compressed ({type(p).__name__}); compress dense params")
             if isinstance(p, Dense):
                 p = {"w": p.w} if p.bias is None else {"w": p.w, "bias": p.bias}
             block[n] = jax.device_get(p)

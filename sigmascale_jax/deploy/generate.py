@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from sigmascale_jax.compress.plan import MAX_SEED
-from sigmascale_jax.errors import ArgumentParser, UserError
+from sigmascale_jax.errors import ArgError, ArgumentParser, UserError
 from sigmascale_jax.io.diskcache import COMPILE_CACHE_HELP, use_compilation_cache
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: the sampling distribution is argmax to float precision
@@ -53,12 +53,11 @@ def generate(
     from sigmascale_jax.model.sampling import next_tokens
     from sigmascale_jax.parallel import fetch, on_device, place_cache, shard
 
-    prompt = np.asarray(prompt, np.int32)
+    prompt = check_generate_args(prompt, max_new_tokens, temperature, top_p, cfg)
     b, t0 = prompt.shape
     total = t0 + max_new_tokens
-    check_length(t0, max_new_tokens, cfg)
     if key is None and not 0 <= seed <= MAX_SEED:
-        raise UserError(f"seed must lie in 0..{MAX_SEED}, got {seed}")
+        raise ArgError("seed", f"must lie in 0..{MAX_SEED}, got {seed}")
     key = jax.random.key(seed) if key is None else key
     params, cache = on_device(stack_params(params), mesh), place_cache(init_cache(cfg, b, total), mesh)
     tokens, key, i = shard(prompt, mesh), on_device(key, mesh), on_device(np.int32(0), mesh)
@@ -83,8 +82,31 @@ def generate(
 
 def check_length(prompt_tokens: int, max_new_tokens: int, cfg) -> None:
     if prompt_tokens + max_new_tokens > cfg.max_position_embeddings:
-        raise UserError(f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
-                        f"{cfg.max_position_embeddings} positions; shorten the prompt or lower --max-new-tokens")
+        raise ArgError("max_new_tokens", f"{max_new_tokens} after a prompt of {prompt_tokens} tokens exceeds the model's "
+                                         f"{cfg.max_position_embeddings} positions; shorten the prompt or lower it")
+
+
+def check_generate_args(prompt: Any, max_new_tokens: int, temperature: float, top_p: float, cfg) -> np.ndarray:
+    """`prompt` as int32 `[B, T]` after checking every argument of `generate` (an `ArgError` naming the first bad
+    one: `temperature must be ...` to Python callers, `--temperature must be ...` on the command line)."""
+    import math
+
+    arr = np.asarray(prompt)
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise ArgError("prompt", f"must be an integer array [batch, tokens], got {arr.dtype} {list(arr.shape)}; "
+                                 "wrap one sequence as [ids]")
+    if arr.shape[1] == 0 or arr.shape[0] == 0:
+        raise ArgError("prompt", f"holds no tokens ({list(arr.shape)})")
+    if arr.min() < 0 or arr.max() >= cfg.vocab_size:
+        raise ArgError("prompt", f"holds token ids outside 0..{cfg.vocab_size - 1}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ArgError("max_new_tokens", f"must be a whole number ≥ 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ArgError("temperature", f"must be a finite number ≥ 0, got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ArgError("top_p", f"must lie in (0, 1], got {top_p!r}")
+    check_length(arr.shape[1], max_new_tokens, cfg)
+    return arr.astype(np.int32)
 
 
 class TextStream:
@@ -148,13 +170,13 @@ def check_args(args: argparse.Namespace) -> None:
     import math
 
     if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        raise ArgError("max_new_tokens", f"must be at least 1, got {args.max_new_tokens}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UserError(f"--temperature must be a finite number ≥ 0, got {args.temperature}")
+        raise ArgError("temperature", f"must be a finite number ≥ 0, got {args.temperature}")
     if not (0 < args.top_p <= 1):
-        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}")
+        raise ArgError("top_p", f"must lie in (0, 1], got {args.top_p}")
     if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed must lie in 0..{MAX_SEED}, got {args.seed}")
+        raise ArgError("seed", f"must lie in 0..{MAX_SEED}, got {args.seed}")
     if not args.prompt and not args.chat:
         raise UserError("--prompt is empty; give the text to continue")
     try:

@@ -24,6 +24,23 @@ def make_windows(ids: np.ndarray, seq_len: int, max_windows: int | None = None) 
     return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
 
 
+def check_windows(windows, cfg: ModelConfig, name: str = "windows") -> np.ndarray:
+    """`windows` as int32 `[N, T]` (T ≥ 2) of ids the model knows, or an `ArgError` naming the argument."""
+    from sigmascale_jax.errors import ArgError
+
+    arr = np.asarray(windows)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ArgError(name, f"must be an integer array [N, T] of token ids, got {arr.dtype} {list(arr.shape)}")
+    if arr.shape[0] < 1 or arr.shape[1] < 2:
+        raise ArgError(name, f"must hold at least one window of 2 tokens, got {list(arr.shape)}")
+    if arr.min() < 0 or arr.max() >= cfg.vocab_size:
+        raise ArgError(name, f"hold token ids outside 0..{cfg.vocab_size - 1}")
+    if arr.shape[1] > cfg.max_position_embeddings:
+        raise ArgError(name, f"are {arr.shape[1]} tokens long, past the model's {cfg.max_position_embeddings} "
+                             "positions")
+    return arr.astype(np.int32)
+
+
 @jax.jit(static_argnames="cfg")
 def _window_nll_sums(params: Params, windows: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Summed NLL `[B]` of each window's predicted tokens."""
@@ -45,6 +62,7 @@ def perplexity(
     compiled shape serves every batch; padded rows are dropped before summing. The windows go to the
     device in one call before the loop, which runs under `jax.transfer_guard("disallow")`.
     """
+    windows = check_windows(windows, cfg)
     n, seq_len = windows.shape
     devices = data_size(mesh)
     batch_size = min(batch_size, -(-n // devices) * devices)  # padding past the windows there are would only cost

@@ -94,6 +94,40 @@ def load_outer(reader: TensorReader, cfg: ModelConfig, dtype: Any = jnp.float32)
     return _load(reader, outer_tensors(cfg), dtype)
 
 
+def check_dense_params(params: dict, cfg: ModelConfig) -> None:
+    """Every array of a dense params pytree has the shape `cfg` implies (what `load_model` would give it), checked
+    once where params enter the library: an `ArgError` naming the first that does not, or that is missing."""
+    from sigmascale_jax.errors import ArgError
+
+    def at(tree: Any, path: tuple) -> Any:
+        for key in path:
+            if isinstance(tree, dict) and key in tree:
+                tree = tree[key]
+            elif hasattr(tree, key if isinstance(key, str) else "_"):  # a Dense leaf's w / bias
+                tree = getattr(tree, key)
+            elif isinstance(tree, (list, tuple)) and isinstance(key, int) and key < len(tree):
+                tree = tree[key]
+            else:
+                return None
+        return tree
+
+    blocks = params.get("blocks") if isinstance(params, dict) else None
+    if not isinstance(blocks, (list, tuple)) or len(blocks) != cfg.num_layers:
+        got = len(blocks) if isinstance(blocks, (list, tuple)) else type(blocks).__name__
+        raise ArgError("params", f"must hold a list of {cfg.num_layers} blocks as cfg says, got {got}")
+    wanted = dict(outer_tensors(cfg))
+    for i in range(cfg.num_layers):
+        wanted.update({("blocks", i, *k): v for k, v in block_tensors(cfg, i).items()})
+    for path, (_, shape) in wanted.items():
+        got = at(params, path)
+        where = "/".join(map(str, path))
+        if got is None:
+            raise ArgError("params", f"have no {where} (cfg implies one of shape {list(shape)})")
+        if tuple(np.shape(got)) != tuple(shape):
+            raise ArgError("params", f"{where} is {list(np.shape(got))} but cfg implies {list(shape)}: params and "
+                                     "cfg describe different models")
+
+
 def check_checkpoint(reader: TensorReader, cfg: ModelConfig) -> None:
     """Every tensor the model needs is present with the shape the config implies (metadata only, no data read)."""
     tensors = dict(outer_tensors(cfg))

@@ -159,19 +159,26 @@ class QuantMatrix:
         return cls(Codes.of(values), jnp.asarray(scale, jnp.float32), zero, bits, group, cols)
 
 
-def _check_kind(kind: str, group: int) -> int:
+def _check_kind(kind: str, group: int, x: Any = None) -> int:
+    """`kind`'s bits, after checking the arguments of `quantize` / `quantize_gptq` (an `ArgError` naming each)."""
+    from sigmascale_jax.errors import ArgError
+
     if kind not in BITS:
-        raise ValueError(f"quantize as one of {', '.join(BITS)}, got {kind!r}")
+        raise ArgError("kind", f"must be one of {', '.join(BITS)}, got {kind!r}")
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
+        raise ArgError("group", f"must be a whole number of columns ≥ 1, got {group!r}")
     bits = BITS[kind]
     if bits == 4 and group % 2:
-        raise ValueError(f"int4 packs two values per byte: the group size must be even, got {group}")
+        raise ArgError("group", f"must be even for int4 (two values a byte), got {group}")
+    if x is not None and (np.ndim(x) != 2 or not np.issubdtype(np.asarray(x).dtype, np.floating)):
+        raise ArgError("x", f"must be a float matrix [rows, cols], got {np.asarray(x).dtype} {list(np.shape(x))}")
     return bits
 
 
 def quantize(x: Any, kind: str, group: int) -> QuantMatrix:
     """Round-to-nearest `x: [rows, cols]` (float; rounded as float32) as `kind` ("int8", "int4", "int3") in groups of
     `group` columns."""
-    bits = _check_kind(kind, group)
+    bits = _check_kind(kind, group, x)
     grid = Grid(bits, group)
     codes, scale, zero = grid.round(jnp.asarray(np.asarray(x, np.float32)))
     return QuantMatrix.of(codes, scale, zero, bits, group)
@@ -181,7 +188,7 @@ def quantize_gptq(x: Any, gram: Any, kind: str, group: int, *, damp: float = DEF
                   precision: str = "float64") -> QuantMatrix:
     """GPTQ of `x: [rows, cols]` (rounded as float32) against its input's Gram `gram: [cols, cols]`
     (`linalg/gptq.py`) as `kind` in groups of `group` columns."""
-    bits = _check_kind(kind, group)
+    bits = _check_kind(kind, group, x)
     q = gptq(np.asarray(x, np.float32), gram, Grid(bits, group), damp=damp, act_order=act_order, precision=precision)
     return QuantMatrix.of(q.codes, q.scale, q.zero, bits, group)
 

@@ -13,7 +13,10 @@ from sigmascale_jax.linalg.precision import factor_precision
 
 
 def svd_factors(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-    """Plain truncated SVD of `w: [m, n]`: optimal in ‖W − BC‖_F, blind to activations."""
+    """Plain truncated SVD of `w: [m, n]`: optimal in ‖W − BC‖_F, blind to activations. `rank` in 1..min(m, n)."""
+    from sigmascale_jax.compress.factorize.svd_llm import check_rank
+
+    check_rank(rank, w.shape)
     u, s, vt = jnp.linalg.svd(w, full_matrices=False)
     return split_sigma(u, s, vt, rank)
 

@@ -38,14 +38,26 @@ def whitened_factors(
 def svd_llm_factors(w: jax.Array, gram: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """SVD-LLM: truncated SVD of `W S` (S the whitening of `gram`), `C = Σ_k^½ V_kᵀ S⁻¹`.
 
-    The exact minimizer of ‖(W − BC) X‖_F over rank-`rank` matrices.
+    The exact minimizer of ‖(W − BC) X‖_F over rank-`rank` matrices. `rank` must lie in 1..min(m, n).
     """
+    check_rank(rank, w.shape)
     s, route = whitening(gram)
     return jax.lax.cond(
         route == WHITEN_EIGH,
         lambda: whitened_factors(w, s, rank, triangular=False),
         lambda: whitened_factors(w, s, rank, triangular=True),
     )
+
+
+def check_rank(rank: Any, shape: tuple[int, ...]) -> None:
+    """An `ArgError` unless `rank` is a whole number in 1..min(shape) (a traced rank is the caller's promise)."""
+    from sigmascale_jax.errors import ArgError
+
+    if isinstance(rank, jax.core.Tracer):
+        return
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= min(shape):
+        raise ArgError("rank", f"must be a whole number in 1..{min(shape)} for a {shape[0]}x{shape[1]} matrix, "
+                               f"got {rank!r}")
 
 
 def refit_left(w: jax.Array, gram: jax.Array, c: jax.Array) -> jax.Array:

@@ -447,6 +447,9 @@ def sigmascale_factors(w: jax.Array, gram: jax.Array, rank: int, *, steps: int =
     is kept), and the gain comes from losses that see more than the layer: pass your own (a hashable function).
     Whitening is `linalg.whitening.triangular_whitening` of `gram`, with its fallbacks.
     """
+    from sigmascale_jax.compress.factorize.svd_llm import check_rank
+
+    check_rank(rank, w.shape)
     n = gram.shape[0]
     s, _ = triangular_whitening(gram)
     loss_fn = loss_fn or (lambda w_hat: relative_activation_loss(w, w_hat, gram))
