@@ -211,3 +211,24 @@ def test_export_writes_in_memory_params_that_pytorch_loads(model, pivga_int8, tm
         theirs = torch_model(torch.from_numpy(ids.astype(np.int64))).logits.float().numpy()
     ours = np.asarray(jax.jit(ssj.forward, static_argnums=2)(cparams, jnp.asarray(ids), cfg))
     assert np.abs(theirs - ours).max() <= 1e-4 * max(1.0, np.abs(ours).max())
+
+
+@pytest.mark.parametrize("plan_kw", [{"encoding": "pivga", "quantize": "int4", "group_size": 16},
+                                     {"quantize": "int8", "group_size": 32}, {"quantize": "int3", "group_size": 16}])
+def test_quantized_trees_restore_without_a_target(model, tmp_path, plan_kw):
+    """What an Orbax restore without a target drops of a quantized matrix (bits, group, columns) rides with it as
+    data: `typed_params` reads the tree back, from a direct save of the typed tree and from a saved folder."""
+    from sigmascale_jax.io.checkpoint import PARAMS_DIR, load_pytree, save_pytree
+
+    cfg, params, source, windows = model
+    cparams, report = ssj.compress_params(params, cfg, windows, ssj.make_plan("svd-llm", **plan_kw), 0.3)
+    ids = jnp.asarray(windows[:2])
+    jitted = jax.jit(ssj.forward, static_argnums=2)
+    want = np.asarray(jitted(cparams, ids, cfg))
+    save_pytree(tmp_path / "ck", cparams)  # the typed tree as it is
+    ssj.save_compressed(cparams, cfg, report, tmp_path / "folder", source=source)  # the folder format
+    for restored in (load_pytree(tmp_path / "ck"), load_pytree(tmp_path / "folder" / PARAMS_DIR)):
+        typed = ssj.typed_params(restored)
+        leaf = typed["blocks"][0]["q"]
+        assert type(leaf) is type(cparams["blocks"][0]["q"])
+        np.testing.assert_allclose(np.asarray(jitted(typed, ids, cfg)), want, atol=1e-5)

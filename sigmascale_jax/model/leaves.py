@@ -77,6 +77,29 @@ class Codes:
         return Codes(FROZEN, self.dtype)
 
 
+# (keys a restored matrix dict has, constructor): encoders add theirs (`register_matrix_form`)
+_MATRIX_FORMS: list[tuple[frozenset[str], Callable[[dict], Any]]] = []
+
+
+def register_matrix_form(keys: set[str], build: Callable[[dict], Any]) -> None:
+    """Let `as_matrix` read a dict with exactly `keys` (a quantized matrix as Orbax restores it without a target)."""
+    _MATRIX_FORMS.append((frozenset(keys), build))
+
+
+def as_matrix(m: Any) -> Any:
+    """A matrix field of a leaf: an array or a quantized matrix as it is, or a restored dict read by its keys."""
+    if not isinstance(m, dict):
+        return m
+    keys = frozenset(m)
+    for _ in range(2):
+        for form_keys, build in _MATRIX_FORMS:
+            if keys == form_keys:
+                return build(m)
+        import sigmascale_jax.compress.encode  # noqa: F401  (the encoders register their forms)
+    raise ValueError(f"a matrix saved as keys {sorted(m)} cannot be read without its record (a quantized matrix "
+                     "saved before its grid was kept with it): load the folder with sigmascale_jax.load_model")
+
+
 def is_quantized(m: Any) -> bool:
     """Whether a leaf's matrix is a quantized one (anything with `dequantize`), not a float array."""
     return hasattr(m, "dequantize")
@@ -223,8 +246,8 @@ def dense_export(leaf: Any, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
 
 # (keys a restored dict has, constructor): encoders add theirs (`register_dict_form`)
 _DICT_FORMS: list[tuple[frozenset[str], Callable[[dict], Any]]] = [
-    (frozenset({"w"}), lambda p: Dense(p["w"], p.get("bias"))),
-    (frozenset({"b", "c"}), lambda p: LowRank(p["b"], p["c"], p.get("bias"))),
+    (frozenset({"w"}), lambda p: Dense(as_matrix(p["w"]), p.get("bias"))),
+    (frozenset({"b", "c"}), lambda p: LowRank(as_matrix(p["b"]), as_matrix(p["c"]), p.get("bias"))),
 ]
 
 

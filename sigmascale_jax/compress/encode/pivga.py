@@ -23,6 +23,7 @@ from sigmascale_jax.model.leaves import (
     FROZEN,
     Codes,
     as_array,
+    as_matrix,
     bias_bytes,
     check_shapes,
     export_bias,
@@ -105,10 +106,8 @@ def _restored(p: dict) -> PivGa:
         perm = Codes(carrier, perm_dtype(carrier.shape[0]))
     else:
         perm = perm_codes(perm)
-    if isinstance(p["b"], dict) or isinstance(p["r"], dict):
-        raise ValueError("a quantized PivGa matrix restored without its target: load the folder with "
-                         "sigmascale_jax.load_model, or restore with a target")
-    return PivGa(jnp.asarray(p["b"]), jnp.asarray(p["r"]), perm, p.get("bias"))
+    b, r = (as_matrix(p[k]) if isinstance(p[k], dict) else jnp.asarray(p[k]) for k in ("b", "r"))
+    return PivGa(b, r, perm, p.get("bias"))
 
 
 register_dict_form({"b", "r", "perm"}, _restored)

@@ -45,7 +45,7 @@ from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.linalg.gptq import DEFAULT_DAMP, gptq
 from sigmascale_jax.linalg.grid import Grid
-from sigmascale_jax.model.leaves import FACTOR, Codes, matrix_bytes
+from sigmascale_jax.model.leaves import FACTOR, Codes, matrix_bytes, register_matrix_form
 
 BITS = {"int8": 8, "int4": 4, "int3": 3}
 UNQUANTIZED = "none"  # --quantize's float32 choice (a name of its own: "none" is also --method none's)
@@ -55,6 +55,11 @@ DEFAULT_GROUP = 128
 def packed_width(cols: int, bits: int) -> int:
     """Bytes a row of `cols` codes takes: one each at 8 bits, else `ceil(cols · bits / 8)`."""
     return cols if bits == 8 else math.ceil(cols * bits / 8)
+
+
+def grid_meta(bits: int, group: int, cols: int) -> np.ndarray:
+    """int32 `[bits, group, cols]`: a quantized matrix's static fields as an array (saved with it)."""
+    return np.asarray([bits, group, cols], np.int32)
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -88,6 +93,9 @@ class QuantMatrix:
     bits: int = struct.field(pytree_node=False)
     group: int = struct.field(pytree_node=False)
     cols: int = struct.field(pytree_node=False)
+    # the static fields again, as data (`Codes`, int32 [bits, group, cols]): what an Orbax restore without a target
+    # keeps of them, so such a restore reads back (`from_restored`)
+    meta: Codes | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -135,18 +143,40 @@ class QuantMatrix:
     def labels(self) -> "QuantMatrix":
         """The scales train (a quantized factor's float part); the codes and zero points do not."""
         return QuantMatrix(self.values.labels(), FACTOR, None if self.zero is None else self.zero.labels(),
-                           self.bits, self.group, self.cols)
+                           self.bits, self.group, self.cols, None if self.meta is None else self.meta.labels())
 
     def to_tree(self) -> dict[str, Any]:
-        out = {"values": self.values.numpy(), "scale": self.scale}
+        out = {"values": self.values.numpy(), "scale": self.scale, "meta": grid_meta(self.bits, self.group, self.cols)}
         if self.zero is not None:
             out["zero"] = self.zero.numpy()
         return out
 
     @classmethod
+    def from_restored(cls, tree: dict) -> "QuantMatrix":
+        """A matrix from what an Orbax restore without a target gives (its saved dict, or its pytree with `Codes`
+        carriers as `{"carrier": ...}`): bits, group and columns read from its `meta`. Outside `jit`."""
+        meta = tree["meta"]
+        meta = np.asarray(meta["carrier"] if isinstance(meta, dict) else meta, np.float64)
+        if isinstance(meta, jax.core.Tracer) or meta.shape != (3,):
+            raise ValueError("read a restored quantized matrix outside jit (sigmascale_jax.typed_params)")
+        bits, group, cols = (int(x) for x in meta)
+
+        def codes(x: Any, dtype: Any) -> Codes:
+            if isinstance(x, dict):
+                return Codes(jnp.asarray(x["carrier"]), np.dtype(dtype).name)
+            return Codes.of(np.asarray(x).astype(dtype))
+
+        values = codes(tree["values"], np.int8 if bits == 8 else np.uint8)
+        zero = codes(tree["zero"], np.uint8) if tree.get("zero") is not None else None
+        return cls(values, jnp.asarray(tree["scale"], jnp.float32), zero, bits, group, cols,
+                   Codes.of(grid_meta(bits, group, cols)))
+
+    @classmethod
     def from_tree(cls, tree: dict, bits: int, group: int, cols: int) -> "QuantMatrix":
+        """A matrix from its saved dict and its record's grid (`meta`, where saved, is the same)."""
         zero = Codes.of(tree["zero"]) if "zero" in tree else None
-        return cls(Codes.of(tree["values"]), jnp.asarray(tree["scale"]), zero, bits, group, cols)
+        return cls(Codes.of(tree["values"]), jnp.asarray(tree["scale"]), zero, bits, group, cols,
+                   Codes.of(grid_meta(bits, group, cols)))
 
     @classmethod
     def of(cls, codes: Any, scale: Any, zero: Any, bits: int, group: int) -> "QuantMatrix":
@@ -156,7 +186,8 @@ class QuantMatrix:
         cols = codes.shape[1]
         values = codes.astype(np.int8) if bits == 8 else pack(codes, bits)
         zero = None if zero is None else Codes.of(np.asarray(zero).astype(np.uint8))
-        return cls(Codes.of(values), jnp.asarray(scale, jnp.float32), zero, bits, group, cols)
+        return cls(Codes.of(values), jnp.asarray(scale, jnp.float32), zero, bits, group, cols,
+                   Codes.of(grid_meta(bits, group, cols)))
 
 
 def _check_kind(kind: str, group: int, x: Any = None) -> int:
@@ -353,3 +384,7 @@ class QuantSettings(Settings):
         if self.needs_gram:
             out.update(gptq_damp=self.gptq_damp, act_order=self.act_order, gptq_order=self.gptq_order)
         return out
+
+
+register_matrix_form({"values", "scale", "meta"}, QuantMatrix.from_restored)
+register_matrix_form({"values", "scale", "zero", "meta"}, QuantMatrix.from_restored)
