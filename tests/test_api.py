@@ -232,3 +232,24 @@ def test_quantized_trees_restore_without_a_target(model, tmp_path, plan_kw):
         leaf = typed["blocks"][0]["q"]
         assert type(leaf) is type(cparams["blocks"][0]["q"])
         np.testing.assert_allclose(np.asarray(jitted(typed, ids, cfg)), want, atol=1e-5)
+
+
+def test_quantized_scales_take_a_learning_rate_of_their_own(model, pivga_int8):
+    """Adam at 1e-3 suits float factors and overshoots int8 scales (~1e-3 of a weight's range): with `scale_tx`
+    the scales step at 1e-5 beside it, and the held-out distillation loss goes down."""
+    import optax
+
+    cfg, params, _, windows = model
+    cparams, _ = pivga_int8
+    labels = jax.tree.leaves(ssj.trainable(cparams, scales="scale"))
+    # every trainable leaf of an int8 tree is a scale (B' and R are quantized): all of them relabelled, nothing else
+    assert "factor" not in labels and labels.count("scale") == jax.tree.leaves(ssj.trainable(cparams)).count("factor")
+    tx = ssj.heal_optimizer(optax.adam(1e-3), cparams, scale_tx=optax.adam(1e-5))
+    from sigmascale_jax.compress.refine.heal import distill_loss
+
+    held = windows[-4:]
+    before = float(distill_loss(cparams, params, held, cfg)[0])
+    p, s = cparams, tx.init(cparams)
+    for batch in windows[:8].reshape(2, 4, -1):
+        p, s, _ = ssj.distill_step(p, s, params, batch, cfg=cfg, optimizer=tx)
+    assert float(distill_loss(p, params, held, cfg)[0]) < before

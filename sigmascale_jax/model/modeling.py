@@ -323,22 +323,28 @@ def typed_params(params: Params) -> Params:
     return {**params, "blocks": typed(blocks) if is_stacked(blocks) else [typed(b) for b in blocks]}
 
 
-def trainable(params: Params) -> Params:
+def trainable(params: Params, scales: str = "factor") -> Params:
     """A label pytree shaped like `params`: `"factor"` on the float factors of every compressed projection
     (B, C; PivGa's B', R; a quantized factor's scales), `"frozen"` on everything else (embeddings, norms,
     head, biases, projections kept dense, permutations, quantized codes).
 
     For `optax.multi_transform({"factor": optax.adamw(1e-4), "frozen": optax.set_to_zero()}, trainable(params))`:
-    `jax.grad` of a loss over the whole tree then trains exactly the factors.
+    `jax.grad` of a loss over the whole tree then trains exactly the factors. `scales`: the label of quantized
+    matrices' scales (default: "factor", like the float factors). Give them their own (`scales="scale"`) to step
+    them apart: an int8 scale is ~1e-3 of a weight's range and Adam moves every parameter by about its learning
+    rate a step, so the 1e-4..1e-3 that suits float factors overshoots scales (use ~1e-5 for them).
     """
-    from sigmascale_jax.model.leaves import frozen_labels, leaf_labels
+    from sigmascale_jax.model.leaves import FACTOR, frozen_labels, is_quantized, leaf_labels
 
     labels = {k: frozen_labels(v) for k, v in params.items() if k != "blocks"}
     block_labels = lambda b: {k: leaf_labels(v) if k in PROJECTIONS else frozen_labels(v)  # noqa: E731
                               for k, v in b.items()}
     blocks = params["blocks"]
     labels["blocks"] = block_labels(blocks) if is_stacked(blocks) else [block_labels(b) for b in blocks]
-    return labels
+    if scales == FACTOR:
+        return labels
+    relabel = lambda tree: jax.tree.map(lambda x: scales if x == FACTOR else x, tree)  # noqa: E731
+    return jax.tree.map(lambda p, lab: relabel(lab) if is_quantized(p) else lab, params, labels, is_leaf=is_quantized)
 
 
 def param_count(tree: Any) -> int:

@@ -111,10 +111,10 @@ def distill_loss(params: Params, teacher: Any, tokens: jax.Array, cfg, ce_weight
     return kl + ce_weight * ce, {"kl": kl, "ce": ce}
 
 
-def heal_labels(params: Params, norms: bool = False) -> Params:
-    """`trainable(params)`, with the RMSNorm weights (every block's and the final one) labelled "factor" too
-    when `norms`."""
-    labels = trainable(params)
+def heal_labels(params: Params, norms: bool = False, scales: str = "factor") -> Params:
+    """`trainable(params, scales)`, with the RMSNorm weights (every block's and the final one) labelled "factor"
+    too when `norms`."""
+    labels = trainable(params, scales)
     if not norms:
         return labels
     labels = {**labels, "final_norm": "factor"}
@@ -124,9 +124,17 @@ def heal_labels(params: Params, norms: bool = False) -> Params:
     return labels
 
 
-def heal_optimizer(tx: optax.GradientTransformation, params: Params, *, norms: bool = False):
-    """`tx` on the factors of `params` (and the norms if `norms`), nothing on the rest (`optax.set_to_zero`)."""
-    return optax.multi_transform({"factor": tx, "frozen": optax.set_to_zero()}, heal_labels(params, norms))
+def heal_optimizer(tx: optax.GradientTransformation, params: Params, *, norms: bool = False,
+                   scale_tx: optax.GradientTransformation | None = None):
+    """`tx` on the factors of `params` (and the norms if `norms`), nothing on the rest (`optax.set_to_zero`).
+
+    `scale_tx`: a transformation of its own for quantized matrices' scales (`trainable(..., scales="scale")`),
+    e.g. `optax.adam(1e-5)` beside `tx = optax.adam(1e-3)` for the float factors: scales are ~1e-3 of a weight's
+    range, and Adam moves each by about its learning rate a step."""
+    if scale_tx is None:
+        return optax.multi_transform({"factor": tx, "frozen": optax.set_to_zero()}, heal_labels(params, norms))
+    return optax.multi_transform({"factor": tx, "scale": scale_tx, "frozen": optax.set_to_zero()},
+                                 heal_labels(params, norms, scales="scale"))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "ce_weight", "remat"), donate_argnums=(0, 1))
