@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import errno
 import signal
 import sys
 import threading
@@ -32,12 +33,23 @@ class ArgError(UserError):
 BROKEN_PIPE = 128 + signal.SIGPIPE  # the status a shell shows for a tool that SIGPIPE ended
 
 
+def no_space(e: BaseException) -> bool:
+    """Whether `e` (or an exception it wraps) says the disk is full."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run `main(argv)`; a UserError (or a full disk) becomes `error: <message>` on stderr and exit code 2.
 
     Ctrl-C is exit code 130; a closed stdout (the reader of a pipe left) ends the run quietly with 141.
     """
-    from sigmascale_jax.io.fileio import no_space
 
     try:
         code = main(argv)

@@ -543,10 +543,10 @@ def compress_params(params: dict, cfg, windows: Any, plan: Plan, ratio: float, *
 
     from sigmascale_jax.model.leaves import Dense, is_leaf
 
-    from sigmascale_jax.eval.perplexity import check_windows
     from sigmascale_jax.io.hf_map import check_dense_params
+    from sigmascale_jax.model.config import check_token_windows
 
-    windows = check_windows(windows, cfg)
+    windows = check_token_windows(windows, cfg)
     for i, block in enumerate(params.get("blocks", ()) if isinstance(params, dict) else ()):
         for n in PROJECTIONS:
             if is_leaf(block.get(n)) and not isinstance(block[n], Dense):

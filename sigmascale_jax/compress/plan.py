@@ -191,16 +191,6 @@ class Encoder(NamedTuple):
         return self.encode_gram is not None
 
 
-def read_leaf(tree: dict, record: dict) -> Any:
-    """A projection saved by an encoder (`Leaf.to_tree`), read back as the typed leaf its record names."""
-    load_methods()
-    name = record.get("encoding") or "plain"
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoding {name!r}; known: {', '.join(ENCODERS)}")
-    enc = ENCODERS[name].build(quantize=record.get("quantize") or "none", group_size=record.get("group_size"))
-    return enc.read(tree, record)
-
-
 class Refiner(NamedTuple):
     """A model-level pass after the block loop (ZS-SVD's correction); keeps every matrix's rank."""
 
@@ -281,12 +271,21 @@ ENCODERS: dict[str, Entry] = {}
 
 
 def register(table: dict[str, Entry], name: str, settings: type[Settings], help: str):
-    """Decorator: enter a method's constructor in `table` under `name`."""
+    """Decorator: enter a method's constructor in `table` under `name` (an encoder's also in `model.leaves`' kinds,
+    so a folder's leaves read back by the encoding their record names, without `io/` knowing the encoders)."""
 
     def deco(build: Callable[..., Any]) -> Callable[..., Any]:
         if name in table:
             raise ValueError(f"{name!r} registered twice")
         table[name] = Entry(name, settings, build, help)
+        if table is ENCODERS:
+            from sigmascale_jax.model.leaves import register_leaf_kind
+
+            def read(tree: dict, record: dict) -> Any:
+                encoder = build(quantize=record.get("quantize") or "none", group_size=record.get("group_size"))
+                return encoder.read(tree, record)
+
+            register_leaf_kind(name, read)
         return build
 
     return deco

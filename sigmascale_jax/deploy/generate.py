@@ -21,7 +21,7 @@ from sigmascale_jax.compress.plan import MAX_SEED
 from sigmascale_jax.errors import ArgError, ArgumentParser, UserError
 from sigmascale_jax.io.diskcache import COMPILE_CACHE_HELP, use_compilation_cache
 
-GREEDY_BELOW = 1e-5  # temperatures below this are greedy: the sampling distribution is argmax to float precision
+from sigmascale_jax.model.config import GREEDY_BELOW  # noqa: E402  (JAX-free: the help text reads it)
 
 
 def __getattr__(name: str):

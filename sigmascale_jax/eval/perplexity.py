@@ -9,7 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sigmascale_jax.errors import UserError
-from sigmascale_jax.model.config import ModelConfig
+from sigmascale_jax.model.config import ModelConfig, check_token_windows
 from sigmascale_jax.model.modeling import Params, stack_params, token_nll
 from sigmascale_jax.parallel import data_size, device_chunks, fetch, on_device
 
@@ -22,23 +22,6 @@ def make_windows(ids: np.ndarray, seq_len: int, max_windows: int | None = None) 
     if n == 0:
         raise UserError(f"the text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
     return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-
-
-def check_windows(windows, cfg: ModelConfig, name: str = "windows") -> np.ndarray:
-    """`windows` as int32 `[N, T]` (T ≥ 2) of ids the model knows, or an `ArgError` naming the argument."""
-    from sigmascale_jax.errors import ArgError
-
-    arr = np.asarray(windows)
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise ArgError(name, f"must be an integer array [N, T] of token ids, got {arr.dtype} {list(arr.shape)}")
-    if arr.shape[0] < 1 or arr.shape[1] < 2:
-        raise ArgError(name, f"must hold at least one window of 2 tokens, got {list(arr.shape)}")
-    if arr.min() < 0 or arr.max() >= cfg.vocab_size:
-        raise ArgError(name, f"hold token ids outside 0..{cfg.vocab_size - 1}")
-    if arr.shape[1] > cfg.max_position_embeddings:
-        raise ArgError(name, f"are {arr.shape[1]} tokens long, past the model's {cfg.max_position_embeddings} "
-                             "positions")
-    return arr.astype(np.int32)
 
 
 @jax.jit(static_argnames="cfg")
@@ -62,7 +45,7 @@ def perplexity(
     compiled shape serves every batch; padded rows are dropped before summing. The windows go to the
     device in one call before the loop, which runs under `jax.transfer_guard("disallow")`.
     """
-    windows = check_windows(windows, cfg)
+    windows = check_token_windows(windows, cfg)
     n, seq_len = windows.shape
     devices = data_size(mesh)
     batch_size = min(batch_size, -(-n // devices) * devices)  # padding past the windows there are would only cost

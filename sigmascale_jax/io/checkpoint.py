@@ -196,7 +196,7 @@ def load_compressed(folder: Path, dtype: Any = None) -> tuple[ModelConfig, dict]
     The report is checked against the params once, here, for every command that reads a folder: the number of
     blocks, every projection's shape, rank, encoding and quantization groups; a mismatch is a UserError naming it.
     """
-    from sigmascale_jax.compress.plan import read_leaf
+    from sigmascale_jax.model.leaves import read_leaf
     from sigmascale_jax.model.modeling import PROJECTIONS, cast_params
 
     folder = Path(folder)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -126,14 +125,3 @@ def check_writable_file(path: str | os.PathLike, what: str) -> None:
         raise UserError(f"{what} {path} is a folder; give a file path")
     check_writable_dir(path.parent, what)
 
-
-def no_space(e: BaseException) -> bool:
-    """Whether `e` (or an exception it wraps) says the disk is full."""
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(e):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False

@@ -9,14 +9,17 @@ A grid quantizes a matrix `[rows, cols]` in groups of `group` consecutive column
 
 Codes are held unsigned for the asymmetric grids (`[0, 2ᵇ − 1]`, the on-disk form); qwix's
 `QArray` holds them signed (`q − 2ᵇ⁻¹` with qtype `int4` / `"int3"`), which is the same grid.
-What qwix does here: the calibration and scales of int8 and int4 (`qarray.calibrate`,
-`compute_scale_zero_point`), rounding every grid (`quantize_with_scale_zero_point`) and
+What qwix does here, through its public API only: the calibration and scales of int8 and int4
+(`qwix.quantize`, whose `QArray` holds them), the `QArray` a stored matrix becomes and
 dequantizing (`qwix.dequantize`). What it does not, with the failing call:
-`qarray.quantize_api(x, "int3", calibration_method="minmax")` raises "int3 doesn't support
+`qwix.quantize(x, "int3", calibration_method="minmax")` raises "int3 doesn't support
 asymmetric quantization" (qwix 0.1.8), so int3's scales and zero points are computed here;
-and qwix tiles only columns that divide evenly (`(8, 200) cannot be tiled as {1: 128}`), so
-matrices are padded with zero columns to whole groups first (zeros change no scale: the
-range always holds 0).
+rounding to scales fixed beforehand (GPTQ rounds each column to its group's scales) has no
+public entry point (qwix's is in `qwix._src`), so `codes` rounds with qwix's own formula
+(`round(x / s + z)`, saturated to the type), which the tests hold equal to `qwix.quantize` on
+the same matrix; and qwix tiles only columns that divide evenly (`(8, 200) cannot be tiled as
+{1: 128}`), so matrices are padded with zero columns to whole groups first (zeros change no
+scale: the range always holds 0).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import math
 import jax
 import jax.numpy as jnp
 import qwix
-from qwix._src.core import qarray
 
 # int8's symmetric range in qwix is ±127.5 (the ±127 buckets used in full); ±127 keeps every code in [−127, 127]
 ROW_BUCKET = 64  # rows are padded to a multiple of this before compiling (`Grid.bucket`)
@@ -89,10 +91,10 @@ class Grid:
             scale = jnp.where(scale < jnp.sqrt(jnp.finfo(scale.dtype).tiny), jnp.ones_like(scale), scale)
             zero = jnp.clip(jnp.round(-lo / scale), 0, 2**self.bits - 1).astype(jnp.int32)
             return scale, zero
-        how = qarray.HowToQuantize(qtype=self.qtype, channelwise_axes=(0,), tiled_axes=tiles,
-                                   calibration_method=_INT8_CALIBRATION if self.symmetric else "minmax")
-        scale, zp = qarray.compute_scale_zero_point(qarray.calibrate(x, how), self.qtype)
-        return scale.astype(x.dtype), None if zp is None else zp.astype(jnp.int32) + self.offset
+        q = qwix.quantize(x, self.qtype, channelwise_axes=(0,), tiled_axes=tiles,
+                          calibration_method=_INT8_CALIBRATION if self.symmetric else "minmax")
+        zp = q.zero_point
+        return q.scale.astype(x.dtype), None if zp is None else zp.astype(jnp.int32) + self.offset
 
     def qarray(self, codes: jax.Array, scale: jax.Array, zero: jax.Array | None) -> qwix.QArray:
         """qwix's `QArray` of unsigned `codes: [rows, groups · group]` with `scale`, `zero: [rows, groups]`."""
@@ -101,11 +103,17 @@ class Grid:
         return qwix.QArray((codes.astype(jnp.int32) - self.offset).astype(store), scale, zp, self.qtype)
 
     def codes(self, x: jax.Array, scale: jax.Array, zero: jax.Array | None) -> jax.Array:
-        """Unsigned codes (int32, x's shape) of `x: [rows, groups · group]` rounded to the grid (qwix)."""
-        zp = None if zero is None else (zero - self.offset).astype(jnp.int8 if self.bits == 8 else jnp.int4)
-        q = qarray.quantize_with_scale_zero_point(x, self.qtype, scale.astype(x.dtype), zp)
-        # qwix saturates to the storage type (int8 reaches −128); GPTQ's updated columns can leave the range
-        return jnp.clip(q.qvalue.astype(jnp.int32) + self.offset, *self.levels)
+        """Unsigned codes (int32, x's shape) of `x: [rows, groups · group]` rounded to the grid with qwix's formula:
+        `round(x / s + z)` (signed zero point), saturated to the signed type's range."""
+        tile = x.shape[1] // scale.shape[1]  # columns a scale covers: a group, or 1 for GPTQ's column by column
+        per_column = lambda a: jnp.repeat(a.astype(x.dtype), tile, axis=1)  # noqa: E731  [rows, cols]
+        q = x / per_column(scale)
+        if zero is not None:
+            q = q + per_column(zero - self.offset)
+        signed = 2 ** (self.bits - 1)
+        q = jnp.clip(jnp.round(q), -signed, signed - 1)  # the storage type's range, as qwix saturates
+        # GPTQ's updated columns can leave the grid's range (int8 reaches −128): the unsigned levels hold
+        return jnp.clip(q.astype(jnp.int32) + self.offset, *self.levels)
 
     def values(self, codes: jax.Array, scale: jax.Array, zero: jax.Array | None) -> jax.Array:
         """The float values (scale's dtype) unsigned `codes: [rows, groups · group]` stand for (qwix)."""

@@ -10,6 +10,10 @@ import numpy as np
 
 from sigmascale_jax.errors import UserError
 
+# Temperatures below this decode greedily: the sampling distribution is argmax to float precision. Here, where no
+# JAX is loaded, so the generate command's help reads it cheaply (model/sampling.py samples with it).
+GREEDY_BELOW = 1e-5
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -209,3 +213,20 @@ def to_hf_dict(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.model_type in ("qwen2", "qwen3"):
         out["use_sliding_window"] = False
     return out
+
+
+def check_token_windows(windows: Any, cfg: "ModelConfig", name: str = "windows") -> np.ndarray:
+    """`windows` as int32 `[N, T]` (T ≥ 2) of ids the model knows, or an `ArgError` naming the argument."""
+    from sigmascale_jax.errors import ArgError
+
+    arr = np.asarray(windows)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ArgError(name, f"must be an integer array [N, T] of token ids, got {arr.dtype} {list(arr.shape)}")
+    if arr.shape[0] < 1 or arr.shape[1] < 2:
+        raise ArgError(name, f"must hold at least one window of 2 tokens, got {list(arr.shape)}")
+    if arr.min() < 0 or arr.max() >= cfg.vocab_size:
+        raise ArgError(name, f"hold token ids outside 0..{cfg.vocab_size - 1}")
+    if arr.shape[1] > cfg.max_position_embeddings:
+        raise ArgError(name, f"are {arr.shape[1]} tokens long, past the model's {cfg.max_position_embeddings} "
+                             "positions")
+    return arr.astype(np.int32)

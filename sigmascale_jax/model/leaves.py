@@ -77,6 +77,38 @@ class Codes:
         return Codes(FROZEN, self.dtype)
 
 
+# The packages whose modules register leaf kinds, matrix forms and dict forms (the encoders): imported by name the
+# first time a lookup misses, so `model/` and `io/` read every kind without importing the compressor's modules.
+LEAF_PROVIDERS = ("sigmascale_jax.compress.encode",)
+
+
+def load_leaf_kinds() -> None:
+    """Import `LEAF_PROVIDERS` (their modules register what they store)."""
+    import importlib
+
+    for name in LEAF_PROVIDERS:
+        importlib.import_module(name)
+
+
+# encoding name -> reader(saved dict, its compression.json record) -> typed leaf; encoders register theirs
+_LEAF_KINDS: dict[str, Callable[[dict, dict], Any]] = {}
+
+
+def register_leaf_kind(encoding: str, read: Callable[[dict, dict], Any]) -> None:
+    """Let `read_leaf` read a projection saved by the encoder `encoding` (its record names it)."""
+    _LEAF_KINDS[encoding] = read
+
+
+def read_leaf(tree: dict, record: dict) -> Any:
+    """A projection saved by an encoder (`to_tree`), read back as the typed leaf its record names."""
+    name = record.get("encoding") or "plain"
+    if name not in _LEAF_KINDS:
+        load_leaf_kinds()
+    if name not in _LEAF_KINDS:
+        raise ValueError(f"unknown encoding {name!r}; known: {', '.join(_LEAF_KINDS)}")
+    return _LEAF_KINDS[name](tree, record)
+
+
 # (keys a restored matrix dict has, constructor): encoders add theirs (`register_matrix_form`)
 _MATRIX_FORMS: list[tuple[frozenset[str], Callable[[dict], Any]]] = []
 
@@ -95,7 +127,7 @@ def as_matrix(m: Any) -> Any:
         for form_keys, build in _MATRIX_FORMS:
             if keys == form_keys:
                 return build(m)
-        import sigmascale_jax.compress.encode  # noqa: F401  (the encoders register their forms)
+        load_leaf_kinds()  # the encoders register their forms
     raise ValueError(f"a matrix saved as keys {sorted(m)} cannot be read without its record (a quantized matrix "
                      "saved before its grid was kept with it): load the folder with sigmascale_jax.load_model")
 
@@ -271,7 +303,7 @@ def as_leaf(p: Any) -> Any:
         for form_keys, build in _DICT_FORMS:
             if keys == form_keys:
                 return build(p)
-        import sigmascale_jax.compress.encode  # noqa: F401  (the encoders register their forms)
+        load_leaf_kinds()  # the encoders register their forms
     raise ValueError(f"projection params need 'w', 'b'+'c' or an encoder's saved keys, got keys {sorted(p)}")
 
 

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sigmascale_jax.deploy.generate import GREEDY_BELOW  # defined with the command line, which loads no JAX
+from sigmascale_jax.model.config import GREEDY_BELOW
 
 
 def sample(logits, key, temperature: float, top_p: float):

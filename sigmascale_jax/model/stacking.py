@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sigmascale_jax.model.leaves import FACTOR, FROZEN, Codes, Dense, LowRank, is_quantized, with_bias
-from sigmascale_jax.model.modeling import PROJECTIONS, Params
+from sigmascale_jax.model.leaves import FACTOR, FROZEN, Codes, Dense, LowRank, is_leaf, is_quantized, with_bias
+
+Params = dict[str, Any]
 
 
 @struct.dataclass
@@ -82,6 +83,11 @@ def dense_matrix(p: Any) -> Any:
     if isinstance(p, dict) and set(p) - {"bias"} == {"w"}:
         return p["w"]
     return None
+
+
+def _is_projection(p: Any) -> bool:
+    """A projection (a typed leaf, or the compressor's `{"w"}` / `{"b", "c"}` dict), not a norm's array."""
+    return is_leaf(p) or (isinstance(p, dict) and (factor_pair(p) is not None or dense_matrix(p) is not None))
 
 
 def _bias(p: Any) -> Any:
@@ -170,11 +176,8 @@ def stack_blocks(blocks: list[Params], pad: bool = True) -> Params | None:
     out = {}
     for key in blocks[0]:
         column = [b[key] for b in blocks]
-        if key in PROJECTIONS:
-            stacked = _stack_projection(column, pad, xp)
-            if stacked is None:
-                stacked = _stack_equal(column, xp)
-        else:
+        stacked = _stack_projection(column, pad, xp) if all(_is_projection(p) for p in column) else None
+        if stacked is None:
             stacked = _stack_equal(column, xp)
         if stacked is None:
             return None
@@ -225,8 +228,8 @@ def unstack_blocks(stacked: Params, like: list[Params] | None = None) -> list[Pa
     out = []
     for block, ref in zip(blocks, like):
         cut = dict(block)
-        for name in PROJECTIONS:
-            if name not in block:
+        for name in block:
+            if not _is_projection(ref[name]):
                 continue
             ref_pair = factor_pair(ref[name])
             if isinstance(block[name], Switched) and ref_pair is None:

@@ -127,3 +127,21 @@ def test_sequential_orders_keep_the_factor_errors_from_multiplying():
     assert errors["best"] == min(errors["inner-first"], errors["outer-first"])
     assert info["gptq_order_used"] in ("inner-first", "outer-first")
     assert info["output_error"] == min(info["output_error_orders"].values())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_grid_rounding_equals_qwix_quantize(bits):
+    """`Grid.codes` rounds to given scales with qwix's formula (qwix's own entry point for that is private): on the
+    scales qwix computes for a matrix, it gives qwix.quantize's codes exactly."""
+    import jax.numpy as jnp
+    import qwix
+
+    from sigmascale_jax.linalg.grid import _INT8_CALIBRATION, Grid
+
+    grid = Grid(bits, 32)
+    x = jnp.asarray(np.random.default_rng(bits).standard_normal((40, 96)) * 3, jnp.float32)
+    q = qwix.quantize(x, grid.qtype, channelwise_axes=(0,), tiled_axes={1: 32},
+                      calibration_method=_INT8_CALIBRATION if bits == 8 else "minmax")
+    scale, zero = grid.params(x)
+    ours = np.asarray(grid.codes(x, scale, zero)) - grid.offset
+    np.testing.assert_array_equal(ours, np.asarray(q.qvalue.astype(jnp.int32)))
