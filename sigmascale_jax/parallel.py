@@ -121,7 +121,8 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
     for part in spec.split(","):
         name, _, size = part.partition("=")
         name = name.strip()
-        if name not in sizes or not size.strip().isdigit() or int(size) < 1:
+        size = size.strip()
+        if name not in sizes or not (size.isascii() and size.isdigit()) or int(size) < 1:
             raise UserError(f"--mesh takes data=N,model=M with N, M ≥ 1 (either may be left out), got {spec!r}")
         sizes[name] = int(size)
     n = sizes["data"] * sizes["model"]

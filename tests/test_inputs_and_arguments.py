@@ -163,3 +163,75 @@ def test_compress_params_refuses_params_that_disagree_with_cfg(stories):
         ssj.compress_params(short, cfg, windows, ssj.make_plan("svd"), 0.3)
     with pytest.raises(ssj.UserError, match="windows hold token ids outside"):
         ssj.compress_params(params, cfg, windows + 10**6, ssj.make_plan("svd"), 0.3)
+
+
+# ------------------------------------------------------------------ commands: one line, before any long work
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--gptq-damp", "1e300", "--quantize", "int4", "--quantizer", "gptq"], "--gptq-damp must be at most 100"),
+    (["--mesh", "data=²"], "--mesh takes data=N,model=M"),
+    (["--heal-steps", "2", "--heal-seq-len", "100000"], "--heal-seq-len 100000 exceeds"),
+])
+def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, args, fragment):
+    proc = compress_cli(capsys, *FAST, *args, "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.mark.parametrize("size", ["1.2.3GB", "1e999GB", "0GB", "-5GB"])
+def test_plan_only_refuses_bad_device_memory(capsys, size):
+    proc = compress_cli(capsys, "--model", "tests/data/configs/llama-3.1-8b.json", "--method", "svd-llm", "--ratio",
+                        "0.2", "--plan-only", "--device-memory", size)
+    assert_one_line_error(proc, "--device-memory")
+
+
+def test_plan_only_refuses_a_config_with_a_negative_size(tmp_path, capsys):
+    cfg = json.loads(Path("tests/data/configs/llama-3.1-8b.json").read_text())
+    cfg["hidden_size"] = -4096
+    (tmp_path / "bad.json").write_text(json.dumps(cfg))
+    proc = compress_cli(capsys, "--model", str(tmp_path / "bad.json"), "--method", "svd-llm", "--ratio", "0.2",
+                        "--plan-only")
+    assert_one_line_error(proc, "hidden_size=-4096", "whole number")
+
+
+def test_an_immutable_out_is_refused_before_the_run(tmp_path, capsys):
+    import subprocess
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
+        pytest.skip("this file system or user cannot make a folder immutable (chattr +i)")
+    try:
+        proc = compress_cli(capsys, *FAST, "--out", str(out), "--overwrite")
+        assert_one_line_error(proc, "cannot write --out", str(out))
+        assert not (tmp_path / "locked.partial").exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+
+
+def test_heal_compressed_checks_its_settings_and_keys_its_checkpoint_by_the_source(tmp_path, capsys):
+    import sigmascale_jax as ssj
+    from sigmascale_jax.compress.refine import heal
+
+    common = {"nsamples": 8, "seq_len": 32, "batch_size": 4, "data_dir": str(DATA), "progress": False}
+    ssj.compress(str(require(STORIES)), "svd-llm", 0.3, tmp_path / "a", **common)
+    with pytest.raises(ssj.UserError, match="exceeds the model's maximum"):
+        heal.heal_compressed(tmp_path / "a", tmp_path / "h", heal_steps=2, heal_seq_len=100000, data_dir=str(DATA),
+                             progress=False)
+    assert not (tmp_path / "h").exists() and not (tmp_path / "h.partial").exists()
+    ssj.compress(str(STORIES), "svd", 0.3, tmp_path / "b", **common)  # another folder of the same model
+    keys = []
+    real = heal._Checkpoint.__init__
+
+    def record(self, staging, key):
+        keys.append(key)
+        real(self, staging, key)
+
+    kw = dict(heal_steps=2, heal_samples=8, heal_holdout=4, heal_eval_every=2, data_dir=str(DATA), progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(heal._Checkpoint, "__init__", record)
+        heal.heal_compressed(tmp_path / "a", tmp_path / "ha", **kw)
+        heal.heal_compressed(tmp_path / "b", tmp_path / "hb", **kw)
+    assert keys[0]["source"] != keys[1]["source"] and keys[0] != keys[1]

@@ -36,10 +36,13 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
 
 def parse_bytes(text: str) -> int:
     """`"80GB"` → 80·10⁹, `"80GiB"` → 80·2³⁰, `"1e9"` → 10⁹; a UserError naming the flag otherwise."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise UserError(f"--device-memory takes a size such as 80GB or 16GiB, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not 0 < size < 2**63:
+        raise UserError(f"--device-memory takes a size above 0 and below 8 EiB, got {text!r}")
+    return int(size)
 
 
 @dataclasses.dataclass

@@ -73,6 +73,8 @@ def check_out(out: Path, overwrite: bool, inputs: Iterable[Input], flag: str = "
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{flag} {out} is not empty; pass --overwrite to replace it")
     check_writable_dir(out.parent, flag)
+    if out.is_dir():  # replacing it at the end renames it aside and deletes it: both need write access to it
+        check_writable_dir(out, flag)
 
 
 @contextlib.contextmanager

@@ -117,6 +117,11 @@ def config_from_hf(hf: Any) -> ModelConfig:
         raise UserError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = _get(hf, key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise UserError(f"the model's config has {key}={value!r}; it must be a whole number ≥ 1")
     hidden = int(_get(hf, "hidden_size"))
     heads = int(_get(hf, "num_attention_heads"))
     kv_heads = int(_get(hf, "num_key_value_heads") or heads)

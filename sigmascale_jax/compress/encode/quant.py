@@ -282,7 +282,8 @@ class QuantSettings(Settings):
     group_size: int | None = setting(None, f"quantization: columns per group sharing a scale (default "
                                      f"{DEFAULT_GROUP}; even for int4)", min=1)
     gptq_damp: float | None = setting(None, f"--quantizer gptq: damping added to the Gram's diagonal, a fraction of "
-                                      f"its mean (default {DEFAULT_DAMP})", min=0.0)
+                                      f"its mean (default {DEFAULT_DAMP}; 1 or more makes GPTQ nearly round-to-"
+                                      "nearest)", min=0.0, max=100.0)
     act_order: bool | None = setting(None, "--quantizer gptq: round columns in decreasing input energy (the Gram's "
                                      "diagonal), groups keeping the original matrix's scales (default: on)")
     gptq_order: str | None = setting(None, "--quantizer gptq on factors: which factor is rounded first, the other refit "

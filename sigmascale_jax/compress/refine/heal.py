@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import shutil
 import time
@@ -264,6 +265,21 @@ class HealSettings(Settings):
                                      "file (default: --calib); never evaluation text", reads="the healing text")
 
 
+def check_heal(settings: HealSettings, spec: RunSpec, cfg) -> None:
+    """The stage's settings against the run and the model, before any work (the compressor's and `heal_compressed`'s
+    check alike)."""
+    if settings.heal_steps == 0:
+        raise UserError("--heal needs --heal-steps N (the AdamW steps to run); give N > 0")
+    seq_len = settings.heal_seq_len or spec.seq_len
+    if seq_len > cfg.max_position_embeddings:
+        raise UserError(f"--heal-seq-len {seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} "
+                        "positions")
+    if jax.process_count() > 1:
+        raise UserError("healing (--heal-steps) runs in one process: compress with several processes and no "
+                        "healing, then heal the folder in one (`compress.refine.heal.heal_compressed`)")
+    check_heal_text(settings, cfg, seq_len)
+
+
 def check_heal_text(settings: HealSettings, cfg, seq_len: int) -> None:
     """Before any work: the healing text exists, and its windows (with the teacher's hidden states when cached) fit
     in this machine's memory."""
@@ -364,7 +380,8 @@ class _Timer:
                 "compiles": {**self.counts, "total": sum(self.counts.values())}}
 
 
-def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) -> tuple[list[Params], dict]:
+def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings,
+               key: dict | None = None) -> tuple[list[Params], dict]:
     """The stage: `blocks` (the compressor's dict forms, or typed leaves) distilled toward the dense model; and the
     record.
 
@@ -411,7 +428,7 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings) 
     # current, optimizer state, best so far (kept on the host); the state made by one compiled program, not an eager
     # zeros per array shape
     state = (train, jax.jit(tx.init)(train), train)
-    ckpt = _Checkpoint(ctx.staging, {**settings.asdict(), "text": text})
+    ckpt = _Checkpoint(ctx.staging, {**settings.asdict(), "text": text, **(key or {})})  # `key`: what else it heals
     frozen = on_device(frozen, ctx.mesh)
     cur, opt_state = on_device(state[:2], ctx.mesh)  # weights split over the mesh's model axis, the rest replicated
 
@@ -487,16 +504,7 @@ def heal(**kwargs: Any) -> Refiner:
     settings = HealSettings(**kwargs)
 
     def check(spec: RunSpec, cfg) -> None:
-        if settings.heal_steps == 0:
-            raise UserError("--heal needs --heal-steps N (the AdamW steps to run); give N > 0")
-        seq_len = settings.heal_seq_len or spec.seq_len
-        if seq_len > cfg.max_position_embeddings:
-            raise UserError(f"--heal-seq-len {seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} "
-                            "positions")
-        if jax.process_count() > 1:
-            raise UserError("healing (--heal-steps) runs in one process: compress with several processes and no "
-                            "healing, then heal the folder in one (`compress.refine.heal.heal_compressed`)")
-        check_heal_text(settings, cfg, seq_len)
+        check_heal(settings, spec, cfg)
 
     def refine(ctx: ModelContext, blocks: list[Params], ranks: Ranks) -> tuple[list[Params], dict]:
         return heal_model(ctx, blocks, settings)
@@ -577,7 +585,14 @@ def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = Non
     cal = report["calibration"]
     spec = RunSpec(model=str(model), ratio=report["ratio_requested"], calib=cal["source"], nsamples=cal["nsamples"],
                    seq_len=cal["seq_len"], seed=cal["seed"], mesh=mesh)
+    check_heal(settings, spec, cfg)  # the stage's own checks, before any work (heal_seq_len, the text, memory)
+    # a killed heal resumes only into the same folder's heal: its checkpoint is keyed by the folder and its report
+    source_key = {"source": str(src.resolve()),
+                  "source_report_sha1": hashlib.sha1((src / "compression.json").read_bytes()).hexdigest()}
+    from sigmascale_jax.io.outputs import Input
+
     inputs = model_input(src, "the model being healed") + model_input(str(model), "the dense model")
+    inputs += [Input(path, role, whole=Path(path).is_dir()) for path, role in settings.inputs()]
     with writing_folder(out, overwrite, inputs) as staging:
         partial = out.with_name(out.name + ".partial")
         partial.mkdir(exist_ok=True)
@@ -586,7 +601,7 @@ def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = Non
                            np.zeros((0, spec.seq_len), np.int32), spec, progress, model_key=None,
                            mesh=make_mesh(mesh), fresh_windows=fresh_windows_of(source, spec, data_dir),
                            staging=partial)
-        healed, record = heal_model(ctx, blocks, settings)
+        healed, record = heal_model(ctx, blocks, settings, key=source_key)
         new = {**report, "refine": [*report.get("refine", []), {"name": "heal", **settings.asdict(), **record}],
                "healed_from": str(src)}
         write_derived(staging, stored_params({**params, "blocks": healed}), new, src)
