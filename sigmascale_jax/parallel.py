@@ -231,12 +231,18 @@ def place_cache(cache: Any, mesh: Mesh | Layout | None) -> Any:
 # ------------------------------------------------------------------ several processes
 
 
-def initialize(coordinator: str | None, num_processes: int | None = None, process_id: int | None = None) -> None:
+JOIN_TIMEOUT = 120.0  # seconds the processes of a run wait for each other before giving up with an error line
+
+
+def initialize(coordinator: str | None, num_processes: int | None = None, process_id: int | None = None,
+               join_timeout: float = JOIN_TIMEOUT) -> None:
     """Join this process to a multi-process run before any device is used.
 
     `coordinator` "HOST:PORT" with `num_processes` and `process_id` (0 is the coordinator's, and the one that
     writes); "auto": what `jax.distributed.initialize` detects on a cluster (SLURM, Open MPI, TPU pods);
-    None: a single process. On CPU the collectives run over gloo.
+    None: a single process. On CPU the collectives run over gloo. With HOST:PORT the processes first meet on
+    PORT + 1 (`rendezvous`), each waiting at most `join_timeout` seconds: a missing process or a wrong address
+    is an error line there, not a hang or JAX's abort after its own deadline.
     """
     if coordinator is None:
         if num_processes not in (None, 1) or process_id not in (None, 0):
@@ -244,18 +250,78 @@ def initialize(coordinator: str | None, num_processes: int | None = None, proces
         return
     if coordinator != "auto":
         host, _, port = coordinator.rpartition(":")
-        if not host or not port.isdigit():
-            raise UserError(f"--coordinator takes HOST:PORT (or auto), got {coordinator!r}")
+        if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65534:
+            raise UserError(f"--coordinator takes HOST:PORT with a port in 1..65534 (PORT + 1 is used too), or auto; "
+                            f"got {coordinator!r}")
         if num_processes is None or process_id is None:
             raise UserError("--coordinator HOST:PORT needs --num-processes N and --process-id I")
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise UserError(f"--process-id must lie in 0..{num_processes - 1} (--num-processes {num_processes}), "
                             f"got {process_id}")
+        rendezvous(host, int(port) + 1, num_processes, process_id, join_timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices of several processes talk over it
-    if coordinator == "auto":
-        jax.distributed.initialize()
-    else:
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+    try:
+        if coordinator == "auto":
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(coordinator, num_processes, process_id,
+                                       initialization_timeout=int(max(join_timeout, 1)))
+    except (ValueError, RuntimeError) as e:  # e.g. auto off a cluster: nothing to detect
+        raise UserError(f"--coordinator {coordinator}: JAX could not join the processes "
+                        f"({' '.join(str(e).split())[:200]}); give HOST:PORT with --num-processes and --process-id "
+                        "off a cluster") from None
+
+
+def rendezvous(host: str, port: int, num_processes: int, process_id: int, timeout: float) -> None:
+    """Every process of the run is alive and reaches process 0 at `host:port`, or a UserError within `timeout`
+    seconds: process 0 listens until the others have called in, then tells each to go on; the others call it
+    (retrying while it is not up yet) and wait for the word."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    if num_processes == 1:
+        return
+    if process_id == 0:
+        try:
+            server = socket.create_server(("", port), reuse_port=False)
+        except OSError as e:
+            raise UserError(f"--coordinator: process 0 cannot listen on port {port} (PORT + 1): {e.strerror or e}; "
+                            "choose another port") from None
+        joined: list[socket.socket] = []
+        with server:
+            while len(joined) < num_processes - 1:
+                server.settimeout(max(deadline - time.monotonic(), 0.01))
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    for c in joined:
+                        c.close()
+                    raise UserError(f"--coordinator: {len(joined)} of the {num_processes - 1} other processes joined "
+                                    f"process 0 within {timeout:.0f} s; start them all with the same --coordinator "
+                                    "and --num-processes, each with its --process-id") from None
+                joined.append(conn)
+            for conn in joined:
+                with conn:
+                    conn.sendall(b"go")
+        return
+    while True:
+        try:
+            conn = socket.create_connection((host, port), timeout=max(min(deadline - time.monotonic(), 5.0), 0.01))
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError(f"--coordinator {host}:{port - 1}: no process 0 answered within {timeout:.0f} s; start "
+                                "process 0 (--process-id 0) with the same --coordinator, or check HOST:PORT") from None
+            time.sleep(0.5)
+    with conn:
+        conn.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            if conn.recv(2) != b"go":
+                raise OSError("closed")
+        except OSError:
+            raise UserError(f"--coordinator {host}:{port - 1}: process 0 did not see every process within "
+                            f"{timeout:.0f} s; start them all") from None
 
 
 def is_main_process() -> bool:

@@ -235,3 +235,44 @@ def test_heal_compressed_checks_its_settings_and_keys_its_checkpoint_by_the_sour
         heal.heal_compressed(tmp_path / "a", tmp_path / "ha", **kw)
         heal.heal_compressed(tmp_path / "b", tmp_path / "hb", **kw)
     assert keys[0]["source"] != keys[1]["source"] and keys[0] != keys[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("who,fragment", [("0", "0 of the 1 other processes joined"), ("1", "no process 0 answered")])
+def test_a_process_without_its_peers_stops_with_one_line_in_bounded_time(tmp_path, capsys, who, fragment):
+    import time
+
+    port = _free_port()
+    t0 = time.monotonic()
+    proc = compress_cli(capsys, *FAST, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                        "--process-id", who, "--join-timeout", "3", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "--coordinator", fragment)
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "o.partial").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:65535", "127.0.0.1:x"])
+def test_a_bad_coordinator_port_is_refused(tmp_path, capsys, address):
+    proc = compress_cli(capsys, *FAST, "--coordinator", address, "--num-processes", "2", "--process-id", "0",
+                        "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "--coordinator takes HOST:PORT")
+
+
+def test_coordinator_auto_off_a_cluster_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "OMPI", "TPU", "MEGASCALE"))}
+    proc = subprocess.run([sys.executable, "-m", "sigmascale_jax.compress", *FAST, "--coordinator", "auto",
+                           "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True, cwd=REPO,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert_one_line_error(proc, "--coordinator auto")

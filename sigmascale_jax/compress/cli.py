@@ -21,6 +21,7 @@ from sigmascale_jax.compress.plan import ALLOCATORS, ENCODERS, FACTORIZERS, REFI
 from sigmascale_jax.compress.settings import field_type, flag_name
 from sigmascale_jax.errors import ArgumentParser, UserError
 from sigmascale_jax.io.diskcache import COMPILE_CACHE_HELP, use_compilation_cache
+from sigmascale_jax.parallel import JOIN_TIMEOUT
 
 # Pipeline flags given by hand (their help and defaults come from RunSpec).
 RUN_FLAGS = ("model", "ratio", "calib", "nsamples", "seq_len", "seed", "sequential", "batch_size", "mesh", "precision")
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     procs.add_argument("--num-processes", type=int, default=None, help="with --coordinator: how many processes")
     procs.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process's index, "
                        "0..N-1")
+    procs.add_argument("--join-timeout", type=float, default=JOIN_TIMEOUT, metavar="SECONDS",
+                       help="with --coordinator HOST:PORT: how long the processes wait for each other on PORT + 1 "
+                       f"before an error line (default {JOIN_TIMEOUT:.0f})")
     run.add_argument("--method", default=None, choices=tuple(FACTORIZERS),
                      help="how to cut (required; at --ratio 0 it defaults to none): " + "; ".join(f"{e.name}: {e.help}" for e in FACTORIZERS.values()))
     run.add_argument("--ranks", default=None, choices=tuple(ALLOCATORS),
@@ -177,7 +181,8 @@ def spec_and_plan(args: argparse.Namespace):
     spec = RunSpec(**{k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k) is not None})
     refine = tuple(name for name in REFINERS if getattr(args, name.replace("-", "_")))
     skip = set(RUN_FLAGS) | {"config", "out", "data_dir", "overwrite", "no_progress", "no_compile_cache", "method",
-                             "ranks", "encoding", "plan_only", "device_memory", "coordinator", "num_processes", "process_id"}
+                             "ranks", "encoding", "plan_only", "device_memory", "coordinator", "num_processes", "process_id",
+                             "join_timeout"}
     settings = {k: v for k, v in vars(args).items() if k not in skip | set(REFINERS) and v is not None}
     return spec, make_plan(args.method, args.ranks or "uniform", refine, args.encoding or "plain", **settings)
 
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return plan_only(spec, plan, args.device_memory)
     from sigmascale_jax.parallel import initialize, is_main_process
 
-    initialize(args.coordinator, args.num_processes, args.process_id)
+    initialize(args.coordinator, args.num_processes, args.process_id, args.join_timeout)
     if not is_main_process():  # its checkpoints go to a scratch folder: Orbax's notes on them mean nothing to a user
         import logging
 
