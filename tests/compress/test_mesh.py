@@ -72,6 +72,10 @@ lay = Layout(Mesh(np.asarray(jax.devices()).reshape(2, 4), ("dp", "tp")),
 toks = np.random.default_rng(0).integers(0, cfg1.vocab_size, (8, 48)).astype(np.int32)
 out["layout_ppl"] = [perplexity(one, cfg1, toks, 4, progress=False, mesh=m)["ppl"] for m in (None, lay)]
 out["layout_split"] = str(on_device(one, lay)["blocks"][0]["down"].c.sharding.spec)
+# healing on a data mesh (the optimizer's state placed with the factors): the one-device run's held-out losses
+heal = dict(heal_steps=2, heal_samples=16, heal_holdout=8, heal_batch=8, heal_eval_every=2, heal_lr=1e-3)
+out["heal"] = [sigmascale_jax.compress(model, "svd-llm", 0.3, f"{tmp}/heal-{m[5:]}", mesh=m, **kw, **heal)["refine"][0]
+               ["trace"] for m in ("data=1", "data=8")]
 print("RESULT " + json.dumps(out))
 """
 
@@ -95,6 +99,10 @@ def test_eight_devices_give_the_factors_and_perplexity_of_one(tmp_path):
     assert res["generate_equal"], res
     a, b = res["layout_ppl"]
     assert abs(a - b) <= 1e-5 * a and res["layout_split"] == "P(None, 'tp')", res  # down's C: [k, in] over MLP width
+    one, eight = res["heal"]  # [step, train loss, held-out loss] per measurement
+    assert [t[0] for t in one] == [t[0] for t in eight] == [0, 2], res
+    for x, y in zip(one, eight):
+        assert abs(x[2] - y[2]) <= 1e-4 * abs(x[2]), res
 
 
 def test_a_bad_mesh_is_a_one_line_error(tmp_path, capsys):
