@@ -27,7 +27,6 @@ import benchlib
 
 def run(args) -> dict:
     import jax
-    import jax.numpy as jnp
     from transformers import AutoConfig
 
     from sigmascale_jax.compress.factorize.sigmascale.block import SigmaScaleSettings, _learn, rank_data

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -223,12 +222,10 @@ def open_checked(spec: RunSpec, plan: Plan):
 def check_host_memory(spec: RunSpec, cfg) -> None:
     """The calibration activations fit in this machine's memory: `--nsamples` and `--seq-len` are bounded by it
     before any work, not by an allocation failure after it (one `[N, T, D]` float32 copy is the least a run holds)."""
-    need = spec.nsamples * spec.seq_len * cfg.hidden_size * 4
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not every platform says
-        return
-    if need > have:
+    from sigmascale_jax.compress.report import physical_memory
+
+    need, have = spec.nsamples * spec.seq_len * cfg.hidden_size * 4, physical_memory()
+    if have is not None and need > have:
         raise UserError(f"--nsamples {spec.nsamples} x --seq-len {spec.seq_len} calibration activations need at least "
                         f"{need / 2**30:.1f} GiB of host memory ([N, T, {cfg.hidden_size}] float32), more than this "
                         f"machine's {have / 2**30:.1f} GiB; lower --nsamples or --seq-len")

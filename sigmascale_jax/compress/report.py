@@ -81,6 +81,14 @@ def peak_memory(stage_peaks: dict[str, int] | None = None, start_rss: int | None
     return mem
 
 
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes, where the OS says (else None)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform says
+        return None
+
+
 def resident_bytes() -> int | None:
     """This process's resident set size now (Linux), else None."""
     try:

@@ -66,6 +66,21 @@ def test_compiles_and_device_memory_do_not_grow_with_the_number_of_blocks():
     assert after - before < block_bytes / 2, (before, after)
 
 
+def traced(run) -> tuple[list[str], object]:
+    """`(names of the functions traced while run() ran, its result)`: a trace is a compile of a new signature."""
+    traces: list[str] = []
+
+    def listen(event, duration, **kw):
+        if event == TRACE_EVENT:
+            traces.append(kw.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        return traces, run()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def mixed_ranks(cfg):
     """Every matrix its own rank, one kept dense: what ZS-SVD or FermiGrad give, without their passes."""
     from sigmascale_jax.compress.plan import Allocation, RankAllocator
@@ -98,18 +113,8 @@ def test_mixed_ranks_compile_no_program_that_uniform_ranks_did_not(stories_small
     cfg, params, windows = stories_small
     heal = "heal_steps" in settings
     ssj.compress_params(params, cfg, windows, ssj.make_plan(method, **settings), 0.3)  # compiles what it needs
-    traces: list[str] = []
-
-    def listen(event, duration, **kw):
-        if event == TRACE_EVENT:
-            traces.append(kw.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        _, report = ssj.compress_params(params, cfg, windows, ssj.make_plan(method, ranks=mixed_ranks(cfg),
-                                                                             **settings), 0.3)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
+    plan = ssj.make_plan(method, ranks=mixed_ranks(cfg), **settings)
+    traces, (_, report) = traced(lambda: ssj.compress_params(params, cfg, windows, plan, 0.3))
     assert len({m["rank"] for m in report["matrices"] if m["name"] == "q"}) > 2  # the ranks did differ
     new = [t for t in traces if not (heal and t in HEAL_PROGRAMS)]
     assert new == [], new
@@ -123,17 +128,8 @@ def test_zs_svd_adds_only_its_own_passes_to_sigmascale(stories_small):
     cfg, params, windows = stories_small
     settings = {"steps": 2, "eval_every": 1, "step_windows": 4}
     ssj.compress_params(params, cfg, windows, ssj.make_plan("sigmascale", **settings), 0.3)
-    traces: list[str] = []
-
-    def listen(event, duration, **kw):
-        if event == TRACE_EVENT:
-            traces.append(kw.get("fun_name", "?"))
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        ssj.compress_params(params, cfg, windows, ssj.make_plan("sigmascale", ranks="zs-svd", **settings), 0.3)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
+    plan = ssj.make_plan("sigmascale", ranks="zs-svd", **settings)
+    traces, _ = traced(lambda: ssj.compress_params(params, cfg, windows, plan, 0.3))
     allocation = {"_head_vjp", "_block_vjp_sum", "_block_deltas", "zero_sum_select"}
     # each once per shape of window chunk (here 8 and 4 of the 12 windows), never per block or rank
     assert set(traces) <= allocation and len(traces) <= 2 * len(allocation), traces

@@ -291,13 +291,12 @@ def check_heal_text(settings: HealSettings, cfg, seq_len: int) -> None:
     if settings.heal_calib and settings.heal_calib not in CALIB_SOURCES and not os.path.isfile(settings.heal_calib):
         raise UserError(f"--heal-calib {settings.heal_calib}: no such file; give c4, wikitext2-valid or a .txt/.jsonl "
                         "file")
+    from sigmascale_jax.compress.report import physical_memory
+
     windows = settings.heal_samples + settings.heal_holdout
     need = windows * seq_len * (4 + (4 * cfg.hidden_size if settings.heal_teacher_cache else 0))
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not every platform says
-        return
-    if need > have:
+    have = physical_memory()
+    if have is not None and need > have:
         raise UserError(f"--heal-samples {settings.heal_samples} + --heal-holdout {settings.heal_holdout} windows of "
                         f"{seq_len} tokens need {need / 2**30:.1f} GiB of host memory (with the teacher's hidden "
                         f"states), more than this machine's {have / 2**30:.1f} GiB; lower --heal-samples")

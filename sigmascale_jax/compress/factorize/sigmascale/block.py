@@ -97,21 +97,14 @@ def scaled_reconstruction(w: jax.Array, s: jax.Array, rho: jax.Array, gamma: jax
     return _unwhiten_rows(a_k / r[:, None] / c[None, :], s)
 
 
-def scaled_factors(w: jax.Array, s: jax.Array, rho: jax.Array, gamma: jax.Array, rank: int):
-    """The stored factors `B: [m, k]`, `C: [k, n]` of `scaled_reconstruction`, and `σ(A)`."""
+def scaled_factors(w: jax.Array, s: jax.Array, rho: jax.Array, gamma: jax.Array, rank: int, *, masked: bool = False):
+    """The stored factors `B: [m, k]`, `C: [k, n]` of `scaled_reconstruction`, and `σ(A)`.
+
+    `masked`: `rank` may be traced, and the factors come full-width (`B: [m, r]`, `C: [r, n]`), zero past it."""
     r, c = jnp.exp(rho), jnp.exp(gamma)
     a = r[:, None] * (w @ s) * c[None, :]
     u, sig, vt = jnp.linalg.svd(a, full_matrices=False)
-    b, c_scaled = split_sigma(u, sig, vt, rank)
-    return b / r[:, None], _unwhiten_rows(c_scaled / c[None, :], s), sig
-
-
-def scaled_factors_masked(w: jax.Array, s: jax.Array, rho: jax.Array, gamma: jax.Array, rank: Any):
-    """`scaled_factors` at a rank that may be traced: full-width `B: [m, r]`, `C: [r, n]`, zero past `rank`."""
-    r, c = jnp.exp(rho), jnp.exp(gamma)
-    a = r[:, None] * (w @ s) * c[None, :]
-    u, sig, vt = jnp.linalg.svd(a, full_matrices=False)
-    b, c_scaled = split_sigma_masked(u, sig, vt, rank)
+    b, c_scaled = (split_sigma_masked if masked else split_sigma)(u, sig, vt, rank)
     return b / r[:, None], _unwhiten_rows(c_scaled / c[None, :], s), sig
 
 
@@ -300,7 +293,7 @@ def _final_factors(w, s, rho, gamma, gram, rank) -> dict:
     """The stored factors of learned scales, full-width and zero past `rank` (data: one compile per shape), and what
     compression.json says of them: the relative activation loss, the singular values of W, W S and the scaled
     matrix, and their entropies."""
-    b, c, sig = scaled_factors_masked(w, s, rho, gamma, rank)
+    b, c, sig = scaled_factors(w, s, rho, gamma, rank, masked=True)
     spectra = {"w": jnp.linalg.svd(w, compute_uv=False), "whitened": jnp.linalg.svd(w @ s, compute_uv=False),
                "scaled": sig}
     return {"b": b, "c": c, "rel_loss": relative_activation_loss(w, b @ c, gram), "spectra": spectra,
