@@ -2,9 +2,10 @@
 the program, on a real compressed model with mixed ranks: compile seconds plus run seconds of healing steps,
 evaluation and generation.
 
-    python scripts/bench_scan.py --model runs/scan/smollm2-zs-svd-llm-0.2 --out results/scan_smollm2
+    python scripts/bench_scan.py --models runs/scan/smollm2-zs-svd-llm-0.2,runs/scan/smollm2-uniform-svd-llm-0.2 \
+        --out results/scan_smollm2
 
-`--model`: a compressed folder (plain factors: healing trains them). Each mode runs in a process of its own (so
+`--models`: compressed folders (plain factors: healing trains them), e.g. one at mixed ranks and one at uniform. Each mode runs in a process of its own (so
 every program compiles), with `--no-compile-cache` semantics (no persistent cache). Measured per mode:
 
 - heal: `heal_step` on 4 x 512 tokens (the quick start's batch), the first step (compile + run) and the mean of
@@ -43,6 +44,9 @@ def measure(mode: str, model: str, steps: int, windows: int, tokens: int, eval_l
 
     if mode == "unrolled":
         stacking.stack_blocks = kvcache.stack_blocks = lambda *a, **k: None
+    else:  # stacked however much padding it takes: what the scan costs is what is measured
+        real = stacking.stack_blocks
+        stacking.stack_blocks = kvcache.stack_blocks = lambda b, pad=True, tolerance=None: real(b, pad, float("inf"))
     import sigmascale_jax as ssj
     from sigmascale_jax.compress.refine import heal
     from sigmascale_jax.io.data import perplexity_text
@@ -60,7 +64,10 @@ def measure(mode: str, model: str, steps: int, windows: int, tokens: int, eval_l
     tok = source.tokenizer()
     data = benchlib.REPO.parent / "shared" / "data"
     ids = np.asarray(tok(perplexity_text("c4", data)).input_ids, np.int32)
-    out: dict = {"mode": mode}
+    out: dict = {"mode": mode, "model": model}
+    blocks = jax.device_get(params["blocks"])
+    out["padding_overhead"] = stacking.padding_overhead([{k: v.to_tree() if hasattr(v, "to_tree") else v
+                                                         for k, v in b.items()} for b in blocks])
 
     def timed(fn, *args):
         c0 = counter.snapshot()
@@ -115,42 +122,51 @@ def measure(mode: str, model: str, steps: int, windows: int, tokens: int, eval_l
 
 
 def table(payload: dict) -> str:
-    rows = {r["mode"]: r for r in payload["rows"]}
-    lines = [f"# Scan or unroll on {payload['model']} (CPU: {payload['cpu']})", "",
-             f"Command: `{payload['command']}`. The model's ranks are mixed (every matrix its own; some kept dense): "
-             "`scan` stacks its blocks (factors padded to the widest rank of each projection, dense-kept matrices as "
-             "loop constants) and runs one `lax.scan`; `unrolled` lists the blocks in the program. Seconds are "
-             "wall-clock on this CPU; `first` includes the compile.", "",
-             "| part | mode | compiles | compile s | first s | then ms (each) |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for part, each in (("heal", "step_s"), ("eval", "window_s"), ("generate", "token_s")):
-        for mode in MODES:
-            if mode not in rows:
-                continue
-            r = rows[mode][part]
-            first = r.get("first_s", r.get("prefill_first_s", 0.0) + r.get("decode_first_s", 0.0))
-            lines.append(f"| {part} | {mode} | {r['compiles']} | {r['compile_s']:.1f} | {first:.1f} | "
-                         f"{1000 * r[each]:.1f} |")
-    if all(m in rows for m in MODES):
-        s, u = rows["scan"], rows["unrolled"]
-        lines += ["", "Which is ahead over a run (steps, windows, tokens):"]
+    lines = [f"# Scan or unroll (CPU: {payload['cpu']})", "",
+             f"Command: `{payload['command']}`. `scan` stacks the blocks (factors padded to the widest rank of each "
+             "projection, dense-kept matrices as loop constants) and runs one `lax.scan`; `unrolled` lists the blocks "
+             "in the program. Healing: `heal_step` on 4 x 512 tokens without rematerialization; evaluation: windows "
+             "of 2048 tokens; generation: a 32-token prompt, then one token a step. Seconds are wall-clock on this "
+             "CPU; `first` includes the compile. Padding: the multiply-adds the padded stack adds to the projections'.",
+             ""]
+    for model in dict.fromkeys(r["model"] for r in payload["rows"]):
+        rows = {r["mode"]: r for r in payload["rows"] if r["model"] == model}
+        pad = next(iter(rows.values()))["padding_overhead"]
+        lines += [f"## {model} (padding +{100 * pad:.1f}%)", "",
+                  "| part | mode | compiles | compile s | first s | then ms (each) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
         for part, each in (("heal", "step_s"), ("eval", "window_s"), ("generate", "token_s")):
-            dc = u[part]["compile_s"] - s[part]["compile_s"]
-            dr = s[part][each] - u[part][each]
-            if dc >= 0 and dr <= 0:
-                verdict = "scan is ahead from the first"
-            elif dc <= 0 and dr >= 0:
-                verdict = "unrolled is ahead from the first"
-            elif dr > 0:
-                verdict = f"scan is ahead for fewer than {dc / dr:.0f}, unrolled after"
-            else:
-                verdict = f"unrolled is ahead for fewer than {dc / dr:.0f}, scan after"
-            lines.append(f"- {part}: scan saves {dc:.1f} s of compiling and costs {1000 * dr:+.1f} ms each: {verdict}")
+            for mode in MODES:
+                if mode not in rows:
+                    continue
+                r = rows[mode][part]
+                first = r.get("first_s", r.get("prefill_first_s", 0.0) + r.get("decode_first_s", 0.0))
+                lines.append(f"| {part} | {mode} | {r['compiles']} | {r['compile_s']:.1f} | {first:.1f} | "
+                             f"{1000 * r[each]:.1f} |")
+        if all(m in rows for m in MODES):
+            s, u = rows["scan"], rows["unrolled"]
+            lines += ["", "Which is ahead over a run (steps, windows, tokens):"]
+            for part, each in (("heal", "step_s"), ("eval", "window_s"), ("generate", "token_s")):
+                dc = u[part]["compile_s"] - s[part]["compile_s"]
+                dr = s[part][each] - u[part][each]
+                if dc >= 0 and dr <= 0:
+                    verdict = "scan is ahead from the first"
+                elif dc <= 0 and dr >= 0:
+                    verdict = "unrolled is ahead from the first"
+                elif dr > 0:
+                    verdict = f"scan is ahead for fewer than {dc / dr:.0f}, unrolled after"
+                else:
+                    verdict = f"unrolled is ahead for fewer than {dc / dr:.0f}, scan after"
+                lines.append(f"- {part}: scan saves {dc:.1f} s of compiling and costs {1000 * dr:+.1f} ms each: "
+                             f"{verdict}")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--models", required=True, help="compressed folders, comma-separated")
+    p.add_argument("--model", help=argparse.SUPPRESS)  # one folder (internal, with --mode)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--tokens", type=int, default=16)
@@ -165,20 +181,21 @@ def main() -> None:
                                                       args.eval_len, args.heal_len)))
         return
     rows = []
-    for mode in MODES:
-        tmp = benchlib.REPO / "runs" / f"bench_scan_{mode}.json"
-        tmp.parent.mkdir(exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-        cmd = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--windows",
-               str(args.windows), "--tokens", str(args.tokens), "--eval-len", str(args.eval_len), "--heal-len",
-               str(args.heal_len), "--mode", mode, "--json", str(tmp)]
-        proc = subprocess.run(cmd, cwd=benchlib.REPO, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                              text=True)
-        if proc.returncode:
-            raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(tmp.read_text()))
-        print(json.dumps(rows[-1]), flush=True)
-    payload = {"model": args.model, "cpu": benchlib.cpu_name(), "command": benchlib.command_line(), "rows": rows}
+    for model in args.models.split(","):
+        for mode in MODES:
+            tmp = benchlib.REPO / "runs" / f"bench_scan_{mode}.json"
+            tmp.parent.mkdir(exist_ok=True)
+            env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+            cmd = [sys.executable, __file__, "--models", model, "--model", model, "--steps", str(args.steps),
+                   "--windows", str(args.windows), "--tokens", str(args.tokens), "--eval-len", str(args.eval_len),
+                   "--heal-len", str(args.heal_len), "--mode", mode, "--json", str(tmp)]
+            proc = subprocess.run(cmd, cwd=benchlib.REPO, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                                  text=True)
+            if proc.returncode:
+                raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+            rows.append(json.loads(tmp.read_text()))
+            print(json.dumps(rows[-1]), flush=True)
+    payload = {"cpu": benchlib.cpu_name(), "command": benchlib.command_line(), "rows": rows}
     benchlib.write(args.out, payload, table(payload))
     print(table(payload))
 

@@ -71,7 +71,7 @@ def test_healing_lowers_the_held_out_loss_and_trains_only_the_factors(runs):
     assert record["text"]["calib"] == "c4" and record["text"]["disjoint_from_calibration"]
     # where the stage's time went: compiling apart from the steps, held-out measurements, checkpoints, the teacher
     assert {"steps", "held_out", "checkpoint", "teacher", "compile"} <= set(record["time_s"])
-    assert all(v >= 0 for v in record["time_s"].values()) and record["stacked"]
+    assert all(v >= 0 for v in record["time_s"].values()) and record["stacked"]  # uniform ranks: one scan
     assert record["compiles"]["total"] == sum(v for k, v in record["compiles"].items() if k != "total")
     plain, healed = leaves(runs / "plain"), leaves(runs / "healed")
     assert plain.keys() == healed.keys()
