@@ -86,6 +86,28 @@ def one(name: str, label: str, code: str, runs_dir: Path) -> dict:
     return row
 
 
+def compare(before: Path, after: Path) -> dict:
+    """How far `after`'s matrices are from `before`'s (the same run on the code before a change): the largest
+    relative difference of any projection's matrix (B C, or PivGa's, dequantized), and whether the ranks agree."""
+    import jax
+    import numpy as np
+
+    from sigmascale_jax.io.sources import load_model
+    from sigmascale_jax.model.leaves import as_leaf
+    from sigmascale_jax.model.modeling import PROJECTIONS
+
+    (_, a, _), (_, b, _) = load_model(str(before)), load_model(str(after))
+    worst, same = 0.0, True
+    for x, y in zip(jax.device_get(a["blocks"]), jax.device_get(b["blocks"])):
+        for n in PROJECTIONS:
+            mx, my = np.asarray(as_leaf(x[n]).matrix(), np.float64), np.asarray(as_leaf(y[n]).matrix(), np.float64)
+            rx = json.dumps(jax.tree.map(np.shape, as_leaf(x[n]).to_tree()), default=str)
+            ry = json.dumps(jax.tree.map(np.shape, as_leaf(y[n]).to_tree()), default=str)
+            same &= rx == ry
+            worst = max(worst, float(np.abs(mx - my).max() / np.abs(mx).max()))
+    return {"max_rel_matrix_diff": worst, "same_ranks": bool(same)}
+
+
 def table(payload: dict) -> str:
     rows = payload["rows"]
     labels = sorted({r["label"] for r in rows}, key=lambda x: (x != "before", x))
@@ -117,6 +139,13 @@ def table(payload: dict) -> str:
                 cells.append("0" if not st else f"{st['compiles']} / {st['compile_s']:.1f}")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
+    compared = [r for r in rows if r.get("vs_before")]
+    if compared:
+        lines += ["## The same factors", "", "| run | largest relative difference of a matrix | same ranks |",
+                  "| --- | ---: | --- |"]
+        lines += [f"| {r['run']} ({r['label']} vs before) | {r['vs_before']['max_rel_matrix_diff']:.1e} | "
+                  f"{'yes' if r['vs_before']['same_ranks'] else 'no'} |" for r in compared]
+        lines.append("")
     lines += ["## Commands", ""] + [f"- {r['label']}, {r['run']}: `{r['command']}` (PYTHONPATH: {r['code']})"
                                    for r in rows]
     return "\n".join(lines) + "\n"
@@ -143,6 +172,10 @@ def main() -> None:
             if name not in RUNS:
                 raise SystemExit(f"unknown run {name!r}; known: {', '.join(RUNS)}")
             row = {**one(name, args.label, code, runs_dir), "code": shown}
+            before = folder(runs_dir, "before", name)
+            after = folder(runs_dir, args.label, name)
+            if args.label != "before" and RUNS[name][0] == "compress" and (before / "compression.json").is_file():
+                row["vs_before"] = compare(before, after)
             payload["rows"] = [r for r in payload["rows"] if (r["run"], r["label"]) != (name, args.label)] + [row]
             payload["cpu"] = benchlib.cpu_name()
             benchlib.write(args.out, payload, table(payload))
