@@ -11,8 +11,11 @@ Params pytree (HF layout, `w: [out, in]`)::
      "lm_head": [V, D]}                                  # absent with tied embeddings
 
 Each projection decides its own form by its keys, so one code path runs dense,
-compressed and mixed models. Blocks are a list, not a stacked array: compressed
-blocks have per-matrix ranks, so their shapes differ.
+compressed and mixed models. Blocks are a list (compressed blocks have per-matrix
+ranks, so their shapes differ), or the stacked form `model/stacking.py` makes of
+them, `params["blocks"]` a dict of arrays with a leading layer axis: the decoder runs
+stacked blocks as one `lax.scan` and stacks listed ones itself where that costs
+little (`run_blocks`), so its programs do not grow with depth.
 """
 
 from __future__ import annotations
