@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from sigmascale_jax.compress.plan import REFINERS, ModelContext, Params, Ranks, Refiner, RunSpec, register
 from sigmascale_jax.compress.settings import Settings, setting
@@ -389,8 +390,6 @@ def heal_model(ctx: ModelContext, blocks: list[Params], settings: HealSettings,
     trainable leaves (`heal_labels`) and their optimizer state are differentiated, donated, checkpointed; the
     teacher runs once over the windows (`heal_teacher_cache`) and leaves the device before the first step.
     """
-    from tqdm.auto import tqdm
-
     from sigmascale_jax.model.modeling import stack_params
     from sigmascale_jax.model.stacking import unstack_blocks
     from sigmascale_jax.parallel import on_device, shard

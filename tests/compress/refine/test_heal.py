@@ -218,3 +218,54 @@ def test_a_finished_pivga_folder_heals_after_the_fact_and_a_quantized_one_is_ref
     ssj.compress(str(STORIES), "svd-llm", 0.3, tmp_path / "q", quantize="int8", **common)
     with pytest.raises(UserError, match="quantized"):
         heal_compressed(tmp_path / "q", tmp_path / "qh", heal_steps=2, data_dir=str(DATA), progress=False)
+
+
+def test_the_heal_bar_counts_a_step_once_its_loss_is_ready(monkeypatch):
+    """JAX dispatches steps before they finish: the bar moves for a step only after its loss has been read back."""
+    events: list[tuple[str, int]] = []
+    real_step = heal.heal_step
+
+    class Loss:  # a step's loss that says when it is read
+        def __init__(self, value, i):
+            self.value, self.i = value, i
+
+        def __float__(self):
+            events.append(("ready", self.i))
+            return float(self.value)
+
+        def __array__(self, dtype=None, copy=None):
+            events.append(("ready", self.i))
+            return np.asarray(self.value, dtype)
+
+    calls = {"n": 0}
+
+    def step(*a, **kw):
+        train, opt_state, loss = real_step(*a, **kw)
+        calls["n"] += 1
+        return train, opt_state, Loss(jax.device_get(loss), calls["n"])
+
+    class Bar:
+        def __init__(self, *a, total=None, initial=0, **kw):
+            self.n = initial
+
+        def update(self, k=1):
+            self.n += k
+            events.append(("bar", self.n))
+
+        def set_postfix(self, *a, **kw):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(heal, "heal_step", step)
+    monkeypatch.setattr(heal, "tqdm", Bar)
+    cfg, params, source = ssj.load_model(str(require(STORIES)))
+    windows = ssj.calibration_windows(source, "c4", nsamples=24, seq_len=32, seed=0, data_dir=str(DATA))
+    plan = ssj.make_plan("svd-llm", heal_steps=6, heal_samples=16, heal_holdout=4, heal_eval_every=3)
+    ssj.compress_params(params, cfg, windows, plan, 0.3, progress=True)
+    bars = [n for kind, n in events if kind == "bar"]
+    assert bars == list(range(1, 7))
+    for at, (kind, n) in enumerate(events):
+        if kind == "bar" and n % 3:  # between measurements: step n's loss was read before the bar counted it
+            assert ("ready", n) in events[:at], events
