@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def main() -> None:
     assert disjoint
     held_wiki = make_windows(calibration_ids(source, "wikitext2-valid", data), t, 32)
     tok = source.tokenizer()
-    test = {task: make_windows(np.asarray(tok(perplexity_text(task, data)).input_ids), t, 16)
+    test = {task: make_windows(np.asarray(tok(perplexity_text(task, Path(data))).input_ids), t, 16)
             for task in ("wikitext2", "c4")}
 
     def ppl(tree, w) -> float:

@@ -119,9 +119,9 @@ def evaluate(
         raise UserError(f"{model} is a compressed model; --quantize applies to dense ones (compress with --quantize)")
     cfg = source.cfg
     if quantize:
-        from sigmascale_jax.compress.encode.quant import DEFAULT_GROUP, check_group_size
+        from sigmascale_jax.compress.encode.quant import check_group_size, default_group_size
 
-        group_size = group_size or DEFAULT_GROUP
+        group_size = group_size or default_group_size(cfg)
         check_group_size(group_size, cfg)
     if texts and seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {seq_len} exceeds the model's maximum of {cfg.max_position_embeddings} positions")
