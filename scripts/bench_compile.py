@@ -40,6 +40,10 @@ RUNS = {
     "stories sigmascale zs-svd": ("compress", [*STORIES_FLAGS, *SIGMA10, "--ranks", "zs-svd"]),
     # the recipe's config without its heal-* keys (written beside the runs: older code refuses --heal-steps 0 there)
     "smollm2 best-0.2, no healing": ("compress", ["--config", "{runs}/best-0.2-no-heal.yaml"]),
+    # the recipe the quick start had before this change (the "before" rows ran it), and the one it has now
+    "smollm2 quick start, earlier recipe": ("compress", ["--config", "configs/smollm2-quick.yaml", "--nsamples", "64",
+                                                         "--heal-steps", "50", "--heal-samples", "200",
+                                                         "--heal-eval-every", "25"]),
     "smollm2 quick start": ("compress", ["--config", "configs/smollm2-quick.yaml"]),
     "smollm2 eval of the quick start": ("eval", ["--tasks", "wikitext2,c4", "--seq-len", "2048", "--max-windows", "16"]),
 }
@@ -58,8 +62,9 @@ def one(name: str, label: str, code: str, runs_dir: Path) -> dict:
     args = [a.replace("{runs}", str(runs_dir)) for a in args]
     base = folder(runs_dir, label, name)
     out_json = base.with_name(base.name + ".probe.json")
-    if command == "eval":
-        args = ["--model", str(folder(runs_dir, label, "smollm2 quick start")), *args, "--json",
+    if command == "eval":  # the quick start's model (the earlier recipe's, for the code before the change)
+        quick = "smollm2 quick start, earlier recipe" if label == "before" else "smollm2 quick start"
+        args = ["--model", str(folder(runs_dir, label, quick)), *args, "--json",
                 str(base.with_name(base.name + ".eval.json"))]
     else:
         args = [*args, "--out", str(folder(runs_dir, label, name)), "--overwrite"]

@@ -4,6 +4,7 @@ line and from Python — are one-line errors that name them, found before any lo
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 from pathlib import Path
 
@@ -220,7 +221,7 @@ def test_heal_compressed_checks_its_settings_and_keys_its_checkpoint_by_the_sour
         heal.heal_compressed(tmp_path / "a", tmp_path / "h", heal_steps=2, heal_seq_len=100000, data_dir=str(DATA),
                              progress=False)
     assert not (tmp_path / "h").exists() and not (tmp_path / "h.partial").exists()
-    ssj.compress(str(STORIES), "svd", 0.3, tmp_path / "b", **common)  # another folder of the same model
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # another folder (the same report, elsewhere)
     keys = []
     real = heal._Checkpoint.__init__
 

@@ -73,9 +73,11 @@ toks = np.random.default_rng(0).integers(0, cfg1.vocab_size, (8, 48)).astype(np.
 out["layout_ppl"] = [perplexity(one, cfg1, toks, 4, progress=False, mesh=m)["ppl"] for m in (None, lay)]
 out["layout_split"] = str(on_device(one, lay)["blocks"][0]["down"].c.sharding.spec)
 # healing on a data mesh (the optimizer's state placed with the factors): the one-device run's held-out losses
-heal = dict(heal_steps=2, heal_samples=16, heal_holdout=8, heal_batch=8, heal_eval_every=2, heal_lr=1e-3)
-out["heal"] = [sigmascale_jax.compress(model, "svd-llm", 0.3, f"{tmp}/heal-{m[5:]}", mesh=m, **kw, **heal)["refine"][0]
-               ["trace"] for m in ("data=1", "data=8")]
+from sigmascale_jax.compress.refine.heal import heal_compressed
+heal = dict(heal_steps=2, heal_samples=16, heal_holdout=8, heal_batch=8, heal_eval_every=2, heal_lr=1e-3,
+            heal_seq_len=32, data_dir=data, progress=False)
+out["heal"] = [heal_compressed(f"{tmp}/svd-llm-1", f"{tmp}/heal-{m[5:]}", mesh=m, **heal)["refine"][-1]["trace"]
+               for m in ("data=1", "data=8")]
 print("RESULT " + json.dumps(out))
 """
 

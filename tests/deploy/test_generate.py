@@ -17,10 +17,16 @@ from sigmascale_jax.model.modeling import forward_jit
 
 
 def argmax_by_full_passes(params, cfg, prompt: np.ndarray, n: int) -> np.ndarray:
-    tokens = np.asarray(prompt)
-    for _ in range(n):
+    """Greedy decoding by full forward passes over the sequence so far. The sequence is held at its final length
+    (zeros after the tokens decoded so far): a causal model's logits at a position do not see what follows it, and
+    one shape compiles once."""
+    prompt = np.asarray(prompt)
+    t0 = prompt.shape[1]
+    tokens = np.zeros((prompt.shape[0], t0 + n), prompt.dtype)
+    tokens[:, :t0] = prompt
+    for cur in range(t0, t0 + n):
         logits = np.asarray(forward_jit(params, jnp.asarray(tokens), cfg))
-        tokens = np.concatenate([tokens, logits[:, -1].argmax(-1)[:, None]], axis=1)
+        tokens[:, cur] = logits[:, cur - 1].argmax(-1)
     return tokens
 
 
