@@ -51,12 +51,15 @@ class Codes:
         if not np.issubdtype(dtype, np.integer):
             raise TypeError(f"Codes hold integers, got {dtype}")
         small = dtype.itemsize == 1
+        carrier = jnp.bfloat16 if small else jnp.float32
         if isinstance(a, np.ndarray):
             limit = 256 if small else 2**24
             if a.size and int(np.abs(a.astype(np.int64)).max()) > limit:
                 raise ValueError(f"{dtype} values above {limit} cannot ride exactly in a float carrier")
-            a = a.astype(np.float32)
-        return cls(jnp.asarray(a).astype(jnp.bfloat16 if small else jnp.float32), dtype.name)
+            # a host carrier (numpy holds bfloat16 through ml_dtypes): a device transfer here would compile once
+            # per array shape, i.e. per rank, when a folder loads
+            return cls(a.astype(np.float32).astype(carrier), dtype.name)
+        return cls(jnp.asarray(a).astype(carrier), dtype.name)
 
     def array(self) -> jax.Array:
         """The integers, as `dtype` (no gradient flows to the carrier)."""

@@ -106,7 +106,9 @@ def _restored(p: dict) -> PivGa:
         perm = Codes(carrier, perm_dtype(carrier.shape[0]))
     else:
         perm = perm_codes(perm)
-    b, r = (as_matrix(p[k]) if isinstance(p[k], dict) else jnp.asarray(p[k]) for k in ("b", "r"))
+    # a dict: a quantized matrix; an array (traced, under jit) as it is; host data stays on the host
+    b, r = (as_matrix(p[k]) if isinstance(p[k], dict) else p[k] if isinstance(p[k], jax.Array) else np.asarray(p[k])
+            for k in ("b", "r"))
     return PivGa(b, r, perm, p.get("bias"))
 
 

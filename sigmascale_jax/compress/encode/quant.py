@@ -175,7 +175,7 @@ class QuantMatrix:
     def from_tree(cls, tree: dict, bits: int, group: int, cols: int) -> "QuantMatrix":
         """A matrix from its saved dict and its record's grid (`meta`, where saved, is the same)."""
         zero = Codes.of(tree["zero"]) if "zero" in tree else None
-        return cls(Codes.of(tree["values"]), jnp.asarray(tree["scale"]), zero, bits, group, cols,
+        return cls(Codes.of(tree["values"]), np.asarray(tree["scale"]), zero, bits, group, cols,
                    Codes.of(grid_meta(bits, group, cols)))
 
     @classmethod
@@ -390,7 +390,9 @@ class QuantSettings(Settings):
 
     def load(self, tree: Any, cols: int) -> Any:
         """A matrix as `store` saved it (`to_tree`), `cols` columns wide."""
-        return QuantMatrix.from_tree(tree, BITS[self.kind], self.group_size, cols) if self.kind else jnp.asarray(tree)
+        if self.kind:
+            return QuantMatrix.from_tree(tree, BITS[self.kind], self.group_size, cols)
+        return np.asarray(tree)  # on the host: the loader places the whole tree at once (no transfer per shape)
 
     def record(self) -> dict[str, Any]:
         out = {"quantize": self.kind, "group_size": self.group_size}
