@@ -128,6 +128,8 @@ def table(payload: dict) -> str:
             cells.append("—" if r is None else f"{r['compiles']} / {r['compile_s']:.1f} / {r['wall_s']:.1f}")
         if any(c != "—" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if payload.get("notes"):  # what the rows say, written by hand beside the measurements
+        lines += ["", *payload["notes"]]
     lines += ["", "## Per stage (compiles / compile s)", ""]
     for name in RUNS:
         got = [r for r in rows if r["run"] == name and r.get("stages")]
@@ -156,6 +158,19 @@ def table(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_runs(text: str) -> list[str]:
+    """Groups and run names, comma-separated; a run's own name may hold a comma ("smollm2 best-0.2, no healing")."""
+    parts, out = [p.strip() for p in text.split(",")], []
+    while parts:
+        for n in range(len(parts), 0, -1):  # the longest known name first
+            joined = ", ".join(parts[:n])
+            if joined in RUNS or joined in GROUPS or n == 1:
+                out.append(joined)
+                parts = parts[n:]
+                break
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--label", default="after")
@@ -168,7 +183,7 @@ def main() -> None:
     path = benchlib.REPO / f"{args.out}.json"
     payload = json.loads(path.read_text()) if path.is_file() else {"cpu": benchlib.cpu_name(), "rows": []}
     if not args.render:
-        names = [n for g in args.runs.split(",") for n in GROUPS.get(g, [g])]
+        names = [n for g in split_runs(args.runs) for n in GROUPS.get(g, [g])]
         runs_dir = Path(args.runs_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
         code = args.code if os.path.isabs(args.code) else str((benchlib.REPO / args.code).resolve())
