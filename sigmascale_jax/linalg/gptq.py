@@ -49,17 +49,19 @@ class Quantized(NamedTuple):
     zero: jax.Array | None
 
 
-def inverse_factor(h: jax.Array, damp: float = DEFAULT_DAMP, size: int | None = None) -> jax.Array:
-    """Upper-triangular U with `(H + damp · mean(diag H) · I)⁻¹ = Uᵀ U`, in h's dtype (`h: [n, n]`, dead inputs
-    already given a unit diagonal); with `size`, H is first extended by an identity block to `[size, size]` (U then
-    ends in that identity block), so that Grams of nearby widths share one compiled program. A FloatingPointError if
-    the damped H is not positive definite."""
+def inverse_factor(h, damp: float = DEFAULT_DAMP, size: int | None = None) -> np.ndarray:
+    """Upper-triangular U with `(H + damp · mean(diag H) · I)⁻¹ = Uᵀ U`, in h's dtype (`h: [n, n]` host array, dead
+    inputs already given a unit diagonal); with `size`, H is first extended by an identity block to `[size, size]`
+    (U then ends in that identity block), so that Grams of nearby widths share one compiled program. The damping and
+    extension happen on the host (no program per width). A FloatingPointError if the damped H is not positive
+    definite."""
+    h = np.asarray(h)
     n = h.shape[0]
     size = size or n
-    lam = damp * jnp.mean(jnp.diagonal(h))
-    full = jnp.eye(size, dtype=h.dtype).at[:n, :n].set(h + lam * jnp.eye(n, dtype=h.dtype))
-    u = _upper_inverse_cholesky(full)
-    if not bool(jnp.isfinite(u).all()):
+    full = np.eye(size, dtype=h.dtype)
+    full[:n, :n] = h + damp * np.mean(np.diagonal(h)) * np.eye(n, dtype=h.dtype)
+    u = np.asarray(_upper_inverse_cholesky(full))
+    if not np.isfinite(u).all():
         raise FloatingPointError(f"GPTQ: the damped Gram matrix ({n}x{n}, damping {damp}) is not positive definite "
                                  "in this precision; raise the damping (--gptq-damp)")
     return u
@@ -78,8 +80,11 @@ def gptq(w, h, grid: Grid, *, damp: float = DEFAULT_DAMP, act_order: bool = True
     """GPTQ of `w: [rows, cols]` (float) against the input Gram `h: [cols, cols]` on `grid` (module docstring).
 
     The inverse-Hessian factor is computed in `precision` (`linalg.precision`); the column loop runs in w's float
-    dtype (float32 unless 64-bit arrays are on)."""
-    w = jnp.asarray(w)
+    dtype (float32 unless 64-bit arrays are on). Everything shaped by the matrix's own size (dead inputs, the column
+    order, padding to the bucketed shape, cutting back) happens on the host, so one program serves every matrix of a
+    bucketed shape. Returns host arrays."""
+    w = np.asarray(w)
+    w = np.array(w, jax.dtypes.canonicalize_dtype(w.dtype))
     h = np.array(h, np.float64)
     rows, cols = w.shape
     if h.shape != (cols, cols):
@@ -88,20 +93,27 @@ def gptq(w, h, grid: Grid, *, damp: float = DEFAULT_DAMP, act_order: bool = True
         raise FloatingPointError("GPTQ: the Gram matrix holds non-finite values")
     dead = np.diagonal(h) <= 0
     h[dead, dead] = 1.0
-    w = jnp.where(jnp.asarray(dead)[None, :], 0.0, w)
+    w[:, dead] = 0.0
     perm = np.argsort(-np.diagonal(h), kind="stable") if act_order else np.arange(cols)
     padded_cols = grid.groups(cols) * grid.group
     with factor_precision(precision) as dtype:  # padding columns: an identity block of H, and so of U
-        u_pad = np.asarray(inverse_factor(jnp.asarray(h[np.ix_(perm, perm)], dtype), damp, padded_cols), np.float64)
+        u_pad = inverse_factor(h[np.ix_(perm, perm)].astype(dtype), damp, padded_cols)
     full = np.concatenate([perm, np.arange(cols, padded_cols)])  # padding columns stay last, on their own
     w_pad = grid.bucket(w)  # rows are independent, so nearby ranks share one compiled loop
-    scale, zero = grid.params(w_pad)  # the original matrix's scales: kept when columns are reordered
-    if zero is None:
-        zero = jnp.zeros(scale.shape, jnp.int32)
-    codes, scale, zero = _gptq_loop(w_pad[:, full], jnp.asarray(u_pad, w.dtype), scale, zero,
-                                    jnp.asarray(full // grid.group, jnp.int32), grid, act_order)
+    codes, scale, zero = jax.device_get(_gptq(w_pad, full.astype(np.int32), u_pad.astype(w.dtype),
+                                              (full // grid.group).astype(np.int32), grid, act_order))
     codes = codes[:rows, np.argsort(full)][:, :cols]
     return Quantized(codes, scale[:rows], None if grid.symmetric else zero[:rows])
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "static"))
+def _gptq(w_pad, order, u, group_of, grid: Grid, static: bool):
+    """The original matrix's scales (kept when columns are reordered), then `_gptq_loop` on `w_pad`'s columns in
+    processing `order`."""
+    scale, zero = grid.params(w_pad)
+    if zero is None:
+        zero = jnp.zeros(scale.shape, jnp.int32)
+    return _gptq_loop(w_pad[:, order], u, scale, zero, group_of, grid, static)
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "static"))

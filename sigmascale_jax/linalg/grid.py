@@ -29,6 +29,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 
 # int8's symmetric range in qwix is ±127.5 (the ±127 buckets used in full); ±127 keeps every code in [−127, 127]
@@ -73,11 +74,12 @@ class Grid:
         """`x: [rows, cols]` with zero columns up to whole groups `[rows, groups · group]`."""
         return jnp.pad(x, ((0, 0), (0, self.groups(x.shape[1]) * self.group - x.shape[1])))
 
-    def bucket(self, x: jax.Array) -> jax.Array:
-        """`x: [rows, cols]` padded with zero columns to whole groups and zero rows to a multiple of ROW_BUCKET: rows
-        are rounded independently and zeros round to zero, so matrices of nearby shapes (factors of nearby ranks)
-        share one compiled program."""
-        return jnp.pad(self.pad(x), ((0, -x.shape[0] % ROW_BUCKET), (0, 0)))
+    def bucket(self, x) -> np.ndarray:
+        """`x: [rows, cols]` (host) padded with zero columns to whole groups and zero rows to a multiple of
+        ROW_BUCKET, on the host: rows are rounded independently and zeros round to zero, so matrices of nearby shapes
+        (factors of nearby ranks) share one compiled program (and padding them compiles none)."""
+        x = np.asarray(x)
+        return np.pad(x, ((0, -x.shape[0] % ROW_BUCKET), (0, self.groups(x.shape[1]) * self.group - x.shape[1])))
 
     def params(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """Scales `[rows, groups]` (x's dtype) and unsigned zero points `[rows, groups]` (int32; None for int8) of
@@ -119,11 +121,11 @@ class Grid:
         """The float values (scale's dtype) unsigned `codes: [rows, groups · group]` stand for (qwix)."""
         return qwix.dequantize(self.qarray(codes, scale, zero))
 
-    def round(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-        """Round-to-nearest of `x: [rows, cols]`: unsigned codes `[rows, cols]`, scales and zero points
-        `[rows, groups]`, rounded on the bucketed matrix (`bucket`)."""
+    def round(self, x) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Round-to-nearest of `x: [rows, cols]` (host): unsigned codes `[rows, cols]`, scales and zero points
+        `[rows, groups]` (host arrays), rounded on the bucketed matrix (`bucket`)."""
         rows, cols = x.shape
-        codes, scale, zero = _round(self.bucket(x), self)
+        codes, scale, zero = jax.device_get(_round(self.bucket(x), self))  # cut on the host: no program per shape
         return codes[:rows, :cols], scale[:rows], None if zero is None else zero[:rows]
 
 

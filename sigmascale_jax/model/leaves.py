@@ -145,6 +145,14 @@ def as_array(m: Any, dtype: Any = jnp.float32) -> jax.Array:
     return m.dequantize(dtype) if is_quantized(m) else jnp.asarray(m).astype(dtype)
 
 
+def host_array(m: Any) -> np.ndarray:
+    """A leaf's matrix as a float32 numpy array, dequantized on the host where the quantized form can
+    (`host_values`): no program compiled per shape."""
+    if is_quantized(m):
+        return np.asarray(m.host_values() if hasattr(m, "host_values") else m.dequantize(), np.float32)
+    return np.asarray(m, np.float32)
+
+
 def matrix_bytes(m: Any) -> int:
     return m.nbytes if is_quantized(m) else int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
 
@@ -232,6 +240,10 @@ class LowRank:
 
     def matrix(self) -> jax.Array:
         return as_array(self.b) @ as_array(self.c)
+
+    def host_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(B [out, k], C [k, in])` as float32 numpy (`modeling.dense_projection` multiplies them padded)."""
+        return host_array(self.b), host_array(self.c)
 
     @property
     def num_params(self) -> int:

@@ -409,19 +409,20 @@ def dense_projection(p: Any) -> dict:
     """
     from sigmascale_jax.model.leaves import is_leaf
 
-    if is_leaf(p):
+    if is_leaf(p) and not hasattr(p, "host_factors"):
         bias = p.bias
         w = _leaf_matrix(p)
-    elif "w" in p:
+    elif not is_leaf(p) and "w" in p:
         return p
-    else:
-        b, c = np.asarray(p["b"]), np.asarray(p["c"])
+    else:  # factors (quantized ones dequantized on the host): padded to full width, one product per shape
+        b, c = p.host_factors() if is_leaf(p) else (np.asarray(p["b"]), np.asarray(p["c"]))
+        bias = p.bias if is_leaf(p) else p.get("bias")
         (m, k), n = b.shape, c.shape[1]
         r = min(m, n)
         pad_b = np.zeros((m, r), b.dtype)
         pad_c = np.zeros((r, n), c.dtype)
         pad_b[:, :k], pad_c[:k] = b, c
-        bias, w = p.get("bias"), _padded_product(pad_b, pad_c)
+        w = _padded_product(pad_b, pad_c)
     return {"w": w} if bias is None else {"w": w, "bias": bias}
 
 

@@ -28,6 +28,7 @@ from sigmascale_jax.model.leaves import (
     check_shapes,
     export_bias,
     factor_labels,
+    host_array,
     matrix_bytes,
     matrix_tree,
     register_dict_form,
@@ -56,6 +57,14 @@ class PivGa:
         c_perm = jnp.concatenate([jnp.eye(k, dtype=jnp.float32), as_array(self.r)], axis=1)  # C in permuted columns
         c = jnp.zeros_like(c_perm).at[:, self.perm.array()].set(c_perm)
         return as_array(self.b) @ c
+
+    def host_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(B' [out, k], C [k, in])` as float32 numpy, C = [I R] put back in the original column order."""
+        k = self.b.shape[1]
+        c_perm = np.concatenate([np.eye(k, dtype=np.float32), host_array(self.r)], axis=1)
+        c = np.zeros_like(c_perm)
+        c[:, self.perm.numpy()] = c_perm
+        return host_array(self.b), c
 
     @property
     def num_params(self) -> int:

@@ -136,6 +136,15 @@ class QuantMatrix:
         """The float matrix `[rows, cols]` it stands for."""
         return qwix.dequantize(self.qarray())[:, : self.cols].astype(dtype)
 
+    def host_values(self) -> np.ndarray:
+        """`dequantize()` on the host (float32 numpy) with qwix's formula, `(code − zero point) · scale`: the
+        encoders and propagation read many shapes of these, and numpy compiles no program for each."""
+        per_column = lambda a: np.repeat(np.asarray(a), self.group, axis=1)[:, : self.cols]  # noqa: E731
+        codes = host_codes(self)
+        if self.zero is not None:
+            codes = codes - per_column(self.zero.numpy()).astype(np.int32)
+        return codes.astype(np.float32) * per_column(self.scale).astype(np.float32)
+
     @property
     def nbytes(self) -> int:
         return self.values.nbytes + matrix_bytes(self.scale) + (self.zero.nbytes if self.zero is not None else 0)
@@ -227,8 +236,19 @@ def quantize_gptq(x: Any, gram: Any, kind: str, group: int, *, damp: float = DEF
 GPTQ_ORDERS = ("best", "inner-first", "outer-first")
 
 
+def host_codes(m: QuantMatrix) -> np.ndarray:
+    """`m.codes()` on the host (int32 `[rows, cols]`): numpy, no program per shape."""
+    values = np.asarray(m.values.numpy())
+    if m.bits == 8:
+        return values.astype(np.int32)
+    bitplanes = np.unpackbits(values, axis=1, bitorder="little")[:, : m.cols * m.bits]
+    return (bitplanes.reshape(values.shape[0], m.cols, m.bits).astype(np.int32) << np.arange(m.bits)).sum(-1)
+
+
 def dequantized(m: Any) -> np.ndarray:
-    """A stored matrix's values as float64 numpy."""
+    """A stored matrix's values as float64 numpy (a `QuantMatrix` dequantized on the host, `host_values`)."""
+    if isinstance(m, QuantMatrix):
+        return m.host_values().astype(np.float64)
     return np.asarray(m.dequantize() if hasattr(m, "dequantize") else m, np.float64)
 
 
