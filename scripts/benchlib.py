@@ -135,7 +135,7 @@ def method_row(method: str, ratio: float, args, extra: list[str] = (), label: st
         "eval_windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")},
         "run": str(Path(args.runs_dir) / name),  # repo-relative, as results files give paths
     }
-    if report.get("blocks"):
+    if report.get("blocks") and "holdout_init" in report["blocks"][0]:  # SigmaScale's learning (a refit has its own)
         init = [b["holdout_init"] for b in report["blocks"]]
         best = [b["holdout_best"] for b in report["blocks"]]
         row["holdout_gain"] = 1.0 - sum(best) / sum(init)  # fraction of the summed held-out loss removed

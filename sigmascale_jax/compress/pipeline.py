@@ -26,12 +26,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sigmascale_jax.compress.plan import Allocation, BlockInputs, BlockResult, Budget, ModelContext, Plan, RunSpec
+from sigmascale_jax.compress.plan import (Allocation, BlockInputs, BlockResult, Budget, ModelContext, Plan, RunSpec,
+                                          widest_ranks)
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.io.fileio import write_json_atomic, write_npz_atomic
 from sigmascale_jax.io.outputs import Input, check_out, model_input, out_lock, replace_folder, writing_folder
 from sigmascale_jax.linalg.precision import precision_key, resolve_precision
 from sigmascale_jax.model.modeling import PROJECTIONS
+
+REFIT_SALT = 1 << 20  # a per-block refit's PRNG key: fold_in(the block's key, REFIT_SALT), apart from the factorizer's
 
 PARTIAL_SUFFIX = ".partial"
 RANKS_FILE = "ranks.json"
@@ -179,11 +182,13 @@ class _Clock:
         return {"stages": stages, "compiles": sum(v["compiles"] for v in stages.values()),
                 "compile_s": round(sum(v["compile_s"] for v in stages.values()), 3)}
 
-    def lap(self, stage: str) -> None:
+    def lap(self, stage: str) -> float:
+        """Close the stage running since the last lap; returns its seconds."""
         from sigmascale_jax.compress.report import resident_high_water
 
         now = time.perf_counter()
-        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        elapsed = now - self.last
+        self.timings[stage] = self.timings.get(stage, 0.0) + elapsed
         self.last = now
         count, secs = self.compiler.since(self.mark)
         self.mark = self.compiler.snapshot()
@@ -193,6 +198,7 @@ class _Clock:
         peak = resident_high_water(reset=True) if self.stage_memory else None
         if peak is not None:
             self.peaks[stage] = max(self.peaks.get(stage, 0), peak)
+        return elapsed
 
 
 def open_checked(spec: RunSpec, plan: Plan):
@@ -366,6 +372,10 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
     blocks, results, dense_count = _block_loop(plan, ctx, alloc, staging, clock)
     refined = []
     for refiner in plan.refine:
+        if refiner.refine is None:  # per block only: it ran inside the block loop
+            refined.append({"name": refiner.name, **refiner.settings.asdict(),
+                            **(refiner.summary(results) if refiner.summary else {})})
+            continue
         blocks, info = refiner.refine(ctx, blocks, alloc.ranks)
         blocks = [jax.device_get(b) for b in blocks]
         refined.append({"name": refiner.name, **refiner.settings.asdict(), **info})
@@ -414,8 +424,11 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
     from sigmascale_jax.model.modeling import param_count
 
     cfg, factorizer, spec, encoder = ctx.cfg, plan.factorize, ctx.spec, plan.encoder()
+    refits = [r for r in plan.refine if r.block is not None]  # per block, right after the factorizer
+    widths = widest_ranks(alloc.ranks) if refits else {}
     xs = ctx.outer["embed"][ctx.windows]  # [N, L, D]
-    xs_ref = xs if factorizer.needs_dense_stream and spec.sequential else None
+    # the dense model's stream beside the compressed one: SVD-LLM's update reads its Grams, a refit its outputs
+    xs_ref = xs if (factorizer.needs_dense_stream or refits) and spec.sequential else None
     blocks, results, dense_count = [], [], 0
     bar = tqdm(range(cfg.num_layers), desc=f"{factorizer.name} r={spec.ratio}", unit="block", disable=not ctx.progress)
     for i in bar:
@@ -431,7 +444,7 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
             clock.lap("propagate")
         else:
             # --sequential propagates the factored block instead: the dense outputs only if the factorizer reads them
-            want_out = not spec.sequential or factorizer.needs_outputs
+            want_out = not spec.sequential or factorizer.needs_outputs  # (a refit's anchor without --sequential)
             if factorizer.needs_stats or encoder.needs_gram:
                 dense_out, stats = block_stats(dense, xs, cfg, spec.batch_size, ctx.mesh, outputs=want_out)
             else:  # nothing reads the Grams (quantization alone, rounded to nearest)
@@ -441,11 +454,18 @@ def _block_loop(plan: Plan, ctx: ModelContext, alloc: Allocation, staging: Path 
             if xs_ref is not None:
                 xs_ref, ref_stats = block_stats(dense, xs_ref, cfg, spec.batch_size, ctx.mesh)
             clock.lap("stats")
+            # the refit's target: the dense block on the dense model's inputs (xs_ref is now its outputs)
+            anchor = (xs_ref if xs_ref is not None else dense_out) if refits else None
             inputs = BlockInputs(dense, stats, xs, dense_out, cfg, spec.batch_size, ref_stats, ctx.mesh,
-                                 resolve_precision(spec.precision))
+                                 resolve_precision(spec.precision), anchor)
             key = jax.random.fold_in(jax.random.key(spec.seed), i)
             result = factorizer.factor(inputs, alloc.ranks[i], key)
-            clock.lap("factorize")
+            factor_s = clock.lap("factorize")
+            for refiner in refits:
+                result = refiner.block(inputs, result, jax.random.fold_in(key, REFIT_SALT), widths)
+                clock.lap("refit")
+            if refits:  # the refit's seconds are in its record: the factorizer's beside them
+                result = result._replace(block={**(result.block or {}), "factorize_s": round(factor_s, 3)})
             if encoder.needs_gram:  # GPTQ: stored now, from this block's Grams; the next block sees its rounding
                 result = encode_block(encoder, result, stats, inputs.precision)
                 clock.lap("encode")

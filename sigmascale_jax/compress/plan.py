@@ -26,6 +26,17 @@ MAX_SEED = 2**32 - 1  # a JAX PRNG key holds 32 bits of a seed: larger seeds wou
 Ranks = list[dict[str, Optional[int]]]  # ranks[block][projection]: a rank, or None for a matrix kept dense
 
 
+def widest_ranks(ranks: Ranks) -> dict[str, int]:
+    """The widest rank each projection has in any block (matrices kept dense left out): the width per-block
+    training pads factors to, so every block runs one compiled program."""
+    widths: dict[str, int] = {}
+    for block in ranks:
+        for name, k in block.items():
+            if k is not None:
+                widths[name] = max(widths.get(name, 0), int(k))
+    return widths
+
+
 # ------------------------------------------------------------------ inputs shared by the stages
 
 
@@ -140,6 +151,8 @@ class BlockInputs(NamedTuple):
     ref_stats: dict | None = None  # the dense model's stream, for factorizers with `needs_dense_stream`
     mesh: Any = None  # windows split over its data axis, weights over model (None: one device)
     precision: str = "float64"  # what factorizations run in (`linalg.precision`)
+    # [N, T, D] the dense block's outputs on the dense model's inputs (for refiners with a `block` step; else None)
+    anchor: np.ndarray | None = None
 
 
 class BlockResult(NamedTuple):
@@ -192,13 +205,18 @@ class Encoder(NamedTuple):
 
 
 class Refiner(NamedTuple):
-    """A model-level pass after the block loop (ZS-SVD's correction); keeps every matrix's rank."""
+    """A pass that revises factors and keeps every matrix's rank: model-level after the block loop (`refine`: ZS-SVD's
+    correction, healing), or per block inside it (`block`: the refit), or both."""
 
     name: str
     settings: Settings
-    refine: Callable[[ModelContext, list[Params], Ranks], tuple[list[Params], dict[str, Any]]]
+    refine: Callable[[ModelContext, list[Params], Ranks], tuple[list[Params], dict[str, Any]]] | None
     check: Callable[[RunSpec, ModelConfig], None] = lambda spec, cfg: None
     memory: Callable[[ModelConfig, RunSpec], tuple[int, str]] | None = None  # device bytes, note (`--plan-only`)
+    # (inputs with `anchor`, the factored block, PRNG key, {projection: widest rank in any block}) -> the block
+    # revised; runs right after the factorizer, before a Gram-reading encoder and before the block feeds the next
+    block: Callable[[BlockInputs, BlockResult, Any, dict[str, int]], BlockResult] | None = None
+    summary: Callable[[list[BlockResult]], dict[str, Any]] | None = None  # compression.json's record of `block`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,11 +239,12 @@ class Plan:
 
             raise UserError("--ratio 0 keeps every projection dense: add --quantize int8, int4 or int3 (quantization "
                             "alone), or ask for a ratio above 0")
-        if self.refine and self.encoder().needs_gram:
+        after_loop = [r for r in self.refine if r.refine is not None]
+        if after_loop and self.encoder().needs_gram:
             from sigmascale_jax.errors import UserError
 
             raise UserError(f"--quantizer gptq rounds each block as the block loop reaches it, before "
-                            f"{' and '.join(r.name for r in self.refine)} revises the factors; use --quantizer rtn "
+                            f"{' and '.join(r.name for r in after_loop)} revises the factors; use --quantizer rtn "
                             "with it, or drop it")
         check_reachable(spec.ratio, cfg, self.encoder().count)
 

@@ -106,18 +106,23 @@ HEAL_PROGRAMS = {"heal_step", "_held_loss", "init_fn"}  # shaped by the padded r
     ("sigmascale", {"loss": "layer", "steps": 2, "eval_every": 1}),
     ("sigmascale", {"loss": "paper", "steps": 2}),
     ("svd-llm", {"heal_steps": 2, "heal_samples": 8, "heal_holdout": 4, "heal_eval_every": 2}),
+    ("sigmascale", {"steps": 2, "eval_every": 1, "step_windows": 4, "refit_steps": 2, "refit_eval_every": 1}),
 ])
 def test_mixed_ranks_compile_no_program_that_uniform_ranks_did_not(stories_small, method, settings):
     """Ranks are data: after a uniform-rank run, a run where every matrix has its own rank (one kept dense) traces
-    no new program — healing aside, whose step is shaped by the padded widths, once per run, not per block."""
+    no new program — healing and the refit aside, whose steps are shaped by the padded widths: once per run (the
+    refit once more for the block that keeps a matrix dense), not per block."""
     cfg, params, windows = stories_small
     heal = "heal_steps" in settings
     ssj.compress_params(params, cfg, windows, ssj.make_plan(method, **settings), 0.3)  # compiles what it needs
     plan = ssj.make_plan(method, ranks=mixed_ranks(cfg), **settings)
     traces, (_, report) = traced(lambda: ssj.compress_params(params, cfg, windows, plan, 0.3))
     assert len({m["rank"] for m in report["matrices"] if m["name"] == "q"}) > 2  # the ranks did differ
-    new = [t for t in traces if not (heal and t in HEAL_PROGRAMS)]
+    new = [t for t in traces if not (heal and t in HEAL_PROGRAMS) and t != "refit_block"]
     assert new == [], new
+    if "refit_steps" in settings:  # padded to the widest ranks: one program per pattern of dense projections (2)
+        assert 1 <= traces.count("refit_block") <= 2, traces
+        assert any("refit" in b for b in report["blocks"])
     if heal:  # stacked or (these random ranks pad past the tolerance) unrolled: one step program per run
         assert len(traces) <= len(HEAL_PROGRAMS) and report["refine"][0]["stacked"] in (True, False)
 

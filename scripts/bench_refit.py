@@ -1,0 +1,110 @@
+"""Refit benchmark: the same compressions with and without `--refit-steps`, on SmolLM2 by default.
+
+    python scripts/bench_refit.py --ratios 0.2,0.4 --methods svd-llm --refit-steps 50 --max-windows 16
+
+For every ratio and factorizer, one run without the refit and one with it (same calibration windows, ranks and
+seed), each evaluated on WikiText-2 and C4 (`sigmascale_jax.eval`). Per refit run, every block's held-out block
+error before and after the refit (on the calibration windows the refit held out, never evaluation text), its
+steps, and its seconds beside the factorizer's. Writes OUT.md and OUT.json; finished runs are reused when their
+command is the same (`--reuse-only`: tabulate only those).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import benchlib
+
+REFIT_KEYS = ("refit_lr", "refit_windows", "refit_holdout", "refit_eval_every", "refit_patience")
+
+
+def refit_flags(args) -> list[str]:
+    flags = ["--refit-steps", str(args.refit_steps)]
+    for key in REFIT_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags + (["--refit-norms"] if args.refit_norms else [])
+
+
+def block_records(run: str) -> list[dict]:
+    """Each block's refit record and factorizer seconds from a run's compression.json."""
+    import json
+
+    report = json.loads((benchlib.REPO / run / "compression.json").read_text())
+    out = []
+    for b in report.get("blocks", []):
+        if "refit" in b:
+            r = b["refit"]
+            out.append({"block": b["block"], "factorize_s": b.get("factorize_s"), "refit_s": r["seconds"],
+                        "before": r["holdout_before"], "after": r["holdout_after"], "steps_run": r["steps_run"],
+                        "best_step": r["best_step"], "trace": r["holdout_trace"]})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    benchlib.add_common_args(p, "results/refit_smollm2")
+    p.set_defaults(ratios="0.2,0.4", runs_dir="runs/refit")
+    p.add_argument("--methods", default="svd-llm", help="factorizers (benchlib.METHOD_FLAGS keys), comma-separated")
+    p.add_argument("--ranks", default="uniform", help="the allocator of every run")
+    p.add_argument("--refit-steps", type=int, default=50)
+    p.add_argument("--refit-lr", type=float, default=None)
+    p.add_argument("--refit-windows", type=int, default=None)
+    p.add_argument("--refit-holdout", type=float, default=None)
+    p.add_argument("--refit-eval-every", type=int, default=None)
+    p.add_argument("--refit-patience", type=int, default=None)
+    p.add_argument("--refit-norms", action="store_true")
+    args = p.parse_args()
+
+    ranks = [] if args.ranks == "uniform" else ["--ranks", args.ranks]
+    rows = [benchlib.dense_row(args)]
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for method in args.methods.split(","):
+            for refit in (False, True):
+                label = f"{method}-{args.ranks}" + ("-refit" if refit else "")
+                row = benchlib.method_row(method, ratio, args, [*ranks, *(refit_flags(args) if refit else [])],
+                                          label=label)
+                row.update(ranks=args.ranks, refit=refit)
+                if refit and not row.get("not_run"):
+                    row["blocks"] = block_records(row["run"])
+                rows.append(row)
+    payload = {"cpu": benchlib.cpu_name(), "command": benchlib.command_line(), "note": args.note,
+               "refit_flags": refit_flags(args), "rows": rows}
+    benchlib.write(args.out, payload, render(payload, args))
+
+
+def render(payload: dict, args) -> str:
+    rows = payload["rows"]
+    lines = [benchlib.header("Refit", args).rstrip(), "",
+             f"CPU: {payload['cpu']}. Refit flags: `{' '.join(payload['refit_flags'])}`. Held-out block error: "
+             "‖f̂(x̂) − f(x)‖² / ‖f(x)‖² on the calibration windows the refit holds out, averaged over blocks.", "",
+             "| ratio | factors | ranks | refit | WikiText-2 ppl | C4 ppl | held-out block error before → after | "
+             "factorize s | refit s | compress s |",
+             "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["method"] == "dense":
+            lines.append(f"| 0 | dense | | | {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | | | | |")
+            continue
+        if r.get("not_run"):
+            lines.append(benchlib.not_run_line([r["ratio"], r["method"]], 10))
+            continue
+        blocks = r.get("blocks") or []
+        err = (f"{sum(b['before'] for b in blocks) / len(blocks):.4f} → {sum(b['after'] for b in blocks) / len(blocks):.4f}"
+               if blocks else "")
+        lines.append(f"| {r['ratio']} | {r['method']} | {r['ranks']} | {'yes' if r['refit'] else 'no'} | "
+                     f"{r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {err} | {r['timings_s'].get('factorize', 0):.0f} | "
+                     f"{r['timings_s'].get('refit', 0):.0f} | {r['compress_s']:.0f} |")
+    for r in rows:
+        if not r.get("blocks"):
+            continue
+        lines += ["", f"**{r['method']} at {r['ratio']}, refit per block** (`{r['run']}`)", "",
+                  "| block | factorize s | refit s | held-out error before | after | steps run | best step |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {b['block']} | {b['factorize_s'] or 0:.1f} | {b['refit_s']:.1f} | {b['before']:.4f} | "
+                  f"{b['after']:.4f} | {b['steps_run']} | {b['best_step']} |" for b in r["blocks"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
