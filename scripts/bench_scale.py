@@ -211,7 +211,7 @@ def _step_cell(r: dict, trunc: str) -> str:
 
 def markdown(rows: list[dict], args) -> str:
     devices = sorted({r.get("device", "?") for r in rows})
-    lines = [f"# Scale: one block of 8B-model shapes on this machine\n",
+    lines = ["# Scale: one block of 8B-model shapes on this machine\n",
              f"Device: {', '.join(devices)}.\n",
              f"Calibration {args.nsamples} × {args.seq_len} random tokens; ratio {args.ratio}; SigmaScale at the shipped "
              f"config's settings ({args.steps} steps of {args.step_windows} windows). Command: `python {' '.join(sys.argv)}`\n",

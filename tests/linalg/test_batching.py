@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, SMOLLM2_GGUF, require
 
 from sigmascale_jax.linalg import batching
 from sigmascale_jax.linalg.batching import stacked_map
@@ -42,23 +38,6 @@ def test_stacked_map_checks_its_arguments():
             stacked_map(lambda x, y: x + y, in_axes=(0, 0))(jnp.zeros((2, 3)), jnp.zeros((3, 3)))
 
 
-def test_sigmascale_steps_on_smollm2_sizes_finish():
-    """Regression: with vmapped SVDs, learning SmolLM2's block scales hung XLA:CPU (jaxlib 0.10.2) after step 1."""
-    require(SMOLLM2_GGUF)
-    code = (
-        "import numpy as np, sigmascale_jax\n"
-        "from sigmascale_jax.io.sources import open_model\n"
-        "from sigmascale_jax.io.hf_map import load_block, load_outer\n"
-        "from sigmascale_jax.compress.stats import block_stats\n"
-        "from sigmascale_jax.compress.ranks import block_ranks\n"
-        "from sigmascale_jax.compress.factorize.sigmascale.block import sigmascale_block\n"
-        f"src = open_model({str(SMOLLM2_GGUF)!r}); cfg = src.cfg\n"
-        "ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(8, 128))\n"
-        "xs = np.asarray(load_outer(src.reader, cfg)['embed'][ids])\n"
-        "block = load_block(src.reader, cfg, 3)\n"
-        "ys, stats = block_stats(block, xs, cfg, 8)\n"
-        "res = sigmascale_block(block, stats, xs, ys, cfg, block_ranks(cfg, 0.3), steps=3, batch_windows=4, eval_every=1)\n"
-        "assert res.block['holdout_best'] <= res.block['holdout_init']\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+# The SigmaScale hang stacked_map prevents (vmapped SVDs at SmolLM2's sizes hung XLA:CPU after step 1) is checked
+# where SmolLM2's block scales are learned anyway, in a process of its own with a timeout:
+# tests/compress/factorize/test_sigmascale.py::test_gram_eigh_learns_what_the_svd_path_learns_on_a_smollm2_block

@@ -4,15 +4,12 @@ teacher sees only calibration text; the library step is jit-compiled and gives o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import optax
 import pytest
-from conftest import DATA, REPO, STORIES, compress_cli, require
+from conftest import DATA, STORIES, compress_cli, require
 
 import sigmascale_jax as ssj
 from sigmascale_jax.compress.refine import heal
@@ -161,43 +158,8 @@ def test_distill_step_trains_factors_of_a_pivga_int8_tree_and_nothing_else():
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
 
 
-MESH_SCRIPT = r"""
-import json, sys
-import numpy as np, jax, optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import sigmascale_jax as ssj
-
-assert jax.local_device_count() == 8
-model, data = sys.argv[1:3]
-cfg, params, source = ssj.load_model(model)
-windows = ssj.calibration_windows(source, "c4", nsamples=24, seq_len=32, seed=0, data_dir=data)
-cparams, _ = ssj.compress_params(params, cfg, windows[:8], ssj.make_plan("svd-llm", encoding="pivga"), 0.3)
-tx = ssj.heal_optimizer(optax.sgd(0.01), cparams)  # sgd: an update linear in the gradient, which is what is compared
-mesh = Mesh(np.array(jax.devices()), ("data",))
-out = []
-for sharded in (False, True):
-    p, s = cparams, tx.init(cparams)
-    for batch in windows[8:24].reshape(2, 8, -1):
-        tokens = jax.device_put(batch, NamedSharding(mesh, P("data"))) if sharded else batch
-        p, s, loss = ssj.distill_step(p, s, params, tokens, cfg=cfg, optimizer=tx)
-    out.append(p)
-a, b = (jax.tree.leaves(t) for t in out)
-print(json.dumps({"max_rel": max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / (np.abs(np.asarray(x)).max() + 1e-30))
-                                 for x, y in zip(a, b)),
-                  "max_abs": max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a, b)),
-                  "moved": max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-                               for x, y in zip(jax.tree.leaves(cparams), a))}))
-"""
-
-
-def test_distill_step_on_an_8_device_data_mesh_gives_the_one_device_result():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(require(STORIES)), str(DATA)], capture_output=True,
-                          text=True, cwd=REPO, env=env, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["moved"] > 1e-4  # the steps did train
-    assert result["max_rel"] < 1e-5, result  # float32 rounding (7e-8 measured); Adam's steps amplified it to 2e-4
+# distill_step on an 8-device data mesh (a user's sharded tokens) giving the one-device result is checked in the
+# 8-device process tests/compress/test_mesh.py starts anyway (`distill_sharded`).
 
 
 def test_a_finished_pivga_folder_heals_after_the_fact_and_a_quantized_one_is_refused(tmp_path):
