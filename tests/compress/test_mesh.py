@@ -25,7 +25,9 @@ assert jax.local_device_count() == 8, jax.local_device_count()
 model, data, tmp = sys.argv[1:4]
 kw = dict(nsamples=18, seq_len=32, batch_size=8, data_dir=data, progress=False)
 out = {}
-for method, extra in (("svd-llm", {}), ("sigmascale", {"steps": 2, "step_windows": 8, "eval_every": 1})):
+# SigmaScale with the refit after it: both learn on the data mesh
+for method, extra in (("svd-llm", {}), ("sigmascale", {"steps": 2, "step_windows": 8, "eval_every": 1, "refit_steps": 2,
+                                                       "refit_eval_every": 1, "refit_windows": 8})):
     trees, reports = [], []
     for mesh in ("data=1", "data=8"):
         folder = f"{tmp}/{method}-{mesh[5:]}"

@@ -16,6 +16,8 @@ import sigmascale_jax as ssj
 from sigmascale_jax.compress.refine import refit
 from sigmascale_jax.io.checkpoint import load_pytree
 
+# 16 windows: with 12 (10 to train on) the refit at lr 1e-3 lowered every block's held-out error and still raised
+# the held-out perplexity (130.8 -> 148.8): too little calibration text for this learning rate
 RUN = ["--method", "svd-llm", "--ratio", "0.3", "--nsamples", "16", "--seq-len", "64", "--batch-size", "8",
        "--data-dir", str(DATA), "--no-progress"]
 REFIT = ["--refit-steps", "40", "--refit-lr", "1e-3", "--refit-eval-every", "10", "--refit-windows", "4"]
@@ -107,7 +109,7 @@ def test_an_interrupted_refit_resumes_to_the_uninterrupted_factors(runs, tmp_pat
     ["--ranks", "fermigrad"],
 ], ids=["zs-svd+pivga+gptq", "fermigrad"])
 def test_refit_composes_with_allocators_encodings_and_gptq_after_it(tmp_path, extra):
-    compress(*REFIT, "--refit-steps", "20", *extra, "--out", str(tmp_path / "o"))
+    compress(*REFIT, "--refit-steps", "10", "--refit-eval-every", "5", *extra, "--out", str(tmp_path / "o"))
     report = json.loads((tmp_path / "o" / "compression.json").read_text())
     recs = [b["refit"] for b in report["blocks"] if "refit" in b]
     assert recs and all(r["holdout_after"] <= r["holdout_before"] for r in recs)
