@@ -18,12 +18,12 @@ import benchlib
 REFIT_KEYS = ("refit_lr", "refit_windows", "refit_holdout", "refit_eval_every", "refit_patience")
 
 
-def refit_flags(args) -> list[str]:
+def refit_flags(args, lr: str | None = None) -> list[str]:
     flags = ["--refit-steps", str(args.refit_steps)]
     for key in REFIT_KEYS:
-        value = getattr(args, key)
+        value = lr if key == "refit_lr" else getattr(args, key)  # the learning rate is per run
         if value is not None:
-            flags += [f"--{key.replace('_', '-')}", str(value)]
+            flags += [f"--{key.replace('_', '-')}", str(float(value)) if key == "refit_lr" else str(value)]
     return flags + (["--refit-norms"] if args.refit_norms else [])
 
 
@@ -49,7 +49,9 @@ def main() -> None:
     p.add_argument("--methods", default="svd-llm", help="factorizers (benchlib.METHOD_FLAGS keys), comma-separated")
     p.add_argument("--ranks", default="uniform", help="the allocator of every run")
     p.add_argument("--refit-steps", type=int, default=50)
-    p.add_argument("--refit-lr", type=float, default=None)
+    p.add_argument("--refit-lr", default=None,
+                   help="one learning rate, or several comma-separated (one refit run each; the first keeps the plain "
+                        "run folder name, the others add -lrLR)")
     p.add_argument("--refit-windows", type=int, default=None)
     p.add_argument("--refit-holdout", type=float, default=None)
     p.add_argument("--refit-eval-every", type=int, default=None)
@@ -58,28 +60,30 @@ def main() -> None:
     args = p.parse_args()
 
     ranks = [] if args.ranks == "uniform" else ["--ranks", args.ranks]
-    rows = [benchlib.dense_row(args)]
+    lrs = args.refit_lr.split(",") if args.refit_lr else [None]
+    payload = {"cpu": benchlib.cpu_name(), "command": benchlib.command_line(), "note": args.note,
+               "refit_flags": refit_flags(args), "rows": [benchlib.dense_row(args)]}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for method in args.methods.split(","):
-            for refit in (False, True):
-                label = f"{method}-{args.ranks}" + ("-refit" if refit else "")
-                row = benchlib.method_row(method, ratio, args, [*ranks, *(refit_flags(args) if refit else [])],
+            for i, lr in enumerate([False, *lrs]):
+                refit = lr is not False
+                label = f"{method}-{args.ranks}" + ("-refit" if refit else "") + (f"-lr{lr}" if refit and i > 1 else "")
+                row = benchlib.method_row(method, ratio, args, [*ranks, *(refit_flags(args, lr) if refit else [])],
                                           label=label)
                 row.update(ranks=args.ranks, refit=refit)
                 if refit and not row.get("not_run"):
+                    row["refit_lr"] = float(lr) if lr else None
                     row["blocks"] = block_records(row["run"])
-                rows.append(row)
-    payload = {"cpu": benchlib.cpu_name(), "command": benchlib.command_line(), "note": args.note,
-               "refit_flags": refit_flags(args), "rows": rows}
-    benchlib.write(args.out, payload, render(payload, args))
+                payload["rows"].append(row)
+                benchlib.write(args.out, payload, render(payload, args))  # after every run: a long sweep keeps its rows
 
 
 def render(payload: dict, args) -> str:
     rows = payload["rows"]
     lines = [benchlib.header("Refit", args).rstrip(), "",
-             f"CPU: {payload['cpu']}. Refit flags: `{' '.join(payload['refit_flags'])}`. Held-out block error: "
+             f"CPU: {payload['cpu']}. Refit flags (learning rate per row): `{' '.join(payload['refit_flags'])}`. Held-out block error: "
              "‖f̂(x̂) − f(x)‖² / ‖f(x)‖² on the calibration windows the refit holds out, averaged over blocks.", "",
-             "| ratio | factors | ranks | refit | WikiText-2 ppl | C4 ppl | held-out block error before → after | "
+             "| ratio | factors | ranks | refit lr | WikiText-2 ppl | C4 ppl | held-out block error before → after | "
              "factorize s | refit s | compress s |",
              "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -92,13 +96,14 @@ def render(payload: dict, args) -> str:
         blocks = r.get("blocks") or []
         err = (f"{sum(b['before'] for b in blocks) / len(blocks):.4f} → {sum(b['after'] for b in blocks) / len(blocks):.4f}"
                if blocks else "")
-        lines.append(f"| {r['ratio']} | {r['method']} | {r['ranks']} | {'yes' if r['refit'] else 'no'} | "
+        lr = ("default" if r.get("refit_lr") is None else f"{r['refit_lr']:g}") if r["refit"] else "no refit"
+        lines.append(f"| {r['ratio']} | {r['method']} | {r['ranks']} | {lr} | "
                      f"{r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {err} | {r['timings_s'].get('factorize', 0):.0f} | "
                      f"{r['timings_s'].get('refit', 0):.0f} | {r['compress_s']:.0f} |")
     for r in rows:
         if not r.get("blocks"):
             continue
-        lines += ["", f"**{r['method']} at {r['ratio']}, refit per block** (`{r['run']}`)", "",
+        lines += ["", f"**{r['method']} at {r['ratio']}, refit lr {r.get('refit_lr')}, per block** (`{r['run']}`)", "",
                   "| block | factorize s | refit s | held-out error before | after | steps run | best step |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {b['block']} | {b['factorize_s'] or 0:.1f} | {b['refit_s']:.1f} | {b['before']:.4f} | "

@@ -35,7 +35,15 @@ for method, extra in (("svd-llm", {}), ("sigmascale", {"steps": 2, "step_windows
         trees.append(load_pytree(folder + "/params"))
     out[method + "_rel_loss"] = max(abs(x["rel_loss"] - y["rel_loss"]) / x["rel_loss"]
                                     for x, y in zip(reports[0]["matrices"], reports[1]["matrices"]))
-    a, b = (jax.tree.leaves(t) for t in trees)
+    if method == "svd-llm":  # the factors themselves
+        a, b = (jax.tree.leaves(t) for t in trees)
+    else:  # products B C: where a block's singular values nearly tie, the refit's float32 rounding (its inputs are
+        # the refitted blocks before it) may rotate which B and C make the same product
+        from sigmascale_jax.model.modeling import PROJECTIONS, typed_params
+        loaded = (typed_params(sigmascale_jax.load_model(f"{tmp}/{method}-{m}")[1]) for m in ("1", "8"))
+        a, b = ([np.asarray(blk[n].matrix()) for blk in t["blocks"] for n in PROJECTIONS] for t in loaded)
+        out["refit_trace"] = max(abs(x[1] - y[1]) / x[1] for ra, rb in zip(reports[0]["blocks"], reports[1]["blocks"])
+                                 for x, y in zip(ra["refit"]["holdout_trace"], rb["refit"]["holdout_trace"]))
     out[method] = max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / (np.abs(np.asarray(x)).max() + 1e-30))
                       for x, y in zip(a, b))
 # the library with a user's Mesh object: the folder's factors exactly
@@ -111,7 +119,8 @@ def test_eight_devices_give_the_factors_and_perplexity_of_one(tmp_path):
     res = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
     # the same factors up to float32 summation order (Gram matrices summed across devices, then whitened)
     assert res["svd-llm"] < 1e-3 and res["svd-llm_rel_loss"] < 1e-4, res
-    assert res["sigmascale"] < 5e-2 and res["sigmascale_rel_loss"] < 1e-3, res
+    assert res["sigmascale"] < 5e-2 and res["sigmascale_rel_loss"] < 1e-3, res  # SigmaScale and the refit: products
+    assert res["refit_trace"] < 1e-4, res  # the refit's held-out errors, step by step (3e-5 measured)
     assert res["in_memory_mesh_equal"], res
     a, b, c = res["ppl"]
     assert abs(a - b) <= 1e-5 * a and abs(a - c) <= 1e-5 * a, res
