@@ -12,6 +12,7 @@ command is the same (`--reuse-only`: tabulate only those).
 from __future__ import annotations
 
 import argparse
+import json
 
 import benchlib
 
@@ -29,8 +30,6 @@ def refit_flags(args, lr: str | None = None) -> list[str]:
 
 def block_records(run: str) -> list[dict]:
     """Each block's refit record and factorizer seconds from a run's compression.json."""
-    import json
-
     report = json.loads((benchlib.REPO / run / "compression.json").read_text())
     out = []
     for b in report.get("blocks", []):
@@ -57,12 +56,20 @@ def main() -> None:
     p.add_argument("--refit-eval-every", type=int, default=None)
     p.add_argument("--refit-patience", type=int, default=None)
     p.add_argument("--refit-norms", action="store_true")
+    p.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json (its notes included) only")
     args = p.parse_args()
+    if args.render:
+        payload = json.loads((benchlib.REPO / f"{args.out}.json").read_text())
+        benchlib.write(args.out, payload, render(payload))
+        return
 
     ranks = [] if args.ranks == "uniform" else ["--ranks", args.ranks]
     lrs = args.refit_lr.split(",") if args.refit_lr else [None]
+    out = benchlib.REPO / f"{args.out}.json"
+    notes = json.loads(out.read_text()).get("notes", []) if out.is_file() else []  # written by hand: kept
     payload = {"cpu": benchlib.cpu_name(), "command": benchlib.command_line(), "note": args.note,
-               "refit_flags": refit_flags(args), "rows": [benchlib.dense_row(args)]}
+               "header": benchlib.header("Refit", args).rstrip(),
+               "refit_flags": refit_flags(args), "notes": notes, "rows": [benchlib.dense_row(args)]}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for method in args.methods.split(","):
             for i, lr in enumerate([False, *lrs]):
@@ -75,12 +82,12 @@ def main() -> None:
                     row["refit_lr"] = float(lr) if lr else None
                     row["blocks"] = block_records(row["run"])
                 payload["rows"].append(row)
-                benchlib.write(args.out, payload, render(payload, args))  # after every run: a long sweep keeps its rows
+                benchlib.write(args.out, payload, render(payload))  # after every run: a long sweep keeps its rows
 
 
-def render(payload: dict, args) -> str:
+def render(payload: dict) -> str:
     rows = payload["rows"]
-    lines = [benchlib.header("Refit", args).rstrip(), "",
+    lines = [payload.get("header") or f"# Refit\n\nCommand: `{payload['command']}`", "",
              f"CPU: {payload['cpu']}. Refit flags (learning rate per row): `{' '.join(payload['refit_flags'])}`. Held-out block error: "
              "‖f̂(x̂) − f(x)‖² / ‖f(x)‖² on the calibration windows the refit holds out, averaged over blocks.", "",
              "| ratio | factors | ranks | refit lr | WikiText-2 ppl | C4 ppl | held-out block error before → after | "
@@ -100,6 +107,8 @@ def render(payload: dict, args) -> str:
         lines.append(f"| {r['ratio']} | {r['method']} | {r['ranks']} | {lr} | "
                      f"{r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {err} | {r['timings_s'].get('factorize', 0):.0f} | "
                      f"{r['timings_s'].get('refit', 0):.0f} | {r['compress_s']:.0f} |")
+    if payload.get("notes"):
+        lines += ["", *payload["notes"]]
     for r in rows:
         if not r.get("blocks"):
             continue
