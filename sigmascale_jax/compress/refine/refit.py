@@ -59,6 +59,8 @@ class RefitSettings(Settings):
     refit_eval_every: int = setting(10, "refit: steps between held-out measurements", min=1)
     refit_patience: int = setting(2, "refit: stop a block after this many measurements without improvement", min=1)
     refit_norms: bool = setting(False, "refit: also train the block's RMSNorm weights")
+    refit_backoff: float = setting(0.25, "refit: a block that no held-out measurement improved is refitted once more "
+                                   "at this fraction of --refit-lr (0: never)", min=0.0, below=1.0)
 
 
 # ------------------------------------------------------------------ the pure core
@@ -110,15 +112,16 @@ def pad_factors(train: Params, widths: dict[str, int]) -> Params:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings"))
-def refit_block(train: Params, frozen: Params, data: tuple, hold: tuple, key: jax.Array, *, cfg: ModelConfig,
-                settings: RefitSettings) -> tuple[Params, dict[str, jax.Array]]:
+def refit_block(train: Params, frozen: Params, data: tuple, hold: tuple, key: jax.Array, lr: jax.Array | None = None,
+                *, cfg: ModelConfig, settings: RefitSettings) -> tuple[Params, dict[str, jax.Array]]:
     """Adam on `train` (a `refit_partition`'s trainable half) minimizing `block_error`; one compiled scan.
 
     `data = (x̂, y)`: training windows `[N, T, D]`, `settings.refit_windows` of them per step (drawn without
     replacement with `fold_in(key, step)`); `hold = (x̂, y)`: held-out windows, measured at step 0, every
     `refit_eval_every` steps and at the end. Returns the best measured `train` and a trace
     `{"train": [steps], "hold": [steps + 1] (NaN where not measured or stopped), "best_step", "steps_run"}`;
-    after `refit_patience` measurements without a new best the remaining steps are skipped (`lax.cond`).
+    after `refit_patience` measurements without a new best the remaining steps are skipped (`lax.cond`). `lr`: the
+    peak learning rate as data (one program for every rate), else `settings.refit_lr`.
     """
     steps, every = settings.refit_steps, settings.refit_eval_every
     n_train = data[0].shape[0]
@@ -131,7 +134,7 @@ def refit_block(train: Params, frozen: Params, data: tuple, hold: tuple, key: ja
     def hold_loss(params):
         return block_error(params, frozen, hold[0], hold[1], cfg)
 
-    opt = optax.adam(optax.cosine_decay_schedule(settings.refit_lr, max(steps, 1)))
+    opt = optax.adam(optax.cosine_decay_schedule(settings.refit_lr if lr is None else lr, max(steps, 1)))
     hold0 = hold_loss(train)
     nan = jnp.asarray(jnp.nan, hold0.dtype)
 
@@ -188,10 +191,18 @@ def refit_result(inputs: BlockInputs, result: BlockResult, key: jax.Array, width
     frozen_d = on_device(frozen, mesh)
     data = (shard(xs[:-n_hold], mesh), shard(ys[:-n_hold], mesh))
     hold = (shard(xs[-n_hold:], mesh), shard(ys[-n_hold:], mesh))
-    with jax.transfer_guard("disallow"):  # one compiled scan over data already on the device
-        best, trace = refit_block(padded, frozen_d, data, hold, on_device(key, mesh), cfg=inputs.cfg,
-                                  settings=settings)
-        best, trace = fetch((best, trace))
+    key_d, attempts, lr = on_device(key, mesh), [], settings.refit_lr
+    while True:
+        lr_d = on_device(np.float32(lr), mesh)
+        with jax.transfer_guard("disallow"):  # one compiled scan over data already on the device
+            best, trace = refit_block(padded, frozen_d, data, hold, key_d, lr_d, cfg=inputs.cfg, settings=settings)
+            best, trace = fetch((best, trace))
+        attempts.append({"lr": lr, "best_step": int(trace["best_step"]), "steps_run": int(trace["steps_run"])})
+        # no measurement beat step 0: the learning rate overshoots this block (SmolLM2's block 11, whose outputs
+        # carry the model's largest activations, at 3e-4): once more, slower (the same program: the rate is data)
+        if int(trace["best_step"]) > 0 or len(attempts) > 1 or settings.refit_backoff <= 0:
+            break
+        lr = settings.refit_lr * settings.refit_backoff
     new = dict(params)
     for name, value in best.items():
         if name in ranks:
@@ -206,7 +217,8 @@ def refit_result(inputs: BlockInputs, result: BlockResult, key: jax.Array, width
     hold_trace = np.asarray(trace["hold"])
     measured = np.flatnonzero(np.isfinite(hold_trace))
     best_step = int(trace["best_step"])
-    record = {"steps": settings.refit_steps, "steps_run": int(trace["steps_run"]), "best_step": best_step,
+    record = {"steps": settings.refit_steps, "steps_run": sum(a["steps_run"] for a in attempts), "best_step": best_step,
+              "lr": lr, "attempts": attempts,
               "holdout_before": float(hold_trace[0]), "holdout_after": float(hold_trace[best_step]),
               "holdout_trace": [[int(i), float(hold_trace[i])] for i in measured],
               "norms": settings.refit_norms, "seconds": round(time.perf_counter() - t0, 3)}

@@ -141,3 +141,17 @@ def test_the_pure_step_trains_only_factors_and_padding_stays_zero():
     assert np.all(np.asarray(best["up"]["b"])[:, 8:] == 0)
     hold = np.asarray(trace["hold"])
     assert hold[int(trace["best_step"])] <= hold[0] and int(trace["steps_run"]) == 6
+
+
+def test_a_block_no_measurement_improved_is_refitted_once_more_slower(tmp_path):
+    """At a learning rate far too high (1.0) no held-out measurement beats step 0: every block runs a second
+    attempt at a quarter of the rate, in the same compiled program, and never leaves worse than it came."""
+    compress(*REFIT, "--refit-lr", "1.0", "--refit-steps", "10", "--out", str(tmp_path / "o"))
+    report = json.loads((tmp_path / "o" / "compression.json").read_text())
+    for b in report["blocks"]:
+        r = b["refit"]
+        assert r["attempts"][0]["lr"] == 1.0 and r["attempts"][0]["best_step"] == 0, (b["block"], r)
+        assert len(r["attempts"]) == 2 and r["attempts"][1]["lr"] == 0.25 and r["lr"] == 0.25, (b["block"], r)
+        assert r["holdout_after"] <= r["holdout_before"], (b["block"], r)
+    assert report["compile"]["stages"]["refit"]["compiles"] <= 2  # the rate is data: no program per attempt
+
