@@ -405,24 +405,26 @@ def dense_projection(p: Any) -> dict:
 
     `p`: a dict form (`{"w"}`, `{"b", "c"}`) or a typed leaf. Factors are padded with zeros to full width
     (`b: [out, r]`, `c: [r, in]`, r = min(out, in)) before the product, which is exact, so one compiled product
-    serves every rank of a shape; a typed leaf's `matrix()` compiles per leaf type and shape.
+    serves every rank of a shape (a factored leaf's factors read on the host, `host_factors`); a leaf without
+    factors compiles its `matrix()` per leaf type and shape.
     """
     from sigmascale_jax.model.leaves import is_leaf
 
-    if is_leaf(p) and not hasattr(p, "host_factors"):
-        bias = p.bias
+    if not is_leaf(p):  # a dict form
+        if "w" in p:
+            return p
+        (b, c), bias = (np.asarray(p["b"]), np.asarray(p["c"])), p.get("bias")
+    elif hasattr(p, "host_factors"):  # factors (quantized ones dequantized on the host)
+        (b, c), bias = p.host_factors(), p.bias
+    else:  # a leaf without factors (a quantized matrix): one compile per leaf type and shape
         w = _leaf_matrix(p)
-    elif not is_leaf(p) and "w" in p:
-        return p
-    else:  # factors (quantized ones dequantized on the host): padded to full width, one product per shape
-        b, c = p.host_factors() if is_leaf(p) else (np.asarray(p["b"]), np.asarray(p["c"]))
-        bias = p.bias if is_leaf(p) else p.get("bias")
-        (m, k), n = b.shape, c.shape[1]
-        r = min(m, n)
-        pad_b = np.zeros((m, r), b.dtype)
-        pad_c = np.zeros((r, n), c.dtype)
-        pad_b[:, :k], pad_c[:k] = b, c
-        w = _padded_product(pad_b, pad_c)
+        return {"w": w} if p.bias is None else {"w": w, "bias": p.bias}
+    (m, k), n = b.shape, c.shape[1]  # factors padded to full width: one product per shape, whatever the rank
+    r = min(m, n)
+    pad_b = np.zeros((m, r), b.dtype)
+    pad_c = np.zeros((r, n), c.dtype)
+    pad_b[:, :k], pad_c[:k] = b, c
+    w = _padded_product(pad_b, pad_c)
     return {"w": w} if bias is None else {"w": w, "bias": bias}
 
 

@@ -63,6 +63,18 @@ class RefitSettings(Settings):
                                    "at this fraction of --refit-lr (0: never)", min=0.0, below=1.0)
 
 
+def held_out(n_windows: int, settings: RefitSettings) -> int:
+    """How many of `n_windows` calibration windows the refit holds out (SigmaScale's rule, `holdout_windows`); a
+    UserError if none would be left to train on."""
+    from sigmascale_jax.compress.factorize.sigmascale.block import holdout_windows
+
+    n_hold = holdout_windows(n_windows, settings.refit_holdout)
+    if n_hold >= n_windows:
+        raise UserError(f"--refit-holdout {settings.refit_holdout} holds out all {n_windows} calibration windows; "
+                        "use more --nsamples or a smaller --refit-holdout")
+    return n_hold
+
+
 # ------------------------------------------------------------------ the pure core
 
 
@@ -171,7 +183,6 @@ def refit_result(inputs: BlockInputs, result: BlockResult, key: jax.Array, width
     """`result` with its block's float factors refitted against `inputs.anchor` (the dense block's outputs on the
     dense model's inputs) from `inputs.xs` (this block's inputs in the compressed model); the block's record gains
     `"refit"`: held-out error before and after, steps run, best step, the held-out trace and seconds."""
-    from sigmascale_jax.compress.factorize.sigmascale.block import holdout_windows
     from sigmascale_jax.parallel import fetch, on_device, shard
 
     t0 = time.perf_counter()
@@ -182,10 +193,7 @@ def refit_result(inputs: BlockInputs, result: BlockResult, key: jax.Array, width
         return result
     ranks = {n: train[n]["b"].shape[1] for n in factored}
     xs, ys = np.asarray(inputs.xs, np.float32), np.asarray(inputs.anchor, np.float32)
-    n_hold = holdout_windows(len(xs), settings.refit_holdout)
-    if n_hold >= len(xs):
-        raise UserError(f"--refit-holdout {settings.refit_holdout} leaves no training window of {len(xs)}; "
-                        "use more --nsamples or a smaller --refit-holdout")
+    n_hold = held_out(len(xs), settings)
     mesh = inputs.mesh
     padded = on_device(pad_factors(train, widths), mesh)
     frozen_d = on_device(frozen, mesh)
@@ -244,10 +252,7 @@ def refit(**kwargs: Any) -> Refiner:
     settings = RefitSettings(**kwargs)
 
     def check(spec: RunSpec, cfg) -> None:
-        n_hold = max(1, int(round(settings.refit_holdout * spec.nsamples)))
-        if n_hold >= spec.nsamples:
-            raise UserError(f"--refit-holdout {settings.refit_holdout} holds out all {spec.nsamples} calibration "
-                            "windows; use more --nsamples or a smaller --refit-holdout")
+        held_out(spec.nsamples, settings)
 
     def block(inputs: BlockInputs, result: BlockResult, key: jax.Array, widths: dict[str, int]) -> BlockResult:
         return refit_result(inputs, result, key, widths, settings)
@@ -266,10 +271,11 @@ def refit_memory(cfg, spec: RunSpec, settings: RefitSettings) -> tuple[int, str]
     block = abstract_factored_params(cfg, spec.ratio)["blocks"][0]
     train, frozen = refit_partition(block, settings.refit_norms)
     sds = jax.ShapeDtypeStruct
-    n_hold = max(1, int(round(settings.refit_holdout * spec.nsamples)))
+    n_hold = held_out(spec.nsamples, settings)
     shape = lambda n: sds((n, spec.seq_len, cfg.hidden_size), jnp.float32)  # noqa: E731
     data, hold = (shape(spec.nsamples - n_hold),) * 2, (shape(n_hold),) * 2
     key = jax.eval_shape(lambda: jax.random.key(0))
-    peak = compiled_peak(refit_block, train, frozen, data, hold, key, cfg=cfg, settings=settings)
+    lr = sds((), jnp.float32)  # the rate as data, as `refit_result` passes it: the program the run compiles
+    peak = compiled_peak(refit_block, train, frozen, data, hold, key, lr, cfg=cfg, settings=settings)
     return peak, (f"one block's refit, {settings.refit_windows} windows per step, the calibration windows and the "
                   "dense outputs on the device")
