@@ -79,7 +79,7 @@ def one(name: str, label: str, code: str, runs_dir: Path) -> dict:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     probe = json.loads((benchlib.REPO / out_json).read_text())
     row = {"run": name, "label": label, "command": " ".join(cmd[2:]), "process_s": round(time.perf_counter() - t0, 1),
-           "package": probe["package"], **{k: probe[k] for k in ("wall_s", "compiles", "compile_s", "traces", "stages", "largest")}}
+           "package": os.path.relpath(probe["package"], benchlib.REPO), **{k: probe[k] for k in ("wall_s", "compiles", "compile_s", "traces", "stages", "largest")}}
     if command == "compress":
         report = json.loads((benchlib.REPO / folder(runs_dir, label, name) / "compression.json").read_text())
         row["timings_s"] = report.get("timings_s")

@@ -16,7 +16,7 @@ import json
 
 import benchlib
 
-REFIT_KEYS = ("refit_lr", "refit_windows", "refit_holdout", "refit_eval_every", "refit_patience")
+REFIT_KEYS = ("refit_lr", "refit_windows", "refit_holdout", "refit_eval_every", "refit_patience", "refit_backoff")
 
 
 def refit_flags(args, lr: str | None = None) -> list[str]:
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--refit-holdout", type=float, default=None)
     p.add_argument("--refit-eval-every", type=int, default=None)
     p.add_argument("--refit-patience", type=int, default=None)
+    p.add_argument("--refit-backoff", type=float, default=None)
     p.add_argument("--refit-norms", action="store_true")
     p.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json (its notes included) only")
     args = p.parse_args()
@@ -87,9 +88,10 @@ def main() -> None:
 
 def render(payload: dict) -> str:
     rows = payload["rows"]
-    lines = [payload.get("header") or f"# Refit\n\nCommand: `{payload['command']}`", "",
-             f"CPU: {payload['cpu']}. Refit flags (learning rate per row): `{' '.join(payload['refit_flags'])}`. Held-out block error: "
-             "‖f̂(x̂) − f(x)‖² / ‖f(x)‖² on the calibration windows the refit holds out, averaged over blocks.", "",
+    lines = [payload["header"], "",
+             f"CPU: {payload['cpu']}. Refit flags (learning rate per row): `{' '.join(payload['refit_flags'])}`. "
+             "Held-out block error: ‖f̂(x̂) − f(x)‖² / ‖f(x)‖² on the calibration windows the refit holds out, "
+             "averaged over blocks.", "",
              "| ratio | factors | ranks | refit lr | WikiText-2 ppl | C4 ppl | held-out block error before → after | "
              "factorize s | refit s | compress s |",
              "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
