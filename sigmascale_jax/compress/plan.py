@@ -237,7 +237,7 @@ class Plan:
         if spec.ratio == 0 and not getattr(self.encoder().settings, "kind", None):
             from sigmascale_jax.errors import UserError
 
-            raise UserError("--ratio 0 keeps every projection dense: add --quantize int8, int4 or int3 (quantization "
+            raise UserError("--ratio 0 keeps every projection dense: add --quantize int8, int4, int3 or int2 (quantization "
                             "alone), or ask for a ratio above 0")
         after_loop = [r for r in self.refine if r.refine is not None]
         if after_loop and self.encoder().needs_gram:

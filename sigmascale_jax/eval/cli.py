@@ -80,7 +80,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.tokens_per_batch < 1:
         raise UserError(f"--tokens-per-batch must be at least 1, got {args.tokens_per_batch}")
     if args.group_size is not None and args.quantize is None:
-        raise UserError("--group-size sets the quantization groups; it needs --quantize int8, int4 or int3")
+        raise UserError("--group-size sets the quantization groups; it needs --quantize int8, int4, int3 or int2")
     if args.group_size is not None and (args.group_size < 1 or (args.quantize == "int4" and args.group_size % 2)):
         raise UserError(f"--group-size must be at least 1 (and even for int4), got {args.group_size}")
 

@@ -4,8 +4,8 @@ A grid quantizes a matrix `[rows, cols]` in groups of `group` consecutive column
 (the input dimension, the one a matmul reduces over), a scale per row and group:
 
 - int8: symmetric, `q = round(x / s)` in [−127, 127], `s = max|x| / 127`;
-- int4, int3: asymmetric, `q = round(x / s) + z` in [0, 2ᵇ − 1], `s = (max − min) / (2ᵇ − 1)` over the
-  group with `min ≤ 0 ≤ max` (zero stays exact), `z = round(−min / s)`.
+- int4, int3, int2: asymmetric, `q = round(x / s) + z` in [0, 2ᵇ − 1], `s = (max − min) / (2ᵇ − 1)` over
+  the group with `min ≤ 0 ≤ max` (zero stays exact), `z = round(−min / s)`.
 
 Codes are held unsigned for the asymmetric grids (`[0, 2ᵇ − 1]`, the on-disk form); qwix's
 `QArray` holds them signed (`q − 2ᵇ⁻¹` with qtype `int4` / `"int3"`), which is the same grid.
@@ -13,7 +13,8 @@ What qwix does here, through its public API only: the calibration and scales of 
 (`qwix.quantize`, whose `QArray` holds them), the `QArray` a stored matrix becomes and
 dequantizing (`qwix.dequantize`). What it does not, with the failing call:
 `qwix.quantize(x, "int3", calibration_method="minmax")` raises "int3 doesn't support
-asymmetric quantization" (qwix 0.1.8), so int3's scales and zero points are computed here;
+asymmetric quantization" (qwix 0.1.8; "int2" and `jnp.int2` likewise), so int3's and int2's
+scales and zero points are computed here (qwix dequantizes their `QArray`s, int4-stored);
 rounding to scales fixed beforehand (GPTQ rounds each column to its group's scales) has no
 public entry point (qwix's is in `qwix._src`), so `codes` rounds with qwix's own formula
 (`round(x / s + z)`, saturated to the type), which the tests hold equal to `qwix.quantize` on
@@ -39,14 +40,14 @@ _INT8_CALIBRATION = f"absmax,{127.5 / 127.0!r}"
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """A `bits`-bit integer grid (8: symmetric; 4, 3: asymmetric with zero points) in groups of `group` columns."""
+    """A `bits`-bit integer grid (8: symmetric; 4, 3, 2: asymmetric with zero points) in groups of `group` columns."""
 
     bits: int
     group: int
 
     def __post_init__(self) -> None:
-        if self.bits not in (8, 4, 3):
-            raise ValueError(f"grids are int8, int4 or int3, got {self.bits} bits")
+        if self.bits not in (8, 4, 3, 2):
+            raise ValueError(f"grids are int8, int4, int3 or int2, got {self.bits} bits")
 
     @property
     def symmetric(self) -> bool:
@@ -55,7 +56,7 @@ class Grid:
     @property
     def qtype(self):
         """qwix's logical type of the (signed) codes."""
-        return {8: jnp.int8, 4: jnp.int4, 3: "int3"}[self.bits]
+        return {8: jnp.int8, 4: jnp.int4, 3: "int3", 2: "int2"}[self.bits]
 
     @property
     def offset(self) -> int:
@@ -85,7 +86,7 @@ class Grid:
         """Scales `[rows, groups]` (x's dtype) and unsigned zero points `[rows, groups]` (int32; None for int8) of
         `x: [rows, groups · group]` (padded)."""
         tiles = {1: self.group}
-        if self.bits == 3:  # qwix has no asymmetric int3 (module docstring): the same formula as its int4's
+        if self.bits < 4:  # qwix has no asymmetric int3 or int2 (module docstring): the same formula as its int4's
             rows = x.shape[0]
             g = x.reshape(rows, -1, self.group)
             lo, hi = jnp.minimum(g.min(-1), 0.0), jnp.maximum(g.max(-1), 0.0)

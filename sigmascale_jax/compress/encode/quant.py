@@ -1,12 +1,12 @@
-"""Quantized matrices (int8, int4, int3) in groups along the last axis, rounded to nearest or by GPTQ.
+"""Quantized matrices (int8, int4, int3, int2) in groups along the last axis, rounded to nearest or by GPTQ.
 
 A matrix `[rows, cols]` (HF layout `[out, in]`, so groups run along the input dimension,
 the one a matmul reduces over) is cut into groups of `group` consecutive columns (the
 last one may be shorter; nothing is padded on disk). The grids (`linalg/grid.py`, on
-qwix): int8 symmetric (codes in [−127, 127]); int4 and int3 asymmetric with a zero point
-per group (codes in [0, 2ᵇ − 1]), packed little-endian along each row (two int4 codes a
-byte, even column in the low nibble; eight int3 codes in three bytes). Scales are float32,
-zero points uint8.
+qwix): int8 symmetric (codes in [−127, 127]); int4, int3 and int2 asymmetric with a zero
+point per group (codes in [0, 2ᵇ − 1]), packed little-endian along each row (two int4 codes a
+byte, even column in the low nibble; eight int3 codes in three bytes; four int2 codes a byte).
+Scales are float32, zero points uint8.
 
 Rounding: `--quantizer rtn` rounds each value to its nearest grid point (`|x − x̂| ≤ s / 2`);
 `--quantizer gptq` rounds column by column against the Gram matrix of the matrix's input,
@@ -47,7 +47,7 @@ from sigmascale_jax.linalg.gptq import DEFAULT_DAMP, gptq
 from sigmascale_jax.linalg.grid import Grid
 from sigmascale_jax.model.leaves import FACTOR, Codes, matrix_bytes, register_matrix_form
 
-BITS = {"int8": 8, "int4": 4, "int3": 3}
+BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
 UNQUANTIZED = "none"  # --quantize's float32 choice (a name of its own: "none" is also --method none's)
 DEFAULT_GROUP = 128
 
@@ -85,7 +85,7 @@ def unpack(packed: jax.Array, bits: int, cols: int) -> jax.Array:
 @struct.dataclass
 class QuantMatrix:
     """A quantized `[rows, cols]` matrix: codes int8 `[rows, cols]` (int8) or packed uint8 `[rows, packed_width]`
-    (int4, int3), `scale` float32 `[rows, groups]`, `zero` uint8 `[rows, groups]` (int4, int3)."""
+    (int4, int3, int2), `scale` float32 `[rows, groups]`, `zero` uint8 `[rows, groups]` (below 8 bits)."""
 
     values: Codes
     scale: jax.Array
@@ -216,7 +216,7 @@ def _check_kind(kind: str, group: int, x: Any = None) -> int:
 
 
 def quantize(x: Any, kind: str, group: int) -> QuantMatrix:
-    """Round-to-nearest `x: [rows, cols]` (float; rounded as float32) as `kind` ("int8", "int4", "int3") in groups of
+    """Round-to-nearest `x: [rows, cols]` (float; rounded as float32) as `kind` ("int8", "int4", "int3", "int2") in groups of
     `group` columns."""
     bits = _check_kind(kind, group, x)
     grid = Grid(bits, group)
@@ -303,8 +303,8 @@ def check_group_size(group: int, cfg) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class QuantSettings(Settings):
-    quantize: str = setting(UNQUANTIZED, "store every projection's matrices as int8, int4 or int3 (a scale per group; "
-                            "int4 and int3 with zero points, packed)", choices=(UNQUANTIZED, *BITS))
+    quantize: str = setting(UNQUANTIZED, "store every projection's matrices as int8, int4, int3 or int2 (a scale per "
+                            "group; below 8 bits with zero points, packed)", choices=(UNQUANTIZED, *BITS))
     quantizer: str | None = setting(None, "--quantize: how values are rounded: rtn (to nearest) or gptq (column by "
                                     "column against the calibration Gram matrices, each column's error spread over "
                                     "the rest; block by block as the compressor reaches them) (default: rtn)",
@@ -327,7 +327,7 @@ class QuantSettings(Settings):
             for name in ("group_size", "quantizer", "gptq_damp", "act_order", "gptq_order"):
                 if getattr(self, name) is not None:
                     what = "the quantization groups" if name == "group_size" else "how matrices are quantized"
-                    raise UserError(f"--{name.replace('_', '-')} sets {what}; it needs --quantize int8, int4 or int3")
+                    raise UserError(f"--{name.replace('_', '-')} sets {what}; it needs --quantize int8, int4, int3 or int2")
             return
         if self.quantizer is None:  # the group size's default depends on the model: set in `check_model`
             object.__setattr__(self, "quantizer", "rtn")

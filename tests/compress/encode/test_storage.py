@@ -196,7 +196,7 @@ def test_quantized_compression_saves_loads_and_counts_bytes(tmp_path, plain_run)
 @pytest.mark.parametrize("extra,fragment", [
     (["--group-size", "64"], "--group-size sets the quantization groups"),
     (["--quantize", "int4", "--group-size", "33"], "must be even"),
-    (["--quantize", "int2"], "invalid choice: 'int2'"),
+    (["--quantize", "int1"], "invalid choice: 'int1'"),
     (["--quantizer", "gptq"], "--quantizer sets how matrices are quantized; it needs --quantize"),
     (["--quantize", "int4", "--act-order"], "need --quantizer gptq"),
     (["--ratio", "0"], "--ratio 0 keeps every projection dense: add --quantize"),
