@@ -330,7 +330,7 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
                        fresh_windows=fresh_windows_of(source, spec, data_dir))
     clock.lap("load")
     done = compress_stages(plan, ctx, clock, staging)
-    save_pytree(staging / PARAMS_DIR, stored_params(done.params))
+    save_pytree(staging / PARAMS_DIR, stored_params(done.params, store_rules(plan.encoder())[1]))
     block_spectra = sorted((staging / "blocks").glob("*.spectra.npz"))
     if block_spectra:  # SigmaScale: singular values of W, W S and the scaled matrix, per block and projection
         merged = {}
@@ -351,7 +351,7 @@ class Stages(NamedTuple):
     results: list[BlockResult]
     refined: list[dict]
     budget: Budget
-    counts: dict  # model_dense (all parameters) and other (outside the projections' matrices)
+    counts: dict  # model_dense (all parameters), other (outside the projections' matrices) and other_bytes (as stored)
 
 
 def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path | None = None) -> Stages:
@@ -361,6 +361,7 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
 
     import jax
 
+    from sigmascale_jax.compress.encode.quant import store_outer
     from sigmascale_jax.model.leaves import is_leaf
     from sigmascale_jax.model.modeling import param_count
 
@@ -386,18 +387,42 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
                                                                                             results[i].matrices[n])
                                          for n in PROJECTIONS}})
              for i, block in enumerate(blocks)]
-    clock.lap("encode")
     outer = ctx.outer
     other = param_count(outer) + sum(param_count({k: v for k, v in b.items() if k not in PROJECTIONS}) for b in blocks)
     biases = [b[n].bias if is_leaf(b[n]) else b[n].get("bias") for b in blocks for n in PROJECTIONS]
     other += sum(int(np.size(bias)) for bias in biases if bias is not None)
-    return Stages({**outer, "blocks": typed}, alloc, results, refined, budget,
-                  {"model_dense": dense_count + param_count(outer), "other": other})
+    store = store_rules(encoder)
+    params = store_outer({**outer, "blocks": typed}, *store)
+    clock.lap("encode")
+    return Stages(params, alloc, results, refined, budget,
+                  {"model_dense": dense_count + param_count(outer), "other": other,
+                   "other_bytes": other_bytes(params, store[1])})
 
 
-def stored_params(params: dict) -> dict:
-    """Typed params as saved (Orbax): every projection as its leaf's plain dict."""
-    return {**params, "blocks": [stored_block(b) for b in params["blocks"]]}
+def store_rules(encoder) -> tuple[str, str]:
+    """`(quantize_embeddings, store_dtype)` of an encoder (a user's own without those settings: float32, as is)."""
+    settings = encoder.settings
+    return getattr(settings, "quantize_embeddings", "none"), getattr(settings, "store_dtype", "float32")
+
+
+def other_bytes(params: dict, store_dtype: str) -> int:
+    """Bytes of everything but the projections' matrices (embeddings, head, norms, biases), as stored."""
+    from sigmascale_jax.model.leaves import stored_bytes
+
+    blocks = params["blocks"]
+    rest = [{k: v for k, v in b.items() if k not in PROJECTIONS} for b in blocks]
+    biases = [b[n].bias for b in blocks for n in PROJECTIONS if b[n].bias is not None]
+    return stored_bytes([{k: v for k, v in params.items() if k != "blocks"}, rest, biases], store_dtype)
+
+
+def stored_params(params: dict, store_dtype: str = "float32") -> dict:
+    """Typed params as saved (Orbax): float tensors as `store_dtype`, every projection as its leaf's plain dict and
+    a quantized embedding table as its matrix's."""
+    from sigmascale_jax.model.leaves import matrix_tree, storage_cast
+
+    params = storage_cast(params, store_dtype)
+    outer = {k: matrix_tree(v) for k, v in params.items() if k != "blocks"}
+    return {**outer, "blocks": [stored_block(b) for b in params["blocks"]]}
 
 
 def stages_report(spec: RunSpec, plan: Plan, cfg, done: Stages, windows: np.ndarray, clock: _Clock) -> dict[str, Any]:
@@ -611,7 +636,7 @@ def save_compressed(params: dict, cfg, report: dict, out: str | Path, *, source:
     out = Path(out)
     with writing_folder(out, overwrite, model_input(getattr(source, "src", None), "the model the params came from")) \
             as staging:
-        save_pytree(staging / PARAMS_DIR, stored_params(params))
+        save_pytree(staging / PARAMS_DIR, stored_params(params, report.get("encode", {}).get("store_dtype", "float32")))
         source.save_tokenizer(staging / TOKENIZER_DIR)
         write_json_atomic(staging / REPORT_FILE, {**report, "model": str(source.src)})
     return out

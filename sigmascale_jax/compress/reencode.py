@@ -42,6 +42,7 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
     cfg, params = load_compressed(src)
     enc.check(None, cfg)
     records = {(m["block"], m["name"]): m for m in report["matrices"]}
+    store_dtype = report.get("encode", {}).get("store_dtype", "float32")  # the source's float tensors stay as stored
     blocks, matrices = [], []
     for i, block in enumerate(params["blocks"]):
         new = dict(block)
@@ -52,23 +53,26 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
             k = rec["rank"] if not rec.get("dense") else None
             stored = rec["shape"][0] * rec["shape"][1] if k is None else min(rec["shape"][0] * rec["shape"][1],
                                                                               enc.count(*rec["shape"], k))
-            matrices.append({**rec, **enc.record(), "stored": stored, "bytes": matrix_bytes(new_leaf)})
+            matrices.append({**rec, **enc.record(), "stored": stored,
+                             "bytes": matrix_bytes(new_leaf, store_dtype)})
         blocks.append(new)
     dense = report["params"]["compressible_dense"]
     other = report["params"]["model_dense"] - dense
     stored = sum(m["stored"] for m in matrices)
     nbytes = sum(m["bytes"] for m in matrices)
+    other_bytes = report["bytes"].get("other", 4 * other)
     new_report = {
         **report, "encoding": encoding, "encode": {"name": encoding, **enc.settings.asdict()}, "matrices": matrices,
         "reencoded_from": str(src),
         "ratio_achieved": 1.0 - stored / dense,
         "whole_model_ratio": 1.0 - (other + stored) / report["params"]["model_dense"],
         "byte_ratio": 1.0 - nbytes / (4 * dense),
-        "whole_model_byte_ratio": 1.0 - (4 * other + nbytes) / (4 * report["params"]["model_dense"]),
+        "whole_model_byte_ratio": 1.0 - (other_bytes + nbytes) / (4 * report["params"]["model_dense"]),
         "params": {**report["params"], "compressible_compressed": stored, "model_compressed": other + stored},
         "bytes": {"compressible_dense": 4 * dense, "compressible_compressed": nbytes,
-                  "model_dense": 4 * report["params"]["model_dense"], "model_compressed": 4 * other + nbytes},
+                  "model_dense": 4 * report["params"]["model_dense"], "model_compressed": other_bytes + nbytes,
+                  "other": other_bytes},
     }
     with writing_folder(out, overwrite, inputs) as staging:
-        write_derived(staging, stored_params({**params, "blocks": blocks}), new_report, src)
+        write_derived(staging, stored_params({**params, "blocks": blocks}, store_dtype), new_report, src)
     return new_report

@@ -131,27 +131,32 @@ def rank_summary(cfg: ModelConfig, ranks: list[dict]) -> dict[str, dict[str, Any
     return out
 
 
-def matrix_bytes(leaf: Any) -> int:
-    """Bytes a projection's matrices take (its bias aside: that is counted with the model's other parameters)."""
-    return leaf.nbytes - (0 if leaf.bias is None else int(np.asarray(leaf.bias).nbytes))
+def matrix_bytes(leaf: Any, store_dtype: str = "float32") -> int:
+    """Bytes a projection's matrices take with float tensors stored as `store_dtype` (its bias aside: that is
+    counted with the model's other parameters)."""
+    from sigmascale_jax.model.leaves import stored_bytes
+
+    return stored_bytes(leaf, store_dtype) - (0 if leaf.bias is None else stored_bytes(leaf.bias, store_dtype))
 
 
 def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation, results: list[BlockResult],
                  refined: list[dict], budget: Budget, leaves: list[dict], *, counts: dict, calibration: dict,
                  resumed: bool, timings: dict, seconds: float, stage_peaks: dict | None = None,
                  start_rss: int | None = None, compiles: dict | None = None) -> dict[str, Any]:
-    """compression.json. `counts`: `model_dense` (all parameters) and `other` (those outside the projections'
-    matrices: embeddings, norms, head, biases), which stay float32."""
+    """compression.json. `counts`: `model_dense` (all parameters), `other` (those outside the projections'
+    matrices: embeddings, norms, head, biases) and `other_bytes` (their bytes as stored; float32 where absent)."""
     from sigmascale_jax.io.checkpoint import FORMAT_VERSION
 
     shapes = cfg.projection_shapes()
     triples = [(*shapes[n], alloc.ranks[i][n]) for i in range(cfg.num_layers) for n in PROJECTIONS]
     dense = sum(m * n for m, n, _ in triples)
     stored = sum(budget.stored(m, n, k) for m, n, k in triples)
-    mat_bytes = {(i, n): matrix_bytes(leaves[i][n]) for i in range(cfg.num_layers) for n in PROJECTIONS}
     enc = plan.encoder()
+    store_dtype = getattr(enc.settings, "store_dtype", "float32")
+    mat_bytes = {(i, n): matrix_bytes(leaves[i][n], store_dtype) for i in range(cfg.num_layers) for n in PROJECTIONS}
     model_compressed = counts["other"] + stored
     bytes_dense, bytes_stored = 4 * dense, sum(mat_bytes.values())
+    other_bytes = counts.get("other_bytes", 4 * counts["other"])  # embeddings, head, norms, biases as stored
     fz = plan.factorize
     settings = fz.settings.asdict()
     return {
@@ -175,7 +180,7 @@ def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation,
         "ratio_achieved": 1.0 - stored / dense,
         "whole_model_ratio": 1.0 - model_compressed / counts["model_dense"],
         "byte_ratio": 1.0 - bytes_stored / bytes_dense,
-        "whole_model_byte_ratio": 1.0 - (4 * counts["other"] + bytes_stored) / (4 * counts["model_dense"]),
+        "whole_model_byte_ratio": 1.0 - (other_bytes + bytes_stored) / (4 * counts["model_dense"]),
         "params": {
             "compressible_dense": dense,
             "compressible_compressed": stored,
@@ -186,7 +191,8 @@ def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation,
             "compressible_dense": bytes_dense,
             "compressible_compressed": bytes_stored,
             "model_dense": 4 * counts["model_dense"],
-            "model_compressed": 4 * counts["other"] + bytes_stored,
+            "model_compressed": other_bytes + bytes_stored,
+            "other": other_bytes,
         },
         "ranks": rank_summary(cfg, alloc.ranks),
         "matrices": [{"block": i, "name": n, **r.matrices[n], **enc.record(),

@@ -82,13 +82,14 @@ def _write_hf(folder: Path, params: dict, cfg, tokenizer, fmt: str, source: str)
     from sigmascale_jax.io.fileio import write_json_atomic
     from sigmascale_jax.io.hf_map import block_tensors, outer_tensors
     from sigmascale_jax.model.config import to_hf_dict
+    from sigmascale_jax.model.leaves import host_array
     from sigmascale_jax.model.modeling import PROJECTIONS
 
     factored = fmt == "factored"
     tensors: dict[str, np.ndarray] = {}
     forms: dict[str, dict] = {}
     for path, (name, _) in outer_tensors(cfg).items():
-        tensors[name] = np.asarray(params[path[0]], np.float32)
+        tensors[name] = host_array(params[path[0]])  # a quantized embedding table, dequantized
     for i, block in enumerate(params["blocks"]):
         for path, (name, _) in block_tensors(cfg, i).items():
             if path[0] in PROJECTIONS:

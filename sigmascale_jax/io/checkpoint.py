@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.io.fileio import read_json
@@ -190,19 +191,31 @@ def write_derived(folder: Path, stored: dict, report: dict, src: Path) -> None:
     write_json_atomic(folder / REPORT_FILE, report)
 
 
+def stored_floats_as_float32(tree: Any) -> Any:
+    """A restored tree with the float tensors written as bfloat16 (`--store-dtype bfloat16`) back in float32, the
+    precision models compute in by default (exactly: every bfloat16 is a float32). Codes are written as integers,
+    so nothing else is bfloat16 on disk."""
+    import numpy as np
+
+    return jax.tree.map(lambda x: np.asarray(x, np.float32) if getattr(x, "dtype", None) == jnp.bfloat16 else x, tree)
+
+
 def load_compressed(folder: Path, dtype: Any = None) -> tuple[ModelConfig, dict]:
     """Config and params of a compressed folder, each projection as the typed leaf `compression.json` records.
 
     The report is checked against the params once, here, for every command that reads a folder: the number of
     blocks, every projection's shape, rank, encoding and quantization groups; a mismatch is a UserError naming it.
     """
-    from sigmascale_jax.model.leaves import read_leaf
+    from sigmascale_jax.model.leaves import as_matrix, read_leaf
     from sigmascale_jax.model.modeling import PROJECTIONS, cast_params
 
     folder = Path(folder)
     report = read_report(folder)
     cfg = report_config(report, folder / REPORT_FILE)
-    params = load_pytree(folder / PARAMS_DIR)
+    params = stored_floats_as_float32(load_pytree(folder / PARAMS_DIR))
+    for key in ("embed", "lm_head"):  # quantized tables (--quantize-embeddings), read by their saved grid
+        if isinstance(params.get(key), dict):
+            params[key] = as_matrix(params[key])
     check_params(params, cfg, folder)
     records = matrix_records(report, cfg, folder / REPORT_FILE)
     for i, block in enumerate(params["blocks"]):

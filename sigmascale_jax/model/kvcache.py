@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from sigmascale_jax.model.config import ModelConfig
 from sigmascale_jax.model.modeling import (
     Params,
+    embed_tokens,
     is_stacked,
     lm_head,
     mlp_hidden,
@@ -74,7 +75,7 @@ def step(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: KVCache) ->
     (each layer's slice updated in place), else as a loop unrolled into the program.
     """
     start = cache.length
-    x = params["embed"][tokens]
+    x = embed_tokens(params, tokens)
 
     def layer(carry, inputs, constants=None):
         x, k_all, v_all = carry

@@ -187,6 +187,50 @@ def check_shapes(what: str, got: dict[str, Any], want: dict[str, tuple[int, ...]
         raise ValueError(f"{what} needs {need}, the params hold {have}")
 
 
+STORE_DTYPES = ("float32", "bfloat16")  # what float tensors are written as (`--store-dtype`)
+
+
+def _stored_items(tree: Any) -> list[Any]:
+    """The tensors a tree is written as: quantized matrices and codes whole, the float arrays one by one."""
+    return jax.tree.leaves(tree, is_leaf=lambda x: is_quantized(x) or isinstance(x, Codes))
+
+
+def _is_float_array(x: Any) -> bool:
+    return not (is_quantized(x) or isinstance(x, Codes)) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def stored_bytes(tree: Any, store_dtype: str = "float32") -> int:
+    """Bytes `tree` (params, a block, a leaf) takes on disk with its float arrays written as `store_dtype`; quantized
+    matrices (their float32 scales included) and codes count as they are."""
+    size = np.dtype(jnp.bfloat16 if store_dtype == "bfloat16" else np.float32).itemsize
+    total = 0
+    for x in _stored_items(tree):
+        if is_quantized(x) or isinstance(x, Codes):
+            total += x.nbytes
+        else:
+            total += int(np.prod(np.shape(x))) * (size if _is_float_array(x) else np.dtype(x.dtype).itemsize)
+    return total
+
+
+def storage_cast(tree: Any, store_dtype: str) -> Any:
+    """`tree` with its float arrays as `store_dtype` (host numpy), quantized matrices and codes as they are: what
+    is written. A `storage_round`ed tree casts without loss."""
+    if store_dtype == "float32":
+        return tree
+    dtype = jnp.bfloat16 if store_dtype == "bfloat16" else np.float32
+    return jax.tree.map(lambda x: np.asarray(x).astype(dtype) if _is_float_array(x) else x, tree,
+                        is_leaf=lambda x: is_quantized(x) or isinstance(x, Codes))
+
+
+def storage_round(tree: Any, store_dtype: str) -> Any:
+    """`tree` with its float arrays rounded to `store_dtype`'s values and held as float32: the params as a folder
+    written with `--store-dtype` loads them (computed in float32, stored in fewer bytes)."""
+    if store_dtype == "float32":
+        return tree
+    return jax.tree.map(lambda x: np.asarray(x).astype(np.float32) if _is_float_array(x) else x,
+                        storage_cast(tree, store_dtype), is_leaf=lambda x: is_quantized(x) or isinstance(x, Codes))
+
+
 def bias_bytes(bias) -> int:
     return 0 if bias is None else int(np.prod(bias.shape)) * np.dtype(bias.dtype).itemsize
 

@@ -278,16 +278,28 @@ def hidden_states(
     per block), so a gradient holds one `[B, T, D]` per block rather than all its intermediates. The blocks run as
     one `lax.scan` where they stack (`run_blocks`; `pad`: mixed ranks padded to stack; `scan=False`: unrolled).
     """
-    x = params["embed"][tokens]
+    x = embed_tokens(params, tokens)
     positions = jnp.arange(tokens.shape[1]) if packing is None else packing.positions
     cos, sin = rope_cos_sin(cfg, positions)
     x = run_blocks(params["blocks"], x, cfg, cos, sin, packing, remat, pad, scan)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
+def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
+    """`[..., D]`: the embedding rows of `tokens` (int, any shape); a quantized table (`--quantize-embeddings`)
+    dequantizes only the rows it gathers."""
+    from sigmascale_jax.model.leaves import is_quantized
+
+    embed = params["embed"]
+    return embed.rows(tokens) if is_quantized(embed) else embed[tokens]
+
+
 def lm_head(params: Params) -> jax.Array:
-    """`[V, D]`: the output embedding (the input one when tied)."""
-    return params["lm_head"] if "lm_head" in params else params["embed"]
+    """`[V, D]`: the output embedding (the input one when tied), dequantized where it is stored quantized."""
+    from sigmascale_jax.model.leaves import is_quantized
+
+    head = params["lm_head"] if "lm_head" in params else params["embed"]
+    return head.dequantize(head.scale.dtype) if is_quantized(head) else head
 
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, remat: bool = False,

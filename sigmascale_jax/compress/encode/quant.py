@@ -45,9 +45,18 @@ from sigmascale_jax.compress.settings import Settings, setting
 from sigmascale_jax.errors import UserError
 from sigmascale_jax.linalg.gptq import DEFAULT_DAMP, gptq
 from sigmascale_jax.linalg.grid import Grid
-from sigmascale_jax.model.leaves import FACTOR, Codes, matrix_bytes, register_matrix_form
+from sigmascale_jax.model.leaves import (
+    FACTOR,
+    STORE_DTYPES,
+    Codes,
+    is_quantized,
+    matrix_bytes,
+    register_matrix_form,
+    storage_round,
+)
 
 BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+EMBEDDING_BITS = ("int8", "int4")  # per-row tables: GGUF files keep embeddings at 8 bits, 4 at the least
 UNQUANTIZED = "none"  # --quantize's float32 choice (a name of its own: "none" is also --method none's)
 DEFAULT_GROUP = 128
 
@@ -135,6 +144,14 @@ class QuantMatrix:
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The float matrix `[rows, cols]` it stands for."""
         return qwix.dequantize(self.qarray())[:, : self.cols].astype(dtype)
+
+    def rows(self, index: jax.Array) -> jax.Array:
+        """`[*index.shape, cols]`: the rows `index` (int, any shape) dequantized (in the scales' dtype), the others
+        left alone: an embedding lookup in a quantized table."""
+        flat = jnp.reshape(index, (-1,))
+        take = lambda c: None if c is None else Codes(c.carrier[flat], c.dtype)  # noqa: E731
+        picked = self.replace(values=take(self.values), scale=self.scale[flat], zero=take(self.zero))
+        return picked.dequantize(self.scale.dtype).reshape(*jnp.shape(index), self.cols)
 
     def host_values(self) -> np.ndarray:
         """`dequantize()` on the host (float32 numpy) with qwix's formula, `(code − zero point) · scale`: the
@@ -236,6 +253,19 @@ def quantize_gptq(x: Any, gram: Any, kind: str, group: int, *, damp: float = DEF
 GPTQ_ORDERS = ("best", "inner-first", "outer-first")
 
 
+def store_outer(params: dict, quantize_embeddings: str = UNQUANTIZED, store_dtype: str = "float32") -> dict:
+    """Params (outer tensors and typed blocks) as a folder stores them: the embedding table and the LM head (float
+    ones; tied: one table) rounded to nearest per row (one group a row) as `quantize_embeddings`, then every float
+    tensor rounded to `store_dtype` (held as float32: `leaves.storage_round`)."""
+    out = dict(params)
+    if quantize_embeddings != UNQUANTIZED:
+        for key in ("embed", "lm_head"):
+            if key in out and not is_quantized(out[key]):
+                table = np.asarray(out[key], np.float32)
+                out[key] = quantize(table, quantize_embeddings, table.shape[1])
+    return storage_round(out, store_dtype)
+
+
 def host_codes(m: QuantMatrix) -> np.ndarray:
     """`m.codes()` on the host (int32 `[rows, cols]`): numpy, no program per shape."""
     values = np.asarray(m.values.numpy())
@@ -317,6 +347,12 @@ class QuantSettings(Settings):
                                       "nearest)", min=0.0, max=100.0)
     act_order: bool | None = setting(None, "--quantizer gptq: round columns in decreasing input energy (the Gram's "
                                      "diagonal), groups keeping the original matrix's scales (default: on)")
+    quantize_embeddings: str = setting(UNQUANTIZED, "store the token embeddings and the LM head (one table when "
+                                       "tied) as int8 or int4, a scale (and int4 zero point) per row",
+                                       choices=(UNQUANTIZED, *EMBEDDING_BITS))
+    store_dtype: str = setting("float32", "what the float tensors that stay (norms, float factors, embeddings kept "
+                               "float) are stored as; bfloat16 halves them, loaded back as float32",
+                               choices=STORE_DTYPES)
     gptq_order: str | None = setting(None, "--quantizer gptq on factors: which factor is rounded first, the other refit "
                                      "to it and rounded after; best: both, keeping the pair with the lower output "
                                      "error on the calibration Gram (default: best)", choices=GPTQ_ORDERS)
@@ -347,11 +383,17 @@ class QuantSettings(Settings):
         for name in ("quantizer", "gptq_damp", "act_order", "gptq_order"):
             if out[name] is None or (name == "quantizer" and out[name] == "rtn"):
                 out.pop(name)
+        for name, default in (("quantize_embeddings", UNQUANTIZED), ("store_dtype", "float32")):
+            if out[name] == default:  # runs that keep them keep the resume keys they had before the settings existed
+                out.pop(name)
         return out
 
     def check_model(self, cfg) -> None:
         """The group size fits the model (no longer than the longest row any projection's matrix has); where none was
         asked, the model's default (`default_group_size`) is set here, before any matrix is stored."""
+        if self.quantize_embeddings == "int4" and cfg.hidden_size % 2:
+            raise UserError(f"--quantize-embeddings int4 packs two values a byte along rows of {cfg.hidden_size}; "
+                            "use int8 for an odd hidden size")
         if self.kind:
             if self.group_size is None:
                 object.__setattr__(self, "group_size", default_group_size(cfg))

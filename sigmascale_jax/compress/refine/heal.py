@@ -603,6 +603,7 @@ def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = Non
         healed, record = heal_model(ctx, blocks, settings, key=source_key)
         new = {**report, "refine": [*report.get("refine", []), {"name": "heal", **settings.asdict(), **record}],
                "healed_from": str(src)}
-        write_derived(staging, stored_params({**params, "blocks": healed}), new, src)
+        store_dtype = report.get("encode", {}).get("store_dtype", "float32")  # as the source stored its floats
+        write_derived(staging, stored_params({**params, "blocks": healed}, store_dtype), new, src)
     shutil.rmtree(partial, ignore_errors=True)
     return new

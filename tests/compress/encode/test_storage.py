@@ -314,3 +314,53 @@ def test_the_default_group_size_follows_the_model_and_gptq_holds_up_off_domain()
         assert report["encode"]["group_size"] == 16
         ppl[quantizer] = ssj.perplexity(tree, cfg, held, batch_size=8, progress=False)["ppl"]
     assert ppl["gptq"] < ppl["rtn"], ppl
+
+
+# ------------------------------------------------------------------ every tensor at a chosen precision
+
+
+def _saved_bytes(folder) -> int:
+    """Bytes of every array the folder's params hold on disk (a quantized matrix's 3-number grid record aside)."""
+    from sigmascale_jax.io.checkpoint import load_pytree
+
+    flat = jax.tree_util.tree_leaves_with_path(load_pytree(folder / "params"))
+    return sum(np.asarray(a).nbytes for path, a in flat if "meta" not in jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("embeddings,store", [("int8", "bfloat16"), ("int4", "float32")])
+def test_quantized_embeddings_and_bfloat16_floats_round_trip_and_count_their_bytes(tmp_path, plain_run, embeddings,
+                                                                                   store):
+    from sigmascale_jax.compress.encode.quant import QuantMatrix, quantize
+    from sigmascale_jax.deploy.export import export
+    from sigmascale_jax.model.modeling import forward_jit
+
+    ref_out, ref = plain_run
+    out = tmp_path / "stored"
+    report = sigmascale_jax.compress(str(STORIES), "svd-llm", 0.3, out, quantize_embeddings=embeddings,
+                                     store_dtype=store, **SMALL)
+    assert report["encode"]["quantize_embeddings"] == embeddings
+    assert report["encode"].get("store_dtype", "float32") == store  # the default is left out (resume keys)
+    assert _saved_bytes(out) == report["bytes"]["model_compressed"] < ref["bytes"]["model_compressed"]
+    assert _saved_bytes(ref_out) == ref["bytes"]["model_compressed"]
+    cfg, params, source = sigmascale_jax.load_model(str(out))
+    _, dense_params, _ = sigmascale_jax.load_model(str(STORIES))
+    table = params["embed"]
+    assert isinstance(table, QuantMatrix) and table.group == cfg.hidden_size and "lm_head" not in params  # tied
+    want = quantize(np.asarray(dense_params["embed"]), embeddings, cfg.hidden_size)  # per row, from float32
+    assert np.array_equal(table.values.numpy(), want.values.numpy())
+    factors = params["blocks"][0]["q"]
+    assert factors.b.dtype == np.float32  # computed in float32 ...
+    if store == "bfloat16":  # ... from values bfloat16 holds exactly
+        np.testing.assert_array_equal(np.asarray(factors.b), np.asarray(factors.b).astype(jnp.bfloat16).astype(np.float32))
+    tokens = jnp.asarray(source.tokenizer()("The little dog ran to the park.").input_ids)[None]
+    _, ref_params, _ = sigmascale_jax.load_model(str(ref_out))
+    got, base = np.asarray(forward_jit(params, tokens, cfg)), np.asarray(forward_jit(ref_params, tokens, cfg))
+    bound = {"int8": 0.02, "int4": 0.2}[embeddings]  # 64-wide rows on 16 levels move logits ~14% at most here
+    assert np.isfinite(got).all() and np.abs(got - base).max() < bound * np.abs(base).max()
+    np.testing.assert_allclose(np.asarray(params["embed"].rows(tokens))[0], table.host_values()[np.asarray(tokens)[0]],
+                               atol=1e-6)
+    export(str(out), str(tmp_path / "hf"))
+    from safetensors.numpy import load_file
+
+    np.testing.assert_allclose(load_file(tmp_path / "hf" / "model.safetensors")["model.embed_tokens.weight"],
+                               table.host_values(), atol=1e-6)
