@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero-shot: tokens per forward pass (rows x padded length)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $SIGMASCALE_DATA, else ../shared/data)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype of the weights")
-    p.add_argument("--quantize", choices=("int8", "int4", "int3"), default=None,
+    p.add_argument("--quantize", choices=("int8", "int4", "int3", "int2"), default=None,
                    help="round-to-nearest quantize a dense model's projections first (the compressor's quantizer: "
                         "quantization alone, to compare with low-rank compression)")
     p.add_argument("--group-size", type=int, default=None, help="--quantize: columns per scale group (default 128)")
