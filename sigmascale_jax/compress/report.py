@@ -9,7 +9,6 @@ import resource
 import sys
 from typing import Any
 
-import numpy as np
 
 from sigmascale_jax.compress.plan import Allocation, BlockResult, Budget, Plan, RunSpec
 from sigmascale_jax.linalg.precision import resolve_precision
