@@ -113,6 +113,15 @@ def distill_loss(params: Params, teacher: Any, tokens: jax.Array, cfg, ce_weight
     return kl + ce_weight * ce, {"kl": kl, "ce": ce}
 
 
+def trains_quantized(leaf) -> bool:
+    """Whether a projection leaf has a quantized matrix of which something trains (a quantized factor's scales);
+    a residual leaf's Q is frozen whole, so it heals: its float L and R train."""
+    from sigmascale_jax.model.leaves import FACTOR, is_quantized
+
+    pairs = zip(jax.tree.leaves(leaf, is_leaf=is_quantized), jax.tree.leaves(leaf.labels(), is_leaf=is_quantized))
+    return any(is_quantized(m) and FACTOR in jax.tree.leaves(lab) for m, lab in pairs)
+
+
 def heal_labels(params: Params, norms: bool = False, scales: str = "factor") -> Params:
     """`trainable(params, scales)`, with the RMSNorm weights (every block's and the final one) labelled "factor"
     too when `norms`."""
@@ -562,7 +571,6 @@ def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = Non
     from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.io.outputs import model_input, writing_folder
     from sigmascale_jax.io.sources import open_model
-    from sigmascale_jax.model.leaves import is_quantized
     from sigmascale_jax.model.modeling import PROJECTIONS
     from sigmascale_jax.parallel import make_mesh
 
@@ -577,9 +585,8 @@ def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = Non
     if source.cfg != cfg:
         raise UserError(f"{model} is not the model {src} was compressed from (its config differs); pass model=")
     blocks = jax.device_get(params["blocks"])
-    if any(is_quantized(m) for b in blocks for n in PROJECTIONS for m in jax.tree.leaves(
-            b[n], is_leaf=lambda x: hasattr(x, "dequantize"))):
-        raise UserError(f"{src} holds quantized matrices; heal before quantizing (heal a float folder, then "
+    if any(trains_quantized(b[n]) for b in blocks for n in PROJECTIONS):
+        raise UserError(f"{src} holds quantized factors; heal before quantizing (heal a float folder, then "
                         "re-encode it)")
     cal = report["calibration"]
     spec = RunSpec(model=str(model), ratio=report["ratio_requested"], calib=cal["source"], nsamples=cal["nsamples"],

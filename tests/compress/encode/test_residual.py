@@ -145,6 +145,23 @@ def test_grad_and_optax_train_l_and_r_and_leave_q_alone(residual_run, block0):
     assert np.array_equal(leaf.q.zero.numpy(), new.q.zero.numpy())
 
 
+def test_a_residual_folder_heals_its_low_rank_part(residual_run, tmp_path):
+    """Healing trains L and R (Q frozen whole), where a folder of quantized factors is refused."""
+    from sigmascale_jax.compress.refine.heal import heal_compressed
+
+    out, _ = residual_run
+    report = heal_compressed(out, tmp_path / "healed", heal_steps=4, heal_samples=16, heal_holdout=4,
+                             heal_eval_every=4, heal_lr=1e-3, data_dir=str(DATA), progress=False)
+    record = report["refine"][-1]
+    assert record["held_out_loss_after"] < record["held_out_loss_before"]
+    _, before, _ = sigmascale_jax.load_model(str(out))
+    _, after, _ = sigmascale_jax.load_model(str(tmp_path / "healed"))
+    old, new = before["blocks"][2]["gate"], after["blocks"][2]["gate"]
+    assert not np.array_equal(np.asarray(old.l), np.asarray(new.l))
+    assert np.array_equal(old.q.values.numpy(), new.q.values.numpy())
+    assert np.array_equal(np.asarray(old.q.scale), np.asarray(new.q.scale))
+
+
 @pytest.mark.parametrize("extra,fragment", [
     (["--ratio", "0", "--encoding", "residual", "--residual-rank", "8"], "give --quantize"),
     (["--ratio", "0", "--encoding", "residual", "--quantize", "int3"], "needs --residual-rank"),
