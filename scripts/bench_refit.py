@@ -58,9 +58,20 @@ def main() -> None:
     p.add_argument("--refit-backoff", type=float, default=None)
     p.add_argument("--refit-norms", action="store_true")
     p.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json (its notes included) only")
+    p.add_argument("--add-run", action="append", default=[], metavar="LABEL=RUN",
+                   help="also tabulate a finished run made by its own command (RUN/compression.json, and RUN.eval.json "
+                        "written by `sigmascale_jax.eval --json` with this script's evaluation flags): e.g. a shipped "
+                        "config's recipe with --refit-steps; repeatable")
     args = p.parse_args()
     if args.render:
         payload = json.loads((benchlib.REPO / f"{args.out}.json").read_text())
+        benchlib.write(args.out, payload, render(payload))
+        return
+    if args.add_run and not args.ratios:  # --ratios "": only the added runs, onto the rows OUT.json holds
+        payload = json.loads((benchlib.REPO / f"{args.out}.json").read_text())
+        payload["rows"] = [r for r in payload["rows"] if r.get("label") not in {a.split("=")[0] for a in args.add_run}]
+        payload["rows"] += [added_row(spec) for spec in args.add_run]
+        payload.setdefault("added_by", []).append(benchlib.command_line())
         benchlib.write(args.out, payload, render(payload))
         return
 
@@ -84,6 +95,19 @@ def main() -> None:
                     row["blocks"] = block_records(row["run"])
                 payload["rows"].append(row)
                 benchlib.write(args.out, payload, render(payload))  # after every run: a long sweep keeps its rows
+
+
+def added_row(spec: str) -> dict:
+    """A row from a finished run's compression.json and its RUN.eval.json (`--add-run LABEL=RUN`)."""
+    label, run = spec.split("=", 1)
+    report = json.loads((benchlib.REPO / run / "compression.json").read_text())
+    res = json.loads((benchlib.REPO / f"{run}.eval.json").read_text())
+    refits = [r for r in report["refine"] if r["name"] == "refit"]
+    return {"method": label, "label": label, "ratio": report["ratio_requested"], "ranks": report["ranks_method"],
+            "refit": bool(refits), "refit_lr": refits[0]["refit_lr"] if refits else None,
+            "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"],
+            "eval_windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")}, "timings_s": report["timings_s"],
+            "compress_s": report["seconds"], "run": run, "blocks": block_records(run) if refits else []}
 
 
 def render(payload: dict) -> str:

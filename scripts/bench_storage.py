@@ -120,16 +120,17 @@ def gptq_markdown(rows: list[dict], args) -> list[str]:
            f"gptq`, act order, 1% damping). Low-rank: `{args.gptq_recipe}` at the ratio, its factors stored by GPTQ "
            "(`--quantizer gptq`: the factor pair rounded one after the other, the second refit to the first, the "
            "better of both orders per matrix) or by RTN (the same float factors re-encoded). Group size "
-           f"{args.gptq_group or 128}; embeddings and norms float32 everywhere.\n",
-           "| family | kind | ratio | model MB | WikiText-2 ppl | C4 ppl | compress s |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+           f"{args.gptq_group or 128}; embeddings and norms float32 everywhere (last column: the bytes under "
+           "section 4's rules, perplexity as measured).\n",
+           "| family | kind | ratio | model MB | WikiText-2 ppl | C4 ppl | compress s | MB, int8 embeddings + bfloat16 |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: -r.get("model_bytes", 0)):
         if r.get("not_run"):
-            out.append(f"| {r['family']} | {r.get('kind', '')} | {r['ratio']} | not run | | | |")
+            out.append(f"| {r['family']} | {r.get('kind', '')} | {r['ratio']} | not run | | | | |")
             continue
         secs = f"{r['compress_s']:.0f}" if r.get("compress_s") else ""
         out.append(f"| {r['family']} | {r['kind']} | {r['ratio']} | {r['model_bytes'] / 2**20:.1f} "
-                   f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {secs} |")
+                   f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {secs} | {rules_bytes(r, args.cfg) / 2**20:.1f} |")
     orders = [r for r in rows if r.get("orders")]
     if orders:
         out += ["", "Which factor to round first (`--gptq-order best` tries both per matrix and keeps the lower output "
@@ -177,12 +178,16 @@ def equal_bytes_rows(args, rows: list[dict], write) -> None:
 
 
 def rules_bytes(row: dict, cfg) -> int:
-    """A section-3 row's whole-model bytes had its embeddings been int8 per row and its norms bfloat16 (its
-    projections as they were stored: quantized, so unchanged)."""
+    """A row's whole-model bytes had it been stored by section 4's rules: embeddings int8 per row (a float32 scale
+    a row), norms bfloat16, float32 projections bfloat16 (quantized ones as they were). The perplexity is not
+    re-measured: only the bytes are recomputed."""
     v, d = cfg.vocab_size, cfg.hidden_size
     tables = 1 if cfg.tie_word_embeddings else 2
     norms = (2 * cfg.num_layers + 1) * d
-    return row["model_bytes"] - 4 * (tables * v * d + norms) + tables * (v * d + 4 * v) + 2 * norms
+    other = 4 * (tables * v * d + norms)
+    projections = row["model_bytes"] - other
+    quantized = "int" in row["family"] or "gptq" in row["family"] or "rtn" in row["family"]
+    return (projections if quantized else projections // 2) + tables * (v * d + 4 * v) + 2 * norms
 
 
 def equal_bytes_markdown(rows: list[dict], gptq: list[dict], cfg, args) -> list[str]:
@@ -269,14 +274,18 @@ def markdown(equal: list[dict], frontier: list[dict], args, gptq: list[dict] | N
                    f"{r['mean_rank']['gate']:.0f} | {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} "
                    f"| {r['ratio_achieved']:.4f} | {r['model_bytes'] / 2**20:.1f} |")
     out += ["", "## 2. Size–quality frontier (whole-model bytes; embeddings stay float32 everywhere)\n",
-            "| family | ratio | model MB | byte ratio | WikiText-2 ppl | C4 ppl |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            "The last column recomputes each row's bytes under section 4's rules (embeddings int8 per row, float "
+            "tensors bfloat16; PivGa's int16 permutations are halved with them, under 0.3 MB), its perplexity as "
+            "measured.\n",
+            "| family | ratio | model MB | byte ratio | WikiText-2 ppl | C4 ppl | MB, int8 embeddings + bfloat16 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(frontier, key=lambda r: (r["family"], -r.get("model_bytes", 0))):
         if r.get("not_run"):
-            out.append(f"| {r['family']} | {r['ratio']} | not run | | | |")
+            out.append(f"| {r['family']} | {r['ratio']} | not run | | | | |")
             continue
         byte_ratio = 1 - r["model_bytes"] / args.dense_bytes
         out.append(f"| {r['family']} | {r['ratio']} | {r['model_bytes'] / 2**20:.1f} | {byte_ratio:.3f} "
-                   f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} |")
+                   f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {rules_bytes(r, args.cfg) / 2**20:.1f} |")
     if gptq:
         out += gptq_markdown(gptq, args)
     return "\n".join(out) + "\n"
@@ -360,7 +369,7 @@ def main() -> int:
     from sigmascale_jax.io.sources import open_model
 
     dense = benchlib.dense_row(args)
-    cfg = open_model(args.model).cfg
+    cfg = args.cfg = open_model(args.model).cfg
     tensors = list(outer_tensors(cfg).values()) + [t for i in range(cfg.num_layers) for t in block_tensors(cfg, i).values()]
     args.dense_bytes = 4 * sum(math.prod(shape) for _, shape in tensors)  # the float32 model
 
@@ -371,7 +380,7 @@ def main() -> int:
         md = markdown(equal, frontier, args, gptq)
         if eq:
             md += "\n".join(equal_bytes_markdown(eq, gptq, cfg, args)) + "\n"
-        benchlib.write(args.out, {"args": {k: v for k, v in vars(args).items()}, "equal_size": equal,
+        benchlib.write(args.out, {"args": {k: v for k, v in vars(args).items() if k != "cfg"}, "equal_size": equal,
                                   "frontier": frontier, "gptq": gptq, "equal_bytes": eq}, md)
 
     if args.previous:
