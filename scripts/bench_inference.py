@@ -49,15 +49,15 @@ def ours(path: str, args) -> dict:
     import numpy as np
 
     import sigmascale_jax  # noqa: F401
-    from sigmascale_jax.model.kvcache import init_cache, step
-    from sigmascale_jax.model.leaves import as_leaf
-    from sigmascale_jax.model.modeling import PROJECTIONS
     from sigmascale_jax.io.sources import load_model
+    from sigmascale_jax.model.kvcache import init_cache, step
+    from sigmascale_jax.model.leaves import stored_bytes
 
     cfg, params, _ = load_model(path)
-    weight_bytes = sum(as_leaf(b[n]).nbytes for b in params["blocks"] for n in PROJECTIONS)
-    weight_bytes += sum(int(np.asarray(a).nbytes) for k, a in params.items() if k != "blocks")
-    weight_bytes += sum(int(np.asarray(v).nbytes) for b in params["blocks"] for k, v in b.items() if k not in PROJECTIONS)
+    report = Path(path) / "compression.json"
+    # a folder's bytes as stored (bfloat16 floats, quantized embeddings: its report counts them); else the arrays'
+    weight_bytes = (json.loads(report.read_text())["bytes"]["model_compressed"] if report.is_file()
+                    else stored_bytes(params))
     rng = np.random.default_rng(0)
     total = args.prompt_len + args.new_tokens + 1
     out = {"weight_bytes": weight_bytes}
@@ -138,18 +138,28 @@ def run_one(kind: str, label: str, path: str, args) -> dict:
     return row
 
 
-def markdown(rows: list[dict], args, previous: dict | None = None) -> str:
+def earlier_runs(previous: dict | None) -> list[dict]:
+    """The runs a `--previous` JSON holds, newest first: its own, then those it kept (a chain, or a list)."""
+    out = []
+    while previous:
+        out.append({k: v for k, v in previous.items() if k not in ("previous", "earlier")})
+        out += previous.get("earlier", [])
+        previous = previous.get("previous")
+    return out
+
+
+def markdown(rows: list[dict], args, earlier: list[dict] = ()) -> str:
     lines = [f"# Inference speed on {Path(args.model).name}\n",
              f"{os.cpu_count()} CPU cores; prompt {args.prompt_len} tokens; decode {args.new_tokens} tokens after it; "
              f"best of {args.repeats} after a warm-up. Command: `python {' '.join(sys.argv)}`\n"]
-    if previous:
-        lines += table(rows, args.batch)
-        prev_args = argparse.Namespace(**previous["args"])
+    lines += table(rows, args.batch)
+    for run in earlier:
+        prev_args = argparse.Namespace(**run["args"])
         lines += ["", "## An earlier run (kept from `--previous`; its own dense and transformers rows)\n",
-                  f"Prompt {prev_args.prompt_len}, decode {prev_args.new_tokens}, best of {prev_args.repeats}.\n"]
-        lines += table(previous["rows"], prev_args.batch)
-        return "\n".join(lines) + "\n"
-    return "\n".join(lines + table(rows, args.batch)) + "\n"
+                  f"Command: `python scripts/bench_inference.py --models {prev_args.models}`. Prompt "
+                  f"{prev_args.prompt_len}, decode {prev_args.new_tokens}, best of {prev_args.repeats}.\n"]
+        lines += table(run["rows"], prev_args.batch)
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[dict], b: int) -> list[str]:
@@ -181,8 +191,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default="results/inference_smollm2")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
-    p.add_argument("--previous", default=None, help="a results JSON of this script whose table is kept below this "
-                   "run's (its rows compared with its own dense run)")
+    p.add_argument("--previous", default=None, help="a results JSON of this script whose tables (its run and those it "
+                   "kept) are kept below this run's (each run's rows compared with its own dense run)")
     args = p.parse_args()
     if args.worker:
         worker(*args.worker, args)
@@ -201,12 +211,10 @@ def main() -> int:
             rows.append({"label": label, "path": path, "not_run": True})
             continue
         rows.append({**run_one("ours", label, full, args), "path": shown(path)})
-    previous = json.loads((REPO / args.previous).read_text()) if args.previous else None
-    if previous and "previous" in previous:
-        previous.pop("previous")  # one earlier run is kept, not a chain
-    benchlib.write(args.out, {"args": {**vars(args), "model": shown(args.model)}, "rows": rows, "previous": previous},
-                   markdown(rows, args, previous))
-    print(markdown(rows, args, previous))
+    earlier = earlier_runs(json.loads((REPO / args.previous).read_text()) if args.previous else None)
+    benchlib.write(args.out, {"args": {**vars(args), "model": shown(args.model)}, "rows": rows, "earlier": earlier},
+                   markdown(rows, args, earlier))
+    print(markdown(rows, args, earlier))
     return 0
 
 
