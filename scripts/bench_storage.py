@@ -169,6 +169,8 @@ def equal_bytes_rows(args, rows: list[dict], write) -> None:
         if not row.get("not_run"):
             report = json.loads((Path(row["run"]) / "compression.json").read_text())
             row["bits_per_weight"] = 8 * report["bytes"]["compressible_compressed"] / report["params"]["compressible_dense"]
+            errors = [m["output_error"] for m in report["matrices"] if "output_error" in m]
+            row["mean_output_error"] = float(sum(errors) / len(errors)) if errors else None
             if rank is not None:
                 mats = report["matrices"]
                 row["residual"] = {key: float(sum(m[key] for m in mats) / len(mats))
@@ -219,8 +221,30 @@ def equal_bytes_markdown(rows: list[dict], gptq: list[dict], cfg, args) -> list[
                    f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {err} | {secs} |")
     if best:
         out += ["", "The section-3 low-rank rows were measured with float32 embeddings; only their bytes are "
-                "recomputed here (int8 embeddings moved dense SmolLM2 from 20.714 to 20.78 on WikiText-2 in section "
-                "2's RTN rows, which quantize the projections too)."]
+                "recomputed here."]
+    done = [r for r in rows if not r.get("not_run")]
+    alone = {r["kind"]: r for r in done if r.get("rank") is None}
+    sec3 = {r["kind"]: r for r in gptq if r.get("family") == "dense gptq" and not r.get("not_run")}
+    for kind, r in alone.items():
+        if kind in sec3:
+            out += ["", f"Storing embeddings int8 and the rest bfloat16 cost GPTQ {kind} {r['wikitext2_ppl'] - sec3[kind]['wikitext2_ppl']:+.3f} / "
+                    f"{r['c4_ppl'] - sec3[kind]['c4_ppl']:+.3f} perplexity (section 3: {sec3[kind]['wikitext2_ppl']:.3f} / "
+                    f"{sec3[kind]['c4_ppl']:.3f} at {sec3[kind]['model_bytes'] / 2**20:.1f} MB) and took "
+                    f"{(sec3[kind]['model_bytes'] - r['model_bytes']) / 2**20:.1f} MB off the model."]
+    for r in (r for r in done if r.get("rank") is not None):
+        near = min(alone.values(), key=lambda a: abs(a["model_bytes"] - r["model_bytes"]), default=None)
+        if near is None:
+            continue
+        verdict = "beats" if r["wikitext2_ppl"] < near["wikitext2_ppl"] and r["c4_ppl"] < near["c4_ppl"] else "loses to"
+        res = r["residual"]
+        out += ["", f"Residual {r['kind']} + rank {r['rank']} ({r['model_bytes'] / 2**20:.1f} MB, "
+                f"{r['bits_per_weight']:.2f} bits a weight) {verdict} GPTQ {near['kind']} alone at "
+                f"{near['model_bytes'] / 2**20:.1f} MB: {r['wikitext2_ppl']:.1f} / {r['c4_ppl']:.1f} against "
+                f"{near['wikitext2_ppl']:.1f} / {near['c4_ppl']:.1f}. Its L·R removed "
+                f"{1 - res['output_error'] / res['quant_error']:.0%} of Q's mean output error "
+                f"({res['quant_error']:.4f} → {res['output_error']:.4f})"
+                + (f", while GPTQ {near['kind']} alone has {near['mean_output_error']:.4f}" if near.get("mean_output_error")
+                   else "") + "."]
     return out
 
 
