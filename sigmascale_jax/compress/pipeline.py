@@ -330,6 +330,8 @@ def _compress(spec: RunSpec, plan: Plan, source, windows: np.ndarray, staging: P
                        fresh_windows=fresh_windows_of(source, spec, data_dir))
     clock.lap("load")
     done = compress_stages(plan, ctx, clock, staging)
+    from sigmascale_jax.compress.encode.quant import store_rules
+
     save_pytree(staging / PARAMS_DIR, stored_params(done.params, store_rules(plan.encoder())[1]))
     block_spectra = sorted((staging / "blocks").glob("*.spectra.npz"))
     if block_spectra:  # SigmaScale: singular values of W, W S and the scaled matrix, per block and projection
@@ -361,7 +363,7 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
 
     import jax
 
-    from sigmascale_jax.compress.encode.quant import store_outer
+    from sigmascale_jax.compress.encode.quant import store_outer, store_rules
     from sigmascale_jax.model.leaves import is_leaf
     from sigmascale_jax.model.modeling import param_count
 
@@ -397,12 +399,6 @@ def compress_stages(plan: Plan, ctx: ModelContext, clock: _Clock, staging: Path 
     return Stages(params, alloc, results, refined, budget,
                   {"model_dense": dense_count + param_count(outer), "other": other,
                    "other_bytes": other_bytes(params, store[1])})
-
-
-def store_rules(encoder) -> tuple[str, str]:
-    """`(quantize_embeddings, store_dtype)` of an encoder (a user's own without those settings: float32, as is)."""
-    settings = encoder.settings
-    return getattr(settings, "quantize_embeddings", "none"), getattr(settings, "store_dtype", "float32")
 
 
 def other_bytes(params: dict, store_dtype: str) -> int:
@@ -623,7 +619,7 @@ def save_compressed(params: dict, cfg, report: dict, out: str | Path, *, source:
     `ModelSource` the params came from (`load_model(...)[2]`), whose tokenizer the folder carries. Written
     under `OUT.partial` and renamed into place, holding the same lock as the compressor.
     """
-    from sigmascale_jax.io.checkpoint import PARAMS_DIR, REPORT_FILE, TOKENIZER_DIR, save_pytree
+    from sigmascale_jax.io.checkpoint import PARAMS_DIR, REPORT_FILE, TOKENIZER_DIR, report_store_dtype, save_pytree
     from sigmascale_jax.model.leaves import is_leaf
 
     if source is None or not hasattr(source, "save_tokenizer"):
@@ -636,7 +632,7 @@ def save_compressed(params: dict, cfg, report: dict, out: str | Path, *, source:
     out = Path(out)
     with writing_folder(out, overwrite, model_input(getattr(source, "src", None), "the model the params came from")) \
             as staging:
-        save_pytree(staging / PARAMS_DIR, stored_params(params, report.get("encode", {}).get("store_dtype", "float32")))
+        save_pytree(staging / PARAMS_DIR, stored_params(params, report_store_dtype(report)))
         source.save_tokenizer(staging / TOKENIZER_DIR)
         write_json_atomic(staging / REPORT_FILE, {**report, "model": str(source.src)})
     return out

@@ -27,7 +27,7 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
     from sigmascale_jax.compress.pipeline import stored_params
     from sigmascale_jax.compress.plan import ENCODERS, load_methods
     from sigmascale_jax.compress.report import matrix_bytes
-    from sigmascale_jax.io.checkpoint import load_compressed, read_report, write_derived
+    from sigmascale_jax.io.checkpoint import load_compressed, read_report, report_store_dtype, write_derived
     from sigmascale_jax.io.outputs import check_out, model_input, writing_folder
 
     src, out = Path(src), Path(out)
@@ -42,7 +42,7 @@ def reencode(src: str | Path, out: str | Path, *, encoding: str | None = None, q
     cfg, params = load_compressed(src)
     enc.check(None, cfg)
     records = {(m["block"], m["name"]): m for m in report["matrices"]}
-    store_dtype = report.get("encode", {}).get("store_dtype", "float32")  # the source's float tensors stay as stored
+    store_dtype = report_store_dtype(report)  # the source's float tensors stay as stored
     blocks, matrices = [], []
     for i, block in enumerate(params["blocks"]):
         new = dict(block)

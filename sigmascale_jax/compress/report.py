@@ -151,7 +151,9 @@ def build_report(spec: RunSpec, plan: Plan, cfg: ModelConfig, alloc: Allocation,
     dense = sum(m * n for m, n, _ in triples)
     stored = sum(budget.stored(m, n, k) for m, n, k in triples)
     enc = plan.encoder()
-    store_dtype = getattr(enc.settings, "store_dtype", "float32")
+    from sigmascale_jax.compress.encode.quant import store_rules
+
+    store_dtype = store_rules(enc)[1]
     mat_bytes = {(i, n): matrix_bytes(leaves[i][n], store_dtype) for i in range(cfg.num_layers) for n in PROJECTIONS}
     model_compressed = counts["other"] + stored
     bytes_dense, bytes_stored = 4 * dense, sum(mat_bytes.values())

@@ -191,6 +191,11 @@ def write_derived(folder: Path, stored: dict, report: dict, src: Path) -> None:
     write_json_atomic(folder / REPORT_FILE, report)
 
 
+def report_store_dtype(report: dict) -> str:
+    """What a folder's float tensors are written as (`--store-dtype`; its report leaves float32 out)."""
+    return report.get("encode", {}).get("store_dtype", "float32")
+
+
 def stored_floats_as_float32(tree: Any) -> Any:
     """A restored tree with the float tensors written as bfloat16 (`--store-dtype bfloat16`) back in float32, the
     precision models compute in by default (exactly: every bfloat16 is a float32). Codes are written as integers,

@@ -190,13 +190,18 @@ def check_shapes(what: str, got: dict[str, Any], want: dict[str, tuple[int, ...]
 STORE_DTYPES = ("float32", "bfloat16")  # what float tensors are written as (`--store-dtype`)
 
 
+def _written_whole(x: Any) -> bool:
+    """Quantized matrices and codes: written as they are, whatever `--store-dtype` says."""
+    return is_quantized(x) or isinstance(x, Codes)
+
+
 def _stored_items(tree: Any) -> list[Any]:
     """The tensors a tree is written as: quantized matrices and codes whole, the float arrays one by one."""
-    return jax.tree.leaves(tree, is_leaf=lambda x: is_quantized(x) or isinstance(x, Codes))
+    return jax.tree.leaves(tree, is_leaf=_written_whole)
 
 
 def _is_float_array(x: Any) -> bool:
-    return not (is_quantized(x) or isinstance(x, Codes)) and jnp.issubdtype(x.dtype, jnp.floating)
+    return not _written_whole(x) and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def stored_bytes(tree: Any, store_dtype: str = "float32") -> int:
@@ -205,7 +210,7 @@ def stored_bytes(tree: Any, store_dtype: str = "float32") -> int:
     size = np.dtype(jnp.bfloat16 if store_dtype == "bfloat16" else np.float32).itemsize
     total = 0
     for x in _stored_items(tree):
-        if is_quantized(x) or isinstance(x, Codes):
+        if _written_whole(x):
             total += x.nbytes
         else:
             total += int(np.prod(np.shape(x))) * (size if _is_float_array(x) else np.dtype(x.dtype).itemsize)
@@ -219,7 +224,7 @@ def storage_cast(tree: Any, store_dtype: str) -> Any:
         return tree
     dtype = jnp.bfloat16 if store_dtype == "bfloat16" else np.float32
     return jax.tree.map(lambda x: np.asarray(x).astype(dtype) if _is_float_array(x) else x, tree,
-                        is_leaf=lambda x: is_quantized(x) or isinstance(x, Codes))
+                        is_leaf=_written_whole)
 
 
 def storage_round(tree: Any, store_dtype: str) -> Any:
@@ -228,7 +233,7 @@ def storage_round(tree: Any, store_dtype: str) -> Any:
     if store_dtype == "float32":
         return tree
     return jax.tree.map(lambda x: np.asarray(x).astype(np.float32) if _is_float_array(x) else x,
-                        storage_cast(tree, store_dtype), is_leaf=lambda x: is_quantized(x) or isinstance(x, Codes))
+                        storage_cast(tree, store_dtype), is_leaf=_written_whole)
 
 
 def bias_bytes(bias) -> int:

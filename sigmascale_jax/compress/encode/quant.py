@@ -266,6 +266,12 @@ def store_outer(params: dict, quantize_embeddings: str = UNQUANTIZED, store_dtyp
     return storage_round(out, store_dtype)
 
 
+def store_rules(encoder) -> tuple[str, str]:
+    """`(quantize_embeddings, store_dtype)` of an encoder (a user's own without those settings: float32, as is)."""
+    settings = encoder.settings
+    return getattr(settings, "quantize_embeddings", UNQUANTIZED), getattr(settings, "store_dtype", "float32")
+
+
 def host_codes(m: QuantMatrix) -> np.ndarray:
     """`m.codes()` on the host (int32 `[rows, cols]`): numpy, no program per shape."""
     values = np.asarray(m.values.numpy())

@@ -567,7 +567,7 @@ def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = Non
     `OUT.partial/heal` until `out` is written, so the same call resumes. Returns the new report.
     """
     from sigmascale_jax.compress.pipeline import fresh_windows_of, stored_params
-    from sigmascale_jax.io.checkpoint import load_compressed, read_report, write_derived
+    from sigmascale_jax.io.checkpoint import load_compressed, read_report, report_store_dtype, write_derived
     from sigmascale_jax.io.hf_map import load_block, load_outer
     from sigmascale_jax.io.outputs import model_input, writing_folder
     from sigmascale_jax.io.sources import open_model
@@ -610,7 +610,6 @@ def heal_compressed(src: str | Path, out: str | Path, *, model: str | None = Non
         healed, record = heal_model(ctx, blocks, settings, key=source_key)
         new = {**report, "refine": [*report.get("refine", []), {"name": "heal", **settings.asdict(), **record}],
                "healed_from": str(src)}
-        store_dtype = report.get("encode", {}).get("store_dtype", "float32")  # as the source stored its floats
-        write_derived(staging, stored_params({**params, "blocks": healed}, store_dtype), new, src)
+        write_derived(staging, stored_params({**params, "blocks": healed}, report_store_dtype(report)), new, src)
     shutil.rmtree(partial, ignore_errors=True)
     return new
