@@ -11,7 +11,10 @@ error, so the stored error never rises (each matrix's record has the whole trace
 
 Forward: `y = Q x + L (R x)`. `L` and `R` are float factors (`trainable` labels them
 "factor", so healing and a user's optax loop train them); `Q`, codes and scales, stays
-frozen. Exported to Hugging Face as one dense weight.
+frozen. With `--residual-quantize int8` L and R are stored int8 as well, R against the
+input's Gram and L refit to R's rounded values (`QuantSettings.store_pair`, the same
+pairing quantized plain factors use); their scales train, their codes do not. Exported to
+Hugging Face as one dense weight.
 
 The fit runs on the host in float64 numpy (an eigh and an SVD per matrix): nothing is
 compiled per shape.
@@ -26,7 +29,7 @@ import jax
 import numpy as np
 from flax import struct
 
-from sigmascale_jax.compress.encode.quant import QuantSettings, dequantized, output_error
+from sigmascale_jax.compress.encode.quant import BITS, QuantMatrix, QuantSettings, dequantized, output_error
 from sigmascale_jax.compress.plan import ENCODERS, Encoder, register
 from sigmascale_jax.compress.settings import setting
 from sigmascale_jax.errors import UserError
@@ -39,6 +42,7 @@ from sigmascale_jax.model.leaves import (
     check_shapes,
     dense_export,
     frozen_labels,
+    is_quantized,
     matrix_bytes,
     matrix_tree,
     register_dict_form,
@@ -85,8 +89,9 @@ class Residual:
                      {"q": (m, n), "l": (m, k), "r": (k, n), "bias": (m,)})
 
     def labels(self) -> "Residual":
-        """L and R train; Q (codes, scales, zero points) and the bias do not."""
-        return Residual(frozen_labels(self.q), FACTOR, FACTOR, None if self.bias is None else FROZEN)
+        """L and R train (int8 ones: their scales); Q (codes, scales, zero points) and the bias do not."""
+        factor = lambda m: m.labels() if is_quantized(m) else FACTOR  # noqa: E731
+        return Residual(frozen_labels(self.q), factor(self.l), factor(self.r), None if self.bias is None else FROZEN)
 
     def export_tensors(self, prefix: str) -> tuple[dict[str, np.ndarray], dict]:
         return dense_export(self, prefix)
@@ -94,7 +99,8 @@ class Residual:
 
 def _restored(p: dict) -> Residual:
     """A residual leaf from its saved dict, or from what an Orbax restore without a target gives."""
-    l, r = (p[k] if isinstance(p[k], jax.Array) else np.asarray(p[k]) for k in ("l", "r"))  # noqa: E741
+    l, r = (as_matrix(p[k]) if isinstance(p[k], dict) else p[k] if isinstance(p[k], jax.Array)  # noqa: E741
+            else np.asarray(p[k]) for k in ("l", "r"))
     return Residual(as_matrix(p["q"]), l, r, p.get("bias"))
 
 
@@ -120,31 +126,52 @@ def whitened_fit(e: np.ndarray, root: tuple[np.ndarray, np.ndarray], rank: int) 
     return u[:, :rank] * half, (half[:, None] * vt[:rank]) @ s_inv
 
 
-def residual_fit(w: np.ndarray, gram: np.ndarray, rank: int, quantize, iters: int) -> tuple[Any, np.ndarray,
-                                                                                              np.ndarray, dict]:
-    """`(Q, L, R, info)` for `w: [m, n]` under `gram: [n, n]`: `Q = quantize(W, H)`, `L R` the whitened rank-`rank`
-    fit of `W − Q`, then `iters` alternations (Q from `W − L R`, then L R from `W − Q`), each kept only if it lowers
-    the output error. `info`: `output_error` (relative, `quant.output_error`) of the result, `quant_error` (Q alone,
-    before any residual), `residual_trace` (each iterate's error, kept or not) and `residual_iters_kept`."""
+RESIDUAL_INITS = ("best", "quant-first", "lowrank-first")
+
+
+def residual_fit(w: np.ndarray, gram: np.ndarray, rank: int, quantize, iters: int,
+                 init: str = "best") -> tuple[Any, np.ndarray, np.ndarray, dict]:
+    """`(Q, L, R, info)` for `w: [m, n]` under `gram: [n, n]`, then `iters` alternations (Q from `W − L R`, then L R
+    the whitened rank-`rank` fit of `W − Q`), each kept only if it lowers the output error.
+
+    Where it starts (`init`): "quant-first" (CALDERA): `Q = quantize(W, H)`, L R fit to `W − Q`; "lowrank-first"
+    (SVDQuant's order): L R the whitened fit of W itself, `Q = quantize(W − L R)`, L R refit to `W − Q`: the
+    leading directions, whose large values stretch a group's grid, never reach the quantizer; "best": both,
+    alternating from the one with the lower error. `info`: `output_error` (relative, `quant.output_error`) of the
+    result, `quant_error` (Q alone: `quantize(W, H)`, no residual), `residual_start` (the start used),
+    `residual_start_errors` (each start's error), `residual_trace` (the used start's error, then each iterate's,
+    kept or not) and `residual_iters_kept`."""
     w = np.asarray(w, np.float64)
     h = np.asarray(gram, np.float64)
     root = gram_root(h)
-    q = quantize(w, h)
-    q_hat = dequantized(q)
-    quant_error = output_error(w, q_hat, h)
-    l, r = whitened_fit(w - q_hat, root, rank)  # noqa: E741
-    best = (q, l, r)
-    trace = [output_error(w, q_hat + l @ r, h)]
-    kept = 0
-    for _ in range(iters):
-        q = quantize(w - best[1] @ best[2], h)
+
+    def step(target: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, float]:
+        """Q from `target` (W less the low-rank part so far), then L R refit to what Q leaves of W."""
+        q = quantize(target, h)
         q_hat = dequantized(q)
         l, r = whitened_fit(w - q_hat, root, rank)  # noqa: E741
-        trace.append(output_error(w, q_hat + l @ r, h))
-        if trace[-1] >= min(trace[:-1]):
+        return q, l, r, output_error(w, q_hat + l @ r, h)
+
+    starts, quant_error = {}, None
+    if init in ("best", "quant-first"):
+        starts["quant-first"] = step(w)
+        quant_error = output_error(w, dequantized(starts["quant-first"][0]), h)
+    if init in ("best", "lowrank-first"):
+        l, r = whitened_fit(w, root, rank)  # noqa: E741
+        starts["lowrank-first"] = step(w - l @ r)
+    if quant_error is None:
+        quant_error = output_error(w, dequantized(quantize(w, h)), h)
+    used = min(starts, key=lambda k: starts[k][3])
+    *best, err = starts[used]
+    trace, kept = [err], 0
+    for _ in range(iters):
+        *new, err = step(w - best[1] @ best[2])
+        trace.append(err)
+        if err >= min(trace[:-1]):
             break  # Q re-rounded from W − L R did not help: the alternation has settled
-        best, kept = (q, l, r), kept + 1
-    info = {"output_error": min(trace), "quant_error": quant_error, "residual_trace": trace,
+        best, kept = new, kept + 1
+    info = {"output_error": min(trace), "quant_error": quant_error, "residual_start": used,
+            "residual_start_errors": {k: v[3] for k, v in starts.items()}, "residual_trace": trace,
             "residual_iters_kept": kept, "residual_rank": rank}
     return (*best, info)
 
@@ -155,12 +182,30 @@ class ResidualSettings(QuantSettings):
                                         "quantized weight (capped at each matrix's smaller side)", min=1)
     residual_iters: int = setting(3, "residual encoding: CALDERA alternations (Q re-quantized from W − L·R, then L·R "
                                   "refit to W − Q), each kept only if it lowers the output error", min=0)
+    residual_init: str = setting("best", "residual encoding: where the alternation starts: quant-first (CALDERA: Q "
+                                 "from W, L·R fit to W − Q), lowrank-first (SVDQuant's order: L·R the whitened fit of "
+                                 "W, Q from W − L·R, L·R refit) or best (both, keeping the lower output error)",
+                                 choices=RESIDUAL_INITS)
+    residual_quantize: str = setting("float", "residual encoding: how L and R are stored: float (as --store-dtype "
+                                     "says) or int8 (R against the input's Gram, L refit to R's rounded values; "
+                                     "a quarter of float32's bytes, so twice the rank of bfloat16 in the same bytes)",
+                                     choices=("float", "int8"))
 
     def asdict(self) -> dict[str, Any]:
-        return {**super().asdict(), "residual_rank": self.residual_rank, "residual_iters": self.residual_iters}
+        out = {**super().asdict(), "residual_rank": self.residual_rank, "residual_iters": self.residual_iters,
+               "residual_init": self.residual_init}
+        if self.residual_quantize != "float":  # float runs keep the resume keys they had before the setting existed
+            out["residual_quantize"] = self.residual_quantize
+        return out
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "residual_rank": self.residual_rank}
+        return {**super().record(), "residual_rank": self.residual_rank, "residual_init": self.residual_init,
+                "residual_quantize": self.residual_quantize}
+
+    def factor_settings(self) -> QuantSettings:
+        """How L and R are stored under `--residual-quantize int8`: int8 on Q's quantizer and group size."""
+        gptq = dict(gptq_damp=self.gptq_damp, act_order=self.act_order, gptq_order="best") if self.needs_gram else {}
+        return QuantSettings(quantize="int8", quantizer=self.quantizer, group_size=self.group_size, **gptq)
 
 
 def residual_params(m: int, n: int, k) -> int:
@@ -187,17 +232,28 @@ def _encode_gram(settings: ResidualSettings):
         w = np.asarray(p["w"], np.float64)
         rank = min(settings.residual_rank, *w.shape)
         q, l, r, info = residual_fit(w, gram, rank, lambda x, h: settings.store(x, h, precision),  # noqa: E741
-                                     settings.residual_iters)
+                                     settings.residual_iters, settings.residual_init)
+        if settings.residual_quantize == "int8":
+            (l, r), _ = settings.factor_settings().store_pair(l, r, gram, precision, order="best")  # noqa: E741
+            h = np.asarray(gram, np.float64)
+            info["output_error_float_factors"] = info["output_error"]
+            info["output_error"] = output_error(w, dequantized(q) + dequantized(l) @ dequantized(r), h)
+            return Residual(q, l, r, p.get("bias")), info
         return Residual(q, np.asarray(l, np.float32), np.asarray(r, np.float32), p.get("bias")), info
 
     return encode_gram
 
 
 def _read(settings: ResidualSettings):
+    def factor(m: Any) -> Any:  # an int8 factor's codes are as wide as its columns
+        if isinstance(m, dict):
+            return QuantMatrix.from_tree(m, BITS["int8"], settings.group_size, np.shape(m["values"])[1])
+        return np.asarray(m)
+
     def read(tree: dict, record: dict) -> Residual:
         q = tree["q"]
         q = settings.load(q, record["shape"][1]) if isinstance(q, dict) else q
-        return Residual(q, np.asarray(tree["l"]), np.asarray(tree["r"]), tree.get("bias"))
+        return Residual(q, factor(tree["l"]), factor(tree["r"]), tree.get("bias"))
 
     return read
 
