@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import DATA, REPO, STORIES, assert_one_line_error, require
+from conftest import DATA, REPO, STORIES, assert_one_line_error, compress_cli, require
 
 import sigmascale_jax
 from sigmascale_jax.compress.factorize import svd_llm as svd_llm_mod
@@ -176,30 +176,35 @@ def test_shipped_configs_parse():
         (["--method", "svd-llm", "--ratio", "0.3", "--update", "--no-sequential"], "--sequential"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, fragment):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, fragment):
     out = tmp_path / "out"
-    proc = run_compress("--model", str(STORIES), "--out", str(out), *extra)
+    # in this process (the exit code and stderr `run_cli` gives a real one: tests/compress/test_robustness.py starts
+    # real processes)
+    proc = compress_cli(capsys, "--model", str(STORIES), "--out", str(out), *extra)
     assert_one_line_error(proc, fragment)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_method_and_yaml_key(tmp_path):
+def test_unknown_method_and_yaml_key(tmp_path, capsys):
     out = tmp_path / "out"
     proc = run_compress("--model", str(STORIES), "--out", str(out), "--method", "magic", "--ratio", "0.3")
-    assert_one_line_error(proc, "invalid choice: 'magic'")
+    assert_one_line_error(proc, "invalid choice: 'magic'")  # argparse's own error, from a real process
     conf = tmp_path / "c.yaml"
     conf.write_text("method: magic\nratio: 0.3\n")
-    assert_one_line_error(run_compress("--config", str(conf), "--model", str(STORIES), "--out", str(out)), "'magic'")
+    assert_one_line_error(compress_cli(capsys, "--config", str(conf), "--model", str(STORIES), "--out", str(out)),
+                          "'magic'")
     conf.write_text("method: svd\nratoi: 0.3\n")
-    assert_one_line_error(run_compress("--config", str(conf), "--model", str(STORIES), "--out", str(out)), "'ratoi'")
+    assert_one_line_error(compress_cli(capsys, "--config", str(conf), "--model", str(STORIES), "--out", str(out)),
+                          "'ratoi'")
     assert not out.exists()
 
 
-def test_non_empty_out_needs_overwrite(tmp_path):
+def test_non_empty_out_needs_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    assert_one_line_error(run_compress("--model", str(STORIES), "--method", "svd", "--ratio", "0.3", "--out", str(out)), "--overwrite")
+    assert_one_line_error(compress_cli(capsys, "--model", str(STORIES), "--method", "svd", "--ratio", "0.3", "--out",
+                                       str(out)), "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "out.partial").exists()
 
