@@ -153,19 +153,38 @@ def gptq_markdown(rows: list[dict], args) -> list[str]:
 STORE_RULES = ["--quantize-embeddings", "int8", "--store-dtype", "bfloat16"]
 
 
+def residual_point(spec: str, default_init: str) -> tuple[str, int, str, str]:
+    """`kind:rank[:init][:int8]` (e.g. `int2:40:best:int8`) as `(kind, rank, init, L and R storage)`."""
+    kind, rank, *rest = spec.split(":")
+    init = next((t for t in rest if t in ("best", "quant-first", "lowrank-first")), default_init)
+    factors = "int8" if "int8" in rest else "float"
+    unknown = [t for t in rest if t not in (init, factors)]
+    if unknown:
+        raise SystemExit(f"error: --eq-residual {spec}: unknown {unknown}; give kind:rank[:best|quant-first|"
+                         "lowrank-first][:int8]")
+    return kind, int(rank), init, factors
+
+
+def residual_label(kind: str, rank: int, iters: int, init: str, factors: str) -> str:
+    """A residual run's folder name; quant-first float runs keep the name they had before the other starts existed."""
+    return (f"eq-residual-{kind}-r{rank}-i{iters}" + ("" if init == "quant-first" else f"-{init}")
+            + ("-int8" if factors == "int8" else ""))
+
+
 def equal_bytes_rows(args, rows: list[dict], write) -> None:
     """Section 4: GPTQ alone and residual points, every run with `STORE_RULES`."""
     group = ["--group-size", str(args.gptq_group)] if args.gptq_group else []
-    points = [(kind, None) for kind in args.eq_kinds.split(",")]
-    points += [(kind, int(rank)) for kind, rank in (pt.split(":") for pt in args.eq_residual.split(",") if pt)]
-    for kind, rank in points:
-        label = f"eq-gptq-{kind}" if rank is None else f"eq-residual-{kind}-r{rank}-i{args.eq_iters}"
+    points = [(kind, None, None, None) for kind in args.eq_kinds.split(",")]
+    points += [residual_point(pt, args.eq_init) for pt in args.eq_residual.split(",") if pt]
+    for kind, rank, init, factors in points:
+        label = f"eq-gptq-{kind}" if rank is None else residual_label(kind, rank, args.eq_iters, init, factors)
         extra = ["--quantize", kind, "--quantizer", "gptq", *group, *STORE_RULES]
         if rank is not None:
-            extra += ["--encoding", "residual", "--residual-rank", str(rank), "--residual-iters", str(args.eq_iters)]
+            extra += ["--encoding", "residual", "--residual-rank", str(rank), "--residual-iters", str(args.eq_iters),
+                      "--residual-init", init, "--residual-quantize", factors]
         family = "gptq alone" if rank is None else "residual Q + L·R"
         row = run_row("none", label, family, 0.0, args, extra)
-        row.update(kind=kind, rank=rank)
+        row.update(kind=kind, rank=rank, init=init, factors=factors)
         if not row.get("not_run"):
             report = json.loads((Path(row["run"]) / "compression.json").read_text())
             row["bits_per_weight"] = 8 * report["bytes"]["compressible_compressed"] / report["params"]["compressible_dense"]
@@ -192,6 +211,13 @@ def rules_bytes(row: dict, cfg) -> int:
     return (projections if quantized else projections // 2) + tables * (v * d + 4 * v) + 2 * norms
 
 
+def rank_cell(r: dict) -> str:
+    """A residual row's rank with where its fit started and how L and R are stored ("" for other rows)."""
+    if not r.get("rank"):
+        return ""
+    return f"{r['rank']} ({r.get('init') or 'quant-first'}" + (", int8 L·R)" if r.get("factors") == "int8" else ")")
+
+
 def equal_bytes_markdown(rows: list[dict], gptq: list[dict], cfg, args) -> list[str]:
     out = ["", "## 4. Every tensor stored as users store it, at equal whole-model bytes\n",
            "Every row: token embeddings (tied with the LM head) int8 per row, the float tensors that stay (norms; "
@@ -211,13 +237,13 @@ def equal_bytes_markdown(rows: list[dict], gptq: list[dict], cfg, args) -> list[
                        "rank": None, "compress_s": r.get("compress_s")})
     for r in sorted(listed, key=lambda r: -r.get("model_bytes", 0)):
         if r.get("not_run"):
-            out.append(f"| {r['family']} | {r.get('kind', '')} | {r.get('rank') or ''} | not run | | | | | |")
+            out.append(f"| {r['family']} | {r.get('kind', '')} | {rank_cell(r)} | not run | | | | | |")
             continue
         res = r.get("residual")
         err = f"{res['quant_error']:.4f} → {res['output_error']:.4f}" if res else ""
         bpw = f"{r['bits_per_weight']:.2f}" if r.get("bits_per_weight") else ""
         secs = f"{r['compress_s']:.0f}" if r.get("compress_s") else ""
-        out.append(f"| {r['family']} | {r['kind']} | {r.get('rank') or ''} | {bpw} | {r['model_bytes'] / 2**20:.1f} "
+        out.append(f"| {r['family']} | {r['kind']} | {rank_cell(r)} | {bpw} | {r['model_bytes'] / 2**20:.1f} "
                    f"| {r['wikitext2_ppl']:.3f} | {r['c4_ppl']:.3f} | {err} | {secs} |")
     if best:
         out += ["", "The section-3 low-rank rows were measured with float32 embeddings; only their bytes are "
@@ -237,7 +263,7 @@ def equal_bytes_markdown(rows: list[dict], gptq: list[dict], cfg, args) -> list[
             continue
         verdict = "beats" if r["wikitext2_ppl"] < near["wikitext2_ppl"] and r["c4_ppl"] < near["c4_ppl"] else "loses to"
         res = r["residual"]
-        out += ["", f"Residual {r['kind']} + rank {r['rank']} ({r['model_bytes'] / 2**20:.1f} MB, "
+        out += ["", f"Residual {r['kind']} + rank {rank_cell(r)} ({r['model_bytes'] / 2**20:.1f} MB, "
                 f"{r['bits_per_weight']:.2f} bits a weight) {verdict} GPTQ {near['kind']} alone at "
                 f"{near['model_bytes'] / 2**20:.1f} MB: {r['wikitext2_ppl']:.1f} / {r['c4_ppl']:.1f} against "
                 f"{near['wikitext2_ppl']:.1f} / {near['c4_ppl']:.1f}. Its L·R removed "
@@ -377,10 +403,13 @@ def main() -> int:
     p.add_argument("--keep-gptq", action="store_true", help="with --previous: keep its section 3 too")
     p.add_argument("--equal-bytes", action="store_true", help="also section 4 (every tensor stored as users do)")
     p.add_argument("--eq-kinds", default="int4,int3,int2", help="section 4: GPTQ-alone kinds")
-    p.add_argument("--eq-residual", default="int3:21,int2:21,int2:64",
-                   help="section 4: residual points as kind:rank, comma-separated (rank 21 in bfloat16 costs about "
-                        "one bit per weight of SmolLM2's projections)")
+    p.add_argument("--eq-residual", default="int3:21,int2:21,int2:40:int8",
+                   help="section 4: residual points as kind:rank[:init][:int8], comma-separated: init one of best, "
+                        "quant-first, lowrank-first (default --eq-init), int8 for --residual-quantize int8 (rank 21 "
+                        "in bfloat16, or about 40 in int8, costs about one bit per weight of SmolLM2's projections)")
     p.add_argument("--eq-iters", type=int, default=1, help="section 4: --residual-iters")
+    p.add_argument("--eq-init", default="best", choices=("best", "quant-first", "lowrank-first"),
+                   help="section 4: --residual-init of points that do not name one")
     args = p.parse_args()
     import yaml
 

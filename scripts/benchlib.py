@@ -22,6 +22,15 @@ from sigmascale_jax.io.fileio import write_json_atomic, write_text_atomic  # noq
 
 DEFAULT_MODEL = str(REPO.parent / "shared" / "models" / "smollm2-135m-instruct-q4_1")
 
+
+def shown_path(path: str) -> str:
+    """`path` as results files give it: relative to the repository where it lies beside it (`../shared/...`),
+    never this machine's absolute path."""
+    import os
+
+    p = Path(path)
+    return os.path.relpath(p, REPO) if p.is_absolute() and p.resolve().is_relative_to(REPO.parent) else str(path)
+
 # Benchmark method name -> compressor flags.
 METHOD_FLAGS = {
     "svd": ["--method", "svd"],
@@ -167,6 +176,9 @@ def header(title: str, args) -> str:
 
 
 def write(out: str, payload: dict, md: str) -> None:
+    """`out`.json and `out`.md; a payload's `args.model` is written as `shown_path` gives it."""
+    if isinstance(payload.get("args"), dict) and isinstance(payload["args"].get("model"), str):
+        payload = {**payload, "args": {**payload["args"], "model": shown_path(payload["args"]["model"])}}
     write_json_atomic(REPO / f"{out}.json", payload)
     write_text_atomic(REPO / f"{out}.md", md)
 

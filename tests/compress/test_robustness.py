@@ -178,7 +178,7 @@ def test_reports_are_strict_json_with_normal_permissions(tmp_path):
 def test_ctrl_c_stops_cleanly_and_the_rerun_resumes_bit_exactly(tmp_path, capsys, method):
     """SIGINT once block 0 is finished (for sigmascale: while block 1 learns): exit 130, one line, resumable."""
     if method == "sigmascale":
-        extra = ["--method", method, "--ratio", "0.3", "--nsamples", "8", "--seq-len", "32", "--steps", "80",
+        extra = ["--method", method, "--ratio", "0.3", "--nsamples", "8", "--seq-len", "32", "--steps", "40",
                  "--step-windows", "2"]
     else:  # one window per device call, so that each block takes long enough to be interrupted in
         extra = ["--method", method, "--ratio", "0.3", "--nsamples", "64", "--seq-len", "256", "--batch-size", "1"]
@@ -219,7 +219,8 @@ def test_ctrl_c_while_starting_up_is_not_swallowed(tmp_path):
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
     out = tmp_path / "o"
-    slow = ["--method", "sigmascale", "--ratio", "0.3", "--nsamples", "8", "--seq-len", "32", "--steps", "40"]
+    # long enough (compiles and 12 steps a block) that the second run starts while the first holds the lock
+    slow = ["--method", "sigmascale", "--ratio", "0.3", "--nsamples", "8", "--seq-len", "32", "--steps", "12"]
     first = start_compress("--model", str(STORIES), *slow, "--out", str(out))
     wait_for(tmp_path / "o.partial" / "spec.json", first)
     second = compress_cli(capsys, "--model", str(STORIES), *slow, "--out", str(out), "--overwrite")

@@ -281,8 +281,8 @@ cfg = src.cfg
 xs = np.asarray(jax.device_get(load_outer(src.reader, cfg))["embed"])[run_windows(src, spec, data)]
 block = load_block(src.reader, cfg, 3)
 ys, stats = block_stats(block, xs, cfg, 3)
-runs = {tr: sigmascale_block(block, stats, xs, ys, cfg, block_ranks(cfg, 0.2), steps=6, lr=0.03, holdout=0.34,
-                             batch_windows=4, eval_every=3, truncation=tr) for tr in ("svd", "eigh")}
+runs = {tr: sigmascale_block(block, stats, xs, ys, cfg, block_ranks(cfg, 0.2), steps=4, lr=0.03, holdout=0.34,
+                             batch_windows=4, eval_every=2, truncation=tr) for tr in ("svd", "eigh")}
 print("RESULT " + json.dumps({tr: {"trace": [v for _, v in r.block["holdout_trace"]],
                                    "holdout_init": r.block["holdout_init"], "holdout_best": r.block["holdout_best"],
                                    "rel_loss": {n: r.matrices[n]["rel_loss"] for n in ("q", "gate", "down")}}
@@ -305,7 +305,7 @@ def test_gram_eigh_learns_what_the_svd_path_learns_on_a_smollm2_block():
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
-    for r in runs.values():  # six steps finished, and the best step is never worse than the start
+    for r in runs.values():  # four steps finished, and the best step is never worse than the start
         assert r["holdout_best"] <= r["holdout_init"]
     a, b = (np.array(runs[tr]["trace"]) for tr in ("svd", "eigh"))
     assert a[-1] < a[0] and np.abs(a - b).max() <= 1e-3 * a.max()
