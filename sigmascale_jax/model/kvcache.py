@@ -72,7 +72,9 @@ def step(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: KVCache) ->
     """Logits `[B, T, V]` (float32) of `tokens: [B, T]` following what `cache` holds, and the updated cache.
 
     The blocks run as one `lax.scan` where they stack (`stacking.stack_blocks`), the cache in the loop's carry
-    (each layer's slice updated in place), else as a loop unrolled into the program.
+    (each layer's slice updated in place), else as a loop unrolled into the program. In a decode loop pass
+    `modeling.stack_params(params)`, placed once (as `deploy.generate` does): a list of blocks is stacked inside
+    every call, a copy of every weight per token.
     """
     start = cache.length
     x = embed_tokens(params, tokens)
