@@ -103,11 +103,16 @@ def added_row(spec: str) -> dict:
     report = json.loads((benchlib.REPO / run / "compression.json").read_text())
     res = json.loads((benchlib.REPO / f"{run}.eval.json").read_text())
     refits = [r for r in report["refine"] if r["name"] == "refit"]
-    return {"method": label, "label": label, "ratio": report["ratio_requested"], "ranks": report["ranks_method"],
+    heals = [r for r in report["refine"] if r["name"] == "heal"]
+    heal = {k: heals[-1][k] for k in ("steps_run", "heal_lr", "held_out_loss_before", "held_out_loss_after", "trace")
+            } if heals else None
+    return {"method": label, "heal": heal, "label": label, "ratio": report["ratio_requested"], "ranks": report["ranks_method"],
             "refit": bool(refits), "refit_lr": refits[0]["refit_lr"] if refits else None,
             "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"],
             "eval_windows": {t: res[t]["windows"] for t in ("wikitext2", "c4")}, "timings_s": report["timings_s"],
-            "compress_s": report["seconds"], "run": run, "blocks": block_records(run) if refits else []}
+            "compress_s": report["seconds"], "run": run,
+            # a healed folder's blocks are its source's: their refit table is the source's row's
+            "blocks": block_records(run) if refits and not heals else []}
 
 
 def render(payload: dict) -> str:
