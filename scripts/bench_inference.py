@@ -164,6 +164,8 @@ def markdown(rows: list[dict], args, earlier: list[dict] = ()) -> str:
         lines += ["", "## An earlier run (kept from `--previous`; its own dense and transformers rows)\n",
                   f"Command: `python scripts/bench_inference.py --models {prev_args.models}`. Prompt "
                   f"{prev_args.prompt_len}, decode {prev_args.new_tokens}, best of {prev_args.repeats}.\n"]
+        if run.get("note"):
+            lines += [run["note"] + "\n"]
         lines += table(run["rows"], prev_args.batch)
     return "\n".join(lines) + "\n"
 
@@ -199,6 +201,8 @@ def main() -> int:
     p.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     p.add_argument("--previous", default=None, help="a results JSON of this script whose tables (its run and those it "
                    "kept) are kept below this run's (each run's rows compared with its own dense run)")
+    p.add_argument("--previous-note", default=None, help="a paragraph kept under --previous's own run's table (what "
+                   "was since found wrong with it, say)")
     args = p.parse_args()
     if args.worker:
         worker(*args.worker, args)
@@ -218,6 +222,8 @@ def main() -> int:
             continue
         rows.append({**run_one("ours", label, full, args), "path": shown(path)})
     earlier = earlier_runs(json.loads((REPO / args.previous).read_text()) if args.previous else None)
+    if earlier and args.previous_note:
+        earlier[0] = {**earlier[0], "note": args.previous_note}
     benchlib.write(args.out, {"args": {**vars(args), "model": shown(args.model)}, "rows": rows, "earlier": earlier},
                    markdown(rows, args, earlier))
     print(markdown(rows, args, earlier))
