@@ -223,8 +223,10 @@ def equal_bytes_markdown(rows: list[dict], gptq: list[dict], cfg, args) -> list[
            "Every row: token embeddings (tied with the LM head) int8 per row, the float tensors that stay (norms; "
            "the residual's L and R) bfloat16 (`--quantize-embeddings int8 --store-dtype bfloat16`). GPTQ alone: "
            "`--ratio 0 --quantize KIND --quantizer gptq`. Residual: `--encoding residual --residual-rank R "
-           f"--residual-iters {args.eq_iters}` (Q by GPTQ against the calibration Gram, L·R the whitened rank-R fit "
-           "of W − Q, alternated). Group size "
+           f"--residual-iters {args.eq_iters} --residual-init INIT` (Q by GPTQ against the calibration Gram, L·R the "
+           "whitened rank-R fit of W − Q, alternated; INIT in the rank column: quant-first is CALDERA's start, best "
+           "also tries SVDQuant's low-rank-first start and keeps the lower error per matrix), L and R bfloat16, or "
+           "int8 with `--residual-quantize int8` where the rank column says so. Group size "
            f"{args.gptq_group or 128}. Bits per weight: the projections' bytes × 8 / their weights. Output error: "
            "tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the calibration Gram, mean over matrices (Q alone → Q + L·R).\n",
            "| family | kind | residual rank | bits / weight | model MB | WikiText-2 ppl | C4 ppl | output error | "
