@@ -154,10 +154,19 @@ def earlier_runs(previous: dict | None) -> list[dict]:
     return out
 
 
+def shown_command() -> str:
+    """This script's command line, a `--previous-note` paragraph shown as `"..."` (it is printed under its table)."""
+    argv = list(sys.argv)
+    for i, a in enumerate(argv[:-1]):
+        if a == "--previous-note":
+            argv[i + 1] = '"..."'
+    return " ".join(argv)
+
+
 def markdown(rows: list[dict], args, earlier: list[dict] = ()) -> str:
     lines = [f"# Inference speed on {Path(args.model).name}\n",
              f"{os.cpu_count()} CPU cores; prompt {args.prompt_len} tokens; decode {args.new_tokens} tokens after it; "
-             f"best of {args.repeats} after a warm-up. Command: `python {' '.join(sys.argv)}`\n"]
+             f"best of {args.repeats} after a warm-up. Command: `python {shown_command()}`\n"]
     lines += table(rows, args.batch)
     for run in earlier:
         prev_args = argparse.Namespace(**run["args"])
