@@ -43,6 +43,19 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+# The longest tests (60-110 s each here; every other test is under 30 s) go first: pytest-xdist's two workers then
+# start them at once and even out their loads with the short tests that remain (longest-first scheduling), instead
+# of one worker starting a 100-second test while the other is running out of work.
+LONGEST_FIRST = ("test_mesh.py::test_eight_devices_give_the_factors_and_perplexity_of_one",
+                 "test_multihost.py::test_two_processes_resume_and_give_the_model_of_one",
+                 "test_sigmascale.py::test_gram_eigh_learns_what_the_svd_path_learns_on_a_smollm2_block",
+                 "test_parity.py::test_smollm2_gguf_matches_transformers_gguf_loader")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.endswith(LONGEST_FIRST))  # stable: the rest keep their order
+
+
 def require(path: Path) -> Path:
     # In CI ../shared is always present; a missing file there is a failure, not a skip.
     if not path.exists():

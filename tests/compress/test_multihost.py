@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from conftest import DATA, REPO, STORIES, require
 
-RUN = ["--method", "svd-llm", "--ratio", "0.3", "--nsamples", "64", "--seq-len", "256", "--batch-size", "2",
+RUN = ["--method", "svd-llm", "--ratio", "0.3", "--nsamples", "32", "--seq-len", "256", "--batch-size", "2",
        "--no-progress"]
 
 
