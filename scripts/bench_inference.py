@@ -218,9 +218,7 @@ def main() -> int:
         return 0
     import benchlib
 
-    def shown(path: str) -> str:  # results name models repo-relative (../shared/..., runs/...), not by this machine
-        return os.path.relpath(REPO / path, REPO)
-
+    shown = benchlib.shown_path  # results name models repo-relative (../shared/..., runs/...), not by this machine
     rows = [{**run_one("torch", "dense", args.model, args), "path": shown(args.model)}]
     for item in args.models.split(","):
         label, path = item.split("=", 1)
@@ -233,7 +231,7 @@ def main() -> int:
     earlier = earlier_runs(json.loads((REPO / args.previous).read_text()) if args.previous else None)
     if earlier and args.previous_note:
         earlier[0] = {**earlier[0], "note": args.previous_note}
-    benchlib.write(args.out, {"args": {**vars(args), "model": shown(args.model)}, "rows": rows, "earlier": earlier},
+    benchlib.write(args.out, {"args": vars(args), "rows": rows, "earlier": earlier},
                    markdown(rows, args, earlier))
     print(markdown(rows, args, earlier))
     return 0

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import benchlib
 
+from sigmascale_jax.compress.encode.residual import RESIDUAL_INITS  # noqa: E402  (benchlib puts the repo on the path)
+
 
 def dense_quant_row(kind: str, args) -> dict:
     runs = benchlib.REPO / args.runs_dir
@@ -156,7 +158,7 @@ STORE_RULES = ["--quantize-embeddings", "int8", "--store-dtype", "bfloat16"]
 def residual_point(spec: str, default_init: str) -> tuple[str, int, str, str]:
     """`kind:rank[:init][:int8]` (e.g. `int2:40:best:int8`) as `(kind, rank, init, L and R storage)`."""
     kind, rank, *rest = spec.split(":")
-    init = next((t for t in rest if t in ("best", "quant-first", "lowrank-first")), default_init)
+    init = next((t for t in rest if t in RESIDUAL_INITS), default_init)
     factors = "int8" if "int8" in rest else "float"
     unknown = [t for t in rest if t not in (init, factors)]
     if unknown:
@@ -410,7 +412,7 @@ def main() -> int:
                         "quant-first, lowrank-first (default --eq-init), int8 for --residual-quantize int8 (rank 21 "
                         "in bfloat16, or about 40 in int8, costs about one bit per weight of SmolLM2's projections)")
     p.add_argument("--eq-iters", type=int, default=1, help="section 4: --residual-iters")
-    p.add_argument("--eq-init", default="best", choices=("best", "quant-first", "lowrank-first"),
+    p.add_argument("--eq-init", default="best", choices=RESIDUAL_INITS,
                    help="section 4: --residual-init of points that do not name one")
     args = p.parse_args()
     import yaml

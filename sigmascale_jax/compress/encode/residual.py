@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from flax import struct
 
-from sigmascale_jax.compress.encode.quant import BITS, QuantMatrix, QuantSettings, dequantized, output_error
+from sigmascale_jax.compress.encode.quant import QuantSettings, dequantized, output_error
 from sigmascale_jax.compress.plan import ENCODERS, Encoder, register
 from sigmascale_jax.compress.settings import setting
 from sigmascale_jax.errors import UserError
@@ -99,8 +99,8 @@ class Residual:
 
 def _restored(p: dict) -> Residual:
     """A residual leaf from its saved dict, or from what an Orbax restore without a target gives."""
-    l, r = (as_matrix(p[k]) if isinstance(p[k], dict) else p[k] if isinstance(p[k], jax.Array)  # noqa: E741
-            else np.asarray(p[k]) for k in ("l", "r"))
+    l, r = (as_matrix(p[k]) if isinstance(p[k], (dict, jax.Array)) else np.asarray(p[k])  # noqa: E741
+            for k in ("l", "r"))
     return Residual(as_matrix(p["q"]), l, r, p.get("bias"))
 
 
@@ -246,9 +246,7 @@ def _encode_gram(settings: ResidualSettings):
 
 def _read(settings: ResidualSettings):
     def factor(m: Any) -> Any:  # an int8 factor's codes are as wide as its columns
-        if isinstance(m, dict):
-            return QuantMatrix.from_tree(m, BITS["int8"], settings.group_size, np.shape(m["values"])[1])
-        return np.asarray(m)
+        return settings.factor_settings().load(m, np.shape(m["values"])[1]) if isinstance(m, dict) else np.asarray(m)
 
     def read(tree: dict, record: dict) -> Residual:
         q = tree["q"]
