@@ -148,7 +148,6 @@ def heal_optimizer(tx: optax.GradientTransformation, params: Params, *, norms: b
                                  heal_labels(params, norms, scales="scale"))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "ce_weight", "remat"), donate_argnums=(0, 1))
 def distill_step(params: Params, opt_state: Any, teacher: Any, tokens: jax.Array, *, cfg,
                  optimizer: optax.GradientTransformation, ce_weight: float = 0.0, remat: bool = False):
     """One optimizer step of `distill_loss`: `(params, opt_state, loss)`. Pure and jit-compiled.
@@ -159,6 +158,15 @@ def distill_step(params: Params, opt_state: Any, teacher: Any, tokens: jax.Array
     the mask, weight decay or a plain optimizer would move embeddings and integer carriers too). Works on
     plain, PivGa and quantized trees, and under a data mesh (shard `tokens` over it; params replicated).
     """
+    # every static argument passed by name, defaults included: jit keys its cache on the keywords given, so
+    # `remat=False` spelled out and left out would otherwise compile the same step twice
+    return _distill_step(params, opt_state, teacher, tokens, cfg=cfg, optimizer=optimizer, ce_weight=float(ce_weight),
+                         remat=bool(remat))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "ce_weight", "remat"), donate_argnums=(0, 1))
+def _distill_step(params: Params, opt_state: Any, teacher: Any, tokens: jax.Array, *, cfg,
+                  optimizer: optax.GradientTransformation, ce_weight: float, remat: bool):
     (loss, _), grads = jax.value_and_grad(distill_loss, has_aux=True)(params, teacher, tokens, cfg, ce_weight, remat)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -228,7 +236,12 @@ def _held_loss(train: list, frozen: list, teacher: Any, tokens: jax.Array, *, sp
 def held_out_loss(params: Params, teacher: Any, windows: np.ndarray, cfg, batch: int, mesh=None) -> float:
     """Mean distillation loss (KL only) over `windows: [N, T]`, `batch` windows a call: `teacher` the dense params or
     their hidden states on `windows` (`[N, T, D]`, `teacher_states`). The windows go to the device before the loop
-    and the losses come back after it (`jax.transfer_guard("disallow")` in between)."""
+    and the losses come back after it (`jax.transfer_guard("disallow")` in between); `params` and a dense `teacher`
+    are placed on the device (or `mesh`) first, wherever they lie."""
+    from sigmascale_jax.parallel import on_device
+
+    params = on_device(params, mesh)
+    teacher = on_device(teacher, mesh) if isinstance(teacher, dict) else teacher
     split = Split.of(params, jax.tree.map(lambda _: "factor", params))
     train, frozen = split.partition(params)
     return _held_out(train, frozen, teacher, windows, cfg, batch, split, mesh)
