@@ -151,9 +151,12 @@ def test_distill_step_trains_factors_of_a_pivga_int8_tree_and_nothing_else():
         same[label].append(np.array_equal(np.asarray(a), np.asarray(b)))
     assert all(same["frozen"]) and len(same["frozen"]) > 100  # codes, permutations, embeddings, norms
     assert not any(same["factor"])  # every factor (B', R's scales) moved
-    # recomputing the blocks' activations in the backward pass changes memory, not the step
+    # recomputing the blocks' activations in the backward pass changes memory, not the step; remat=False spelled
+    # out is the step the loop compiled (the default), and remat=True one more program
+    compiled = heal._distill_step._cache_size()
     one, again = (ssj.distill_step(cparams, tx.init(cparams), params, windows[:4], cfg=cfg, optimizer=tx,
                                    remat=remat)[0] for remat in (False, True))
+    assert heal._distill_step._cache_size() == compiled + 1
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(again)):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
 
