@@ -58,22 +58,6 @@ def heal_settings(args, ratio: float | None = None) -> dict:
             "heal_eval_every": args.heal_eval_every, "heal_patience": args.heal_patience}
 
 
-def healed(src: Path, out: Path, args, ratio: float) -> dict:
-    """Heal `src` into `out` (reused when `out` was healed from it with these settings)."""
-    from sigmascale_jax.compress.refine.heal import heal_compressed
-
-    settings = heal_settings(args, ratio)
-    record = out.with_name(out.name + ".cmd.json")
-    want = {"src": str(src), "model": args.model, **settings}
-    if (out / "compression.json").is_file() and record.is_file() and json.loads(record.read_text()) == want:
-        return json.loads((out / "compression.json").read_text())
-    if args.reuse_only:
-        raise benchlib.NotRun(out)
-    report = heal_compressed(src, out, model=args.model, overwrite=True, progress=not args.no_progress, **settings)
-    benchlib.write_json_atomic(record, want)
-    return report
-
-
 def row(recipe: str, ratio: float, args) -> list[dict]:
     runs = benchlib.REPO / args.runs_dir
     runs.mkdir(parents=True, exist_ok=True)
@@ -94,7 +78,8 @@ def row(recipe: str, ratio: float, args) -> list[dict]:
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         if heal_steps_at(args.heal_steps, ratio):
             t0 = time.perf_counter()
-            rep = healed(runs / name, runs / f"{name}-healed", args, ratio)
+            rep = benchlib.healed(runs / name, runs / f"{name}-healed", heal_settings(args, ratio), args.model,
+                                 args.reuse_only, not args.no_progress)
             res = benchlib.evaluate(str(runs / f"{name}-healed"), runs / f"{name}-healed.eval.json", args)
             h = rep["refine"][-1]
             out.append({**base, "healed": True, "wikitext2_ppl": res["wikitext2"]["ppl"], "c4_ppl": res["c4"]["ppl"],

@@ -15,9 +15,7 @@ Writes OUT.md and OUT.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import benchlib
 
@@ -34,18 +32,6 @@ def parse_variant(text: str) -> dict:
         name, kind = SHORT[key]
         out[name] = True if kind is bool else kind(value)
     return out
-
-
-def healed(src: Path, out: Path, settings: dict, args) -> dict:
-    from sigmascale_jax.compress.refine.heal import heal_compressed
-
-    record = out.with_name(out.name + ".cmd.json")
-    want = {"src": benchlib.shown_path(str(src)), **settings}
-    if (out / "compression.json").is_file() and record.is_file() and json.loads(record.read_text()) == want:
-        return json.loads((out / "compression.json").read_text())
-    report = heal_compressed(src, out, overwrite=True, progress=not args.no_progress, **settings)
-    benchlib.write_json_atomic(record, want)
-    return report
 
 
 def main() -> None:
@@ -71,7 +57,8 @@ def main() -> None:
         settings = {**base, "heal_lr": 1e-5, **parse_variant(text)}
         name = "heal-" + text.replace("=", "").replace(",", "-")
         t0 = time.perf_counter()
-        rep = healed(src, benchlib.REPO / args.runs_dir / name, settings, args)["refine"][-1]
+        rep = benchlib.healed(src, benchlib.REPO / args.runs_dir / name, settings, progress=not args.no_progress)
+        rep = rep["refine"][-1]
         rows.append({"variant": text, "settings": settings, "trace": rep["trace"], "seconds": rep["seconds"],
                      "run": f"{args.runs_dir}/{name}"})
         print(f"{text:<20} held-out KL {' -> '.join(f'{t[2]:.4f}' for t in rep['trace'])}  "

@@ -183,6 +183,23 @@ def write(out: str, payload: dict, md: str) -> None:
     write_text_atomic(REPO / f"{out}.md", md)
 
 
+def healed(src: Path, out: Path, settings: dict, model: str | None = None, reuse_only: bool = False,
+           progress: bool = True) -> dict:
+    """`heal_compressed(src, out, **settings)` and its report, reused when `out` was healed from `src` (and `model`)
+    with these settings (OUT.cmd.json beside it)."""
+    from sigmascale_jax.compress.refine.heal import heal_compressed
+
+    record = out.with_name(out.name + ".cmd.json")
+    want = {"src": str(src), "model": model, **settings}
+    if (out / "compression.json").is_file() and record.is_file() and json.loads(record.read_text()) == want:
+        return json.loads((out / "compression.json").read_text())
+    if reuse_only:
+        raise NotRun(out)
+    report = heal_compressed(src, out, model=model, overwrite=True, progress=progress, **settings)
+    write_json_atomic(record, want)
+    return report
+
+
 # Whole runs timed or measured as they are (compile cache, memory plan): SigmaScale at 10 steps
 QUICK_FLAGS = {"sigmascale-block": ["--steps", "10", "--step-windows", "4", "--eval-every", "5"]}
 

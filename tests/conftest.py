@@ -19,9 +19,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The suite is compile-bound (tiny models, thousands of programs): without LLVM's optimization passes XLA:CPU
 # compiles about a third faster (the refit and compile-once tests: 165 s -> 110 s on 2 cores) while the SmolLM2
 # tests that compute run about as fast (82 s either way). Set before JAX starts; subprocesses inherit it.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import sigmascale_jax  # noqa: F401,E402  (first: it sets XLA and OpenBLAS thread settings before they load)
 
